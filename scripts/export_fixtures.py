@@ -1,0 +1,950 @@
+"""Export small PyTorch/`transformers` reference fixtures for the jumplens Rust tests.
+
+What it produces (all deterministic, fixed seeds, CPU, one thread):
+
+  tests/fixtures/tiny/<name>/{config.json, model.safetensors, expected.safetensors}
+      for name in llama, llama_tied, qwen2, mistral, gemma3, gpt2, bert_mlm,
+      bert_mlm_legacy, bert.  Tiny randomly initialised float32 models (no
+      Hugging Face hub access: every model is built from a config object),
+      saved with `save_pretrained(safe_serialization=True)`, plus the inputs,
+      per-layer hidden states, logits, TransformerLens-style sub-module taps and
+      "replaced sub-module" runs recorded with forward hooks.
+  tests/fixtures/tiny/README.md
+      names, shapes, conventions and the measured float32-vs-float64 error
+      (used to choose the Rust test tolerances); regenerated on every run.
+  tests/fixtures/lstsq/cases.safetensors (+ README.md)
+      least-squares cases solved with scikit-learn's LinearRegression.
+
+How to rerun (from the repository root):
+
+    python -m venv /root/refenv
+    /root/refenv/bin/pip install -r scripts/requirements-reference.txt
+    /root/refenv/bin/python scripts/export_fixtures.py
+
+The outputs are byte-identical between runs with the pinned versions
+(scripts/requirements-reference.txt).  Other versions of torch/transformers may
+change the random initialisation or the config.json layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file as save_np
+from safetensors.torch import load_file, save_file
+
+import scipy
+import sklearn
+import transformers
+from sklearn.linear_model import LinearRegression
+from sklearn.metrics import r2_score
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "fixtures" / "tiny"
+LSTSQ = ROOT / "tests" / "fixtures" / "lstsq"
+
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+transformers.logging.set_verbosity_error()
+
+B, T = 3, 7
+LENGTHS = [7, 4, 6]  # right padding
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # causal models
+CLS_ID, SEP_ID = 1, 2  # BERT
+VOCAB = 128
+INIT_RANGE = 0.15  # larger than the 0.02 default so attention patterns are not uniform
+
+
+# ----------------------------------------------------------------------------------------------
+# model construction
+# ----------------------------------------------------------------------------------------------
+
+def llama_like_kwargs():
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        hidden_act="silu",
+        initializer_range=INIT_RANGE,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+
+
+def build_config(name):
+    if name in ("llama", "llama_tied"):
+        return LlamaConfig(**llama_like_kwargs(), tie_word_embeddings=(name == "llama_tied"))
+    if name == "qwen2":
+        return Qwen2Config(**llama_like_kwargs(), tie_word_embeddings=False, use_sliding_window=False)
+    if name == "mistral":
+        return MistralConfig(**llama_like_kwargs(), tie_word_embeddings=False, sliding_window=None)
+    if name == "gemma3":
+        return Gemma3TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,  # != num_heads * head_dim (64) on purpose
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-6,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            query_pre_attn_scalar=16,
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            initializer_range=INIT_RANGE,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        )
+    if name == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_head=4,
+            n_layer=2,
+            n_positions=32,
+            n_inner=None,  # 4 * n_embd
+            activation_function="gelu_new",
+            layer_norm_epsilon=1e-5,
+            tie_word_embeddings=True,
+            initializer_range=INIT_RANGE,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        )
+    if name in ("bert", "bert_mlm"):
+        return BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            hidden_act="gelu",
+            type_vocab_size=2,
+            max_position_embeddings=32,
+            layer_norm_eps=1e-12,
+            initializer_range=INIT_RANGE,
+            pad_token_id=PAD_ID,
+            cls_token_id=CLS_ID,  # extra fields, serialised into config.json
+            sep_token_id=SEP_ID,
+        )
+    raise KeyError(name)
+
+
+MODEL_CLASSES = {
+    "llama": LlamaForCausalLM,
+    "llama_tied": LlamaForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "mistral": MistralForCausalLM,
+    "gemma3": Gemma3ForCausalLM,
+    "gpt2": GPT2LMHeadModel,
+    "bert_mlm": BertForMaskedLM,
+    "bert": BertModel,
+}
+SEEDS = {"llama": 11, "llama_tied": 12, "qwen2": 13, "mistral": 14, "gemma3": 15, "gpt2": 16, "bert_mlm": 17, "bert": 18}
+
+
+def is_norm(module):
+    return isinstance(module, torch.nn.LayerNorm) or "RMSNorm" in type(module).__name__
+
+
+def perturb(model, gen, gemma):
+    """Make norm weights/biases and all biases non-trivial (HF init gives 1/0, Gemma gives 0)."""
+    done = set()
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            if is_norm(module):
+                w = module.weight
+                if gemma:  # Gemma RMSNorm scales by (1 + w)
+                    w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+                else:
+                    w.copy_(1.0 + torch.randn(w.shape, generator=gen) * 0.3)
+                done.add(id(w))
+        for pname, p in model.named_parameters():  # named_parameters() de-duplicates tied tensors
+            if pname.endswith("bias") and id(p) not in done:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+                done.add(id(p))
+
+
+def build_model(name):
+    cfg = build_config(name)
+    torch.manual_seed(SEEDS[name])
+    model = MODEL_CLASSES[name](cfg)
+    model.set_attn_implementation("eager")
+    gen = torch.Generator().manual_seed(1000 + SEEDS[name])
+    perturb(model, gen, gemma=(name == "gemma3"))
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# architecture description for hooks
+# ----------------------------------------------------------------------------------------------
+
+class Arch:
+    def __init__(self, model, name):
+        self.name = name
+        self.kind = "bert" if name.startswith("bert") else "prenorm"
+        self.gemma = name == "gemma3"
+        if name == "gpt2":
+            base = model.transformer
+            self.layers = list(base.h)
+            self.final_norm = base.ln_f
+            self.ln1, self.attn, self.ln2, self.mlp = "ln_1", "attn", "ln_2", "mlp"
+        elif self.kind == "prenorm":
+            base = model.model
+            self.layers = list(base.layers)
+            self.final_norm = base.norm
+            self.ln1, self.attn, self.mlp = "input_layernorm", "self_attn", "mlp"
+            self.ln2 = "pre_feedforward_layernorm" if self.gemma else "post_attention_layernorm"
+        else:
+            base = model.bert if hasattr(model, "bert") else model
+            self.layers = list(base.encoder.layer)
+            self.final_norm = None
+        self.base = base
+        self.n_layers = len(self.layers)
+
+
+def first_arg(args, kwargs):
+    return args[0] if len(args) > 0 else kwargs["hidden_states"]
+
+
+def first_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def install_taps(arch, store):
+    """Forward hooks recording TransformerLens-style taps into `store` (dict name -> tensor)."""
+    hs = []
+
+    def rec(key, fn):
+        def hook(mod, args, kwargs, out):
+            store[key] = fn(args, kwargs, out).detach().clone()
+        return hook
+
+    def rec_pre(key):
+        def hook(mod, args, kwargs):
+            store[key] = first_arg(args, kwargs).detach().clone()
+        return hook
+
+    out_fn = lambda a, k, o: first_out(o)  # noqa: E731
+    for l, layer in enumerate(arch.layers):
+        p = f"blocks.{l}."
+        hs.append(layer.register_forward_pre_hook(rec_pre(p + "hook_resid_pre"), with_kwargs=True))
+        if arch.kind == "prenorm":
+            sub = lambda n: getattr(layer, n)  # noqa: E731
+            hs.append(sub(arch.ln1).register_forward_hook(rec(p + "ln1.hook_normalized", out_fn), with_kwargs=True))
+            if arch.gemma:
+                hs.append(sub(arch.attn).register_forward_hook(rec(p + "ln1_post.hook_in", out_fn), with_kwargs=True))
+                hs.append(layer.post_attention_layernorm.register_forward_hook(
+                    rec(p + "hook_attn_out", out_fn), with_kwargs=True))
+                hs.append(sub(arch.mlp).register_forward_hook(rec(p + "ln2_post.hook_in", out_fn), with_kwargs=True))
+                hs.append(layer.post_feedforward_layernorm.register_forward_hook(
+                    rec(p + "hook_mlp_out", out_fn), with_kwargs=True))
+            else:
+                hs.append(sub(arch.attn).register_forward_hook(rec(p + "hook_attn_out", out_fn), with_kwargs=True))
+                hs.append(sub(arch.mlp).register_forward_hook(rec(p + "hook_mlp_out", out_fn), with_kwargs=True))
+            hs.append(sub(arch.ln2).register_forward_pre_hook(rec_pre(p + "hook_resid_mid"), with_kwargs=True))
+            hs.append(sub(arch.ln2).register_forward_hook(rec(p + "ln2.hook_normalized", out_fn), with_kwargs=True))
+            hs.append(layer.register_forward_hook(rec(p + "hook_resid_post", out_fn), with_kwargs=True))
+        else:  # BERT, post-LN, TransformerLens BERT naming
+            so, oo = layer.attention.output, layer.output
+            hs.append(so.dense.register_forward_hook(rec(p + "hook_attn_out", out_fn), with_kwargs=True))
+            hs.append(so.LayerNorm.register_forward_pre_hook(rec_pre(p + "hook_resid_mid"), with_kwargs=True))
+            hs.append(so.LayerNorm.register_forward_hook(rec(p + "ln1.hook_normalized", out_fn), with_kwargs=True))
+            hs.append(oo.dense.register_forward_hook(rec(p + "hook_mlp_out", out_fn), with_kwargs=True))
+            hs.append(oo.LayerNorm.register_forward_pre_hook(rec_pre(p + "hook_resid_post"), with_kwargs=True))
+            hs.append(oo.LayerNorm.register_forward_hook(rec(p + "ln2.hook_normalized", out_fn), with_kwargs=True))
+            hs.append(layer.register_forward_hook(rec(p + "_block_out", out_fn), with_kwargs=True))
+    if arch.final_norm is not None:
+        hs.append(arch.final_norm.register_forward_hook(rec("ln_final.hook_normalized", out_fn), with_kwargs=True))
+    return hs
+
+
+def install_replacement(arch, which, W):
+    """From block 1 on, replace the attention (or MLP) sub-module output by W @ (its input)."""
+    hs = []
+    for layer in arch.layers[1:]:
+        if arch.kind == "prenorm":
+            mod = getattr(layer, arch.attn if which == "attn" else arch.mlp)
+
+            def hook(m, args, kwargs, out):
+                x = first_arg(args, kwargs)
+                y = x @ W.T
+                if isinstance(out, tuple):
+                    return (y,) + tuple(out[1:])
+                return y
+
+            hs.append(mod.register_forward_hook(hook, with_kwargs=True))
+        else:
+            stash = {}
+            if which == "attn":
+                # attention sub-module input = block input; output = attention.output.dense output
+                src, dst = layer, layer.attention.output.dense
+            else:
+                # MLP input = ln1-normalised (intermediate's input); output = output.dense output
+                src, dst = layer.intermediate, layer.output.dense
+
+            def pre(m, args, kwargs, stash=stash):
+                stash["x"] = first_arg(args, kwargs)
+
+            def post(m, args, kwargs, out, stash=stash):
+                return stash["x"] @ W.T
+
+            hs.append(src.register_forward_pre_hook(pre, with_kwargs=True))
+            hs.append(dst.register_forward_hook(post, with_kwargs=True))
+    return hs
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 reference (patch the float32 up-casts inside transformers so the f64 run is really f64)
+# ----------------------------------------------------------------------------------------------
+
+def make_f64(model, name):
+    m = copy.deepcopy(model).double()
+    cfg = m.config
+    for mod in m.modules():
+        cls = type(mod).__name__
+        if "RMSNorm" in cls:
+            if "Gemma" in cls:
+                def fwd(x, mod=mod):
+                    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.eps) * (1.0 + mod.weight)
+            else:
+                def fwd(x, mod=mod):
+                    return mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon))
+            mod.forward = fwd
+        elif "RotaryEmbedding" in cls:
+            def inv_freq(theta, dim):
+                return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+            def cos_sin(position_ids, inv):
+                freqs = position_ids[..., None].double() * inv
+                emb = torch.cat((freqs, freqs), dim=-1)
+                return emb.cos(), emb.sin()
+
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            if "Gemma3" in cls:
+                def fwd(x, position_ids, layer_type):
+                    return cos_sin(position_ids, inv_freq(cfg.rope_parameters[layer_type]["rope_theta"], head_dim))
+            else:
+                def fwd(x, position_ids):
+                    return cos_sin(position_ids, inv_freq(cfg.rope_parameters["rope_theta"], head_dim))
+            mod.forward = fwd
+        elif cls == "Gemma3TextScaledWordEmbedding":
+            mod.embed_scale = torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float64)
+    return m
+
+
+class SoftmaxF64:
+    """Eager attention calls softmax(..., dtype=torch.float32); keep float64 inputs in float64."""
+
+    def __enter__(self):
+        self.orig = torch.nn.functional.softmax
+
+        def sm(input, dim=None, _stacklevel=3, dtype=None):
+            if dtype == torch.float32 and input.dtype == torch.float64:
+                dtype = torch.float64
+            return self.orig(input, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+
+        torch.nn.functional.softmax = sm
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.functional.softmax = self.orig
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------
+
+def make_inputs(name, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((B, T), PAD_ID, dtype=torch.int64)
+    mask = torch.zeros((B, T), dtype=torch.int64)
+    for b, n in enumerate(LENGTHS):
+        ids[b, :n] = torch.randint(3, VOCAB, (n,), generator=g)
+        if name.startswith("bert"):
+            ids[b, 0] = CLS_ID
+            ids[b, n - 1] = SEP_ID
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def forward(model, arch, inputs, replace=None):
+    """Returns (taps dict, hidden_states [L+1,B,T,d], logits or None, transformers' own hidden_states)."""
+    store = {}
+    hooks = []
+    if replace is not None:
+        hooks += install_replacement(arch, *replace)  # before the taps, so taps see replaced values
+    hooks += install_taps(arch, store)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    L = arch.n_layers
+    if arch.kind == "bert":
+        outs = [store[f"blocks.{l}._block_out"] for l in range(L)]
+        for l in range(L):
+            assert torch.equal(outs[l], store[f"blocks.{l}.ln2.hook_normalized"])
+            del store[f"blocks.{l}._block_out"]
+    else:
+        outs = [store[f"blocks.{l}.hook_resid_post"] for l in range(L)]
+    hidden = torch.stack([store["blocks.0.hook_resid_pre"]] + outs)
+    logits = out.logits.detach().clone() if hasattr(out, "logits") else None
+    return store, hidden, logits, out.hidden_states
+
+
+def rel_err(a32, a64):
+    a64 = a64.double()
+    err = (a32.double() - a64).abs().max().item()
+    scale = a64.abs().max().item()
+    return err, scale
+
+
+def export_model(name, report, conv_notes):
+    model = build_model(name)
+    arch = Arch(model, name)
+    cfg = model.config
+    d = cfg.hidden_size
+    L = arch.n_layers
+    is_bert = name.startswith("bert")
+    ids, mask = make_inputs(name, 2000 + SEEDS[name])
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if is_bert:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+
+    taps, hidden, logits, hf_hidden = forward(model, arch, inputs)
+
+    # --- sanity checks against transformers' own hidden_states and internal consistency ---
+    assert len(hf_hidden) == L + 1
+    for l in range(L):
+        assert torch.equal(hf_hidden[l], hidden[l]), (name, l)
+    last_is_normed = None
+    if arch.final_norm is not None:
+        if torch.equal(hf_hidden[L], taps["ln_final.hook_normalized"]):
+            last_is_normed = True
+        elif torch.equal(hf_hidden[L], hidden[L]):
+            last_is_normed = False
+        else:
+            raise AssertionError(f"{name}: hidden_states[L] is neither pre- nor post-final-norm")
+        assert not torch.allclose(hidden[L], taps["ln_final.hook_normalized"])
+    else:
+        assert torch.equal(hf_hidden[L], hidden[L])
+    conv_notes[name] = last_is_normed
+    for l in range(L):
+        p = f"blocks.{l}."
+        if is_bert:
+            torch.testing.assert_close(taps[p + "hook_resid_mid"], taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"])
+            torch.testing.assert_close(taps[p + "hook_resid_post"],
+                                       taps[p + "ln1.hook_normalized"] + taps[p + "hook_mlp_out"])
+        else:
+            torch.testing.assert_close(taps[p + "hook_resid_mid"], taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"])
+            torch.testing.assert_close(taps[p + "hook_resid_post"], taps[p + "hook_resid_mid"] + taps[p + "hook_mlp_out"])
+        if l + 1 < L:
+            assert torch.equal(hidden[l + 1], taps[f"blocks.{l + 1}.hook_resid_pre"])
+
+    expected = {"input_ids": ids, "attention_mask": mask, "hidden_states": hidden}
+    if is_bert:
+        expected["token_type_ids"] = inputs["token_type_ids"]
+    if logits is not None:
+        expected["logits"] = logits
+    for k, v in taps.items():
+        expected[k] = v
+
+    # --- replaced sub-module runs ---
+    reps = {}
+    if name != "bert":
+        g = torch.Generator().manual_seed(3000 + SEEDS[name])
+        for which in ("attn", "mlp"):
+            W = (torch.randn((d, d), generator=g) / math.sqrt(d)).contiguous()
+            rtaps, rhidden, rlogits, _ = forward(model, arch, inputs, replace=(which, W))
+            # block 0 runs normally; the replacement changes everything from block 1's output on
+            assert torch.equal(rhidden[:2], hidden[:2]) and not torch.allclose(rhidden[2], hidden[2])
+            # the replaced sub-module output is W @ input in block 1
+            if is_bert:
+                src = "hook_resid_pre" if which == "attn" else "ln1.hook_normalized"
+                dst = "hook_attn_out" if which == "attn" else "hook_mlp_out"
+            else:
+                src = "ln1.hook_normalized" if which == "attn" else "ln2.hook_normalized"
+                if arch.gemma:
+                    dst = "ln1_post.hook_in" if which == "attn" else "ln2_post.hook_in"
+                else:
+                    dst = "hook_attn_out" if which == "attn" else "hook_mlp_out"
+            assert torch.equal(rtaps["blocks.1." + dst], rtaps["blocks.1." + src] @ W.T)
+            expected[f"replace.{which}.weight"] = W
+            expected[f"replace.{which}.hidden_states"] = rhidden
+            expected[f"replace.{which}.logits"] = rlogits
+            reps[which] = W
+
+    # gemma3: make sure the sliding window actually matters for these inputs
+    if arch.gemma:
+        cfg2 = copy.deepcopy(cfg)
+        cfg2.sliding_window = 64
+        torch.manual_seed(0)
+        m2 = Gemma3ForCausalLM(cfg2)
+        m2.set_attn_implementation("eager")
+        m2.load_state_dict(model.state_dict())
+        m2.eval()
+        with torch.no_grad():
+            l2 = m2(**inputs).logits
+        assert not torch.allclose(l2[0], logits[0]), "sliding window had no effect"
+        assert torch.equal(l2[1, :4], logits[1, :4]), "real tokens of the length-4 row must be unaffected"
+
+    # --- float64 reference for tolerances ---
+    m64 = make_f64(model, name)
+    a64 = Arch(m64, name)
+    with SoftmaxF64():
+        t64, h64, lg64, _ = forward(m64, a64, inputs)
+        rep64 = {w: forward(m64, a64, inputs, replace=(w, W.double())) for w, W in reps.items()}
+    groups = {"hidden_states": [], "taps": [], "logits": [], "replace": []}
+    groups["hidden_states"].append(rel_err(hidden, h64))
+    if logits is not None:
+        groups["logits"].append(rel_err(logits, lg64))
+    for k in taps:
+        groups["taps"].append(rel_err(taps[k], t64[k]))
+    for w, (_, rh, rl, _) in rep64.items():
+        groups["replace"].append(rel_err(expected[f"replace.{w}.hidden_states"], rh))
+        groups["replace"].append(rel_err(expected[f"replace.{w}.logits"], rl))
+    report[name] = {
+        g: {"max_abs_err": max(e for e, _ in v), "max_rel_err": max(e / s for e, s in v),
+            "max_abs_value": max(s for _, s in v)}
+        for g, v in groups.items() if v
+    }
+
+    # --- write ---
+    out = TINY / name
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in os.listdir(out):
+        if f not in ("config.json", "model.safetensors"):
+            os.remove(out / f)
+    # the saved checkpoint must reproduce the expected outputs
+    reloaded = type(model).from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        o2 = reloaded(**inputs)
+    if logits is not None:
+        assert torch.equal(o2.logits, logits), name
+    else:
+        assert torch.equal(o2.last_hidden_state, hidden[L]), name
+    saved = load_file(out / "model.safetensors")
+    if name == "llama_tied":
+        assert "lm_head.weight" not in saved
+    if name == "llama":
+        assert "lm_head.weight" in saved
+    expected = {k: v.contiguous() for k, v in expected.items()}
+    # one metadata key only: safetensors writes the metadata map in hash order (not reproducible)
+    save_file(expected, out / "expected.safetensors", metadata={"format": "pt"})
+    return model, inputs, expected
+
+
+def export_bert_legacy(inputs, logits):
+    src, dst = TINY / "bert_mlm", TINY / "bert_mlm_legacy"
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    shutil.copyfile(src / "config.json", dst / "config.json")
+    shutil.copyfile(src / "expected.safetensors", dst / "expected.safetensors")
+    tensors = load_file(src / "model.safetensors")
+    renamed = {}
+    n = 0
+    for k, v in tensors.items():
+        if ".LayerNorm." in k and (k.endswith(".weight") or k.endswith(".bias")):
+            k = k[: -len("weight")] + "gamma" if k.endswith(".weight") else k[: -len("bias")] + "beta"
+            n += 1
+        renamed[k] = v
+    save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
+    # does transformers itself still accept the legacy names?
+    try:
+        m = BertForMaskedLM.from_pretrained(dst, attn_implementation="eager").eval()
+        with torch.no_grad():
+            ok = torch.equal(m(**inputs).logits, logits)
+    except Exception as e:  # pragma: no cover - informational only
+        ok = f"error: {type(e).__name__}"
+    return n, ok
+
+
+# ----------------------------------------------------------------------------------------------
+# least squares fixtures
+# ----------------------------------------------------------------------------------------------
+
+def lstsq_cases():
+    rng = np.random.default_rng(1234)
+    cases = {}
+
+    def targets(x, d2, noise=0.1):
+        A = rng.standard_normal((d2, x.shape[1])) / math.sqrt(x.shape[1])
+        return x @ A.T + noise * rng.standard_normal((x.shape[0], d2))
+
+    # well-conditioned, N >> d
+    d = 16
+    x = rng.standard_normal((160, d))
+    xv = rng.standard_normal((40, d))
+    A = rng.standard_normal((d, d)) / math.sqrt(d)
+    cases["well"] = (x, x @ A.T + 0.1 * rng.standard_normal((160, d)), xv, xv @ A.T + 0.1 * rng.standard_normal((40, d)))
+
+    # outlier dimensions (hidden states have a few dims in the thousands)
+    d = 20
+    scale = np.ones(d)
+    scale[[3, 11, 17]] = [1000.0, 2500.0, 800.0]
+    mean = 5.0 * scale * (rng.random(d) - 0.5)
+    x = rng.standard_normal((200, d)) * scale + mean
+    xv = rng.standard_normal((50, d)) * scale + mean
+    A = rng.standard_normal((d, d)) / math.sqrt(d)
+    A[:, [3, 11, 17]] *= 1e-3  # keep targets O(1)-ish apart from their own outlier dims
+    yscale = np.ones(d)
+    yscale[[3, 11]] = [1000.0, 2500.0]
+    cases["outlier"] = (x, (x @ A.T) * yscale + 0.1 * rng.standard_normal((200, d)),
+                        xv, (xv @ A.T) * yscale + 0.1 * rng.standard_normal((50, d)))
+
+    # N < d
+    d = 24
+    x = rng.standard_normal((12, d))
+    xv = rng.standard_normal((30, d))
+    A = rng.standard_normal((d, d)) / math.sqrt(d)
+    cases["rank_deficient_n_lt_d"] = (x, x @ A.T + 0.1 * rng.standard_normal((12, d)),
+                                      xv, xv @ A.T + 0.1 * rng.standard_normal((30, d)))
+
+    # duplicated rows: 10 unique rows, each repeated 1-8 times -> N = 45 > d = 20 but rank 10
+    d = 20
+    u = rng.standard_normal((10, d))
+    A = rng.standard_normal((d, d)) / math.sqrt(d)
+    yu = u @ A.T + 0.1 * rng.standard_normal((10, d))
+    reps = np.array([1, 2, 3, 4, 8, 5, 6, 7, 4, 5])
+    idx = rng.permutation(np.repeat(np.arange(10), reps))
+    xv = rng.standard_normal((30, d))
+    cases["duplicated_rows"] = (u[idx], yu[idx], xv, xv @ A.T + 0.1 * rng.standard_normal((30, d)))
+
+    # collinear columns: dyadic values so the linear combinations are exact in float32 and float64
+    d, n = 16, 100
+    x = np.round(rng.standard_normal((n + 40, d)) * 64.0) / 64.0
+    x[:, 12] = x[:, 0] + x[:, 1]
+    x[:, 13] = 2.0 * x[:, 2] - x[:, 3]
+    x[:, 14] = 0.5 * x[:, 4]
+    x[:, 15] = x[:, 5] - x[:, 6] + x[:, 7]
+    y = targets(x, d)
+    cases["collinear_cols"] = (x[:n], y[:n], x[n:], y[n:])
+    return cases
+
+
+def export_lstsq():
+    LSTSQ.mkdir(parents=True, exist_ok=True)
+    out = {}
+    info = {}
+    for c, (x, y, xv, yv) in lstsq_cases().items():
+        x32, y32, xv32, yv32 = (np.ascontiguousarray(a, dtype=np.float32) for a in (x, y, xv, yv))
+        X, Y, XV, YV = (a.astype(np.float64) for a in (x32, y32, xv32, yv32))
+        lr = LinearRegression(fit_intercept=False).fit(X, Y)
+        lri = LinearRegression(fit_intercept=True).fit(X, Y)
+        coef = lr.coef_
+        pred = XV @ coef.T
+        out[f"{c}.x_train"] = x32
+        out[f"{c}.y_train"] = y32
+        out[f"{c}.x_val"] = xv32
+        out[f"{c}.y_val"] = yv32
+        out[f"{c}.coef"] = np.ascontiguousarray(coef, dtype=np.float64)
+        out[f"{c}.coef_intercept"] = np.ascontiguousarray(lri.coef_, dtype=np.float64)
+        out[f"{c}.intercept"] = np.ascontiguousarray(lri.intercept_, dtype=np.float64)
+        out[f"{c}.r2_val"] = np.array([r2_score(YV, pred)], dtype=np.float64)
+        if X.shape[1] == Y.shape[1]:
+            out[f"{c}.r2_val_id"] = np.array([r2_score(YV, XV)], dtype=np.float64)
+        out[f"{c}.pred_val"] = np.ascontiguousarray(pred, dtype=np.float64)
+        # diagnostics for the README
+        sv = np.linalg.svd(X, compute_uv=False)
+        rank = int(np.linalg.matrix_rank(X))
+        pinv = np.linalg.pinv(X, rcond=1e-10)
+        coef_pinv = (pinv @ Y).T
+        cond_gram = float(sv[0] ** 2 / sv[rank - 1] ** 2)
+        info[c] = {
+            "N": X.shape[0], "d": X.shape[1], "d2": Y.shape[1], "Nval": XV.shape[0], "rank": rank,
+            "sklearn_rank": int(lr.rank_),
+            "cond_gram_nonzero": cond_gram,
+            "cond_gram_full": float(sv[0] ** 2 / max(sv[-1] ** 2, 1e-300)) if X.shape[0] >= X.shape[1] else float("inf"),
+            "max_abs_coef": float(np.abs(coef).max()),
+            "rel_diff_vs_pinv": float(np.abs(coef - coef_pinv).max() / np.abs(coef_pinv).max()),
+            "rel_diff_normal_eq": (float(np.abs(coef - np.linalg.solve(X.T @ X, X.T @ Y).T).max() / np.abs(coef).max())
+                                   if rank == X.shape[1] else None),
+            "r2_val": float(out[f"{c}.r2_val"][0]),
+            "r2_val_id": float(out[f"{c}.r2_val_id"][0]) if f"{c}.r2_val_id" in out else None,
+        }
+    # a single metadata key: safetensors writes the metadata map in hash order (not byte-reproducible otherwise)
+    meta = {"generator": f"scripts/export_fixtures.py; sklearn {sklearn.__version__} LinearRegression -> "
+                         f"scipy {scipy.__version__} linalg.lstsq(gelsd, cond=1e-6); numpy {np.__version__}"}
+    save_np(out, str(LSTSQ / "cases.safetensors"), metadata=meta)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# README
+# ----------------------------------------------------------------------------------------------
+
+def fmt(x):
+    return f"{x:.1e}"
+
+
+def write_tiny_readme(report, conv_notes, legacy, shapes):
+    lines = []
+    w = lines.append
+    w("# Tiny reference fixtures (PyTorch `transformers`)")
+    w("")
+    w(f"Generated by `scripts/export_fixtures.py` with torch {torch.__version__.split('+')[0]}, transformers "
+      f"{transformers.__version__} (pins in `scripts/requirements-reference.txt`); rerun with "
+      "`/root/refenv/bin/python scripts/export_fixtures.py` (byte-identical output). Each folder holds a tiny "
+      "randomly initialised float32 model built from a config object (no hub download; `torch.manual_seed`), "
+      f"with `initializer_range={INIT_RANGE}` so attention is not uniform, every norm weight perturbed "
+      "(`1 + 0.3*randn` for LayerNorm/RMSNorm, `0.5*randn` for Gemma's `(1 + w)` RMSNorm incl. q_norm/k_norm) and every "
+      "bias (LayerNorm and Linear/Conv1D, incl. Qwen2's q/k/v biases) set to `0.2*randn`, eager attention, "
+      "eval mode, saved with `save_pretrained(safe_serialization=True)` (`config.json` + `model.safetensors`; "
+      "`generation_config.json` removed). The saved checkpoint is reloaded by the script and checked to reproduce "
+      "the logits bit-for-bit. `expected.safetensors` holds the inputs and the outputs recorded with PyTorch "
+      "forward hooks.")
+    w("")
+    w("## Models")
+    w("")
+    w("| folder | class | d | layers | heads / kv heads | head_dim | vocab | notes |")
+    w("|---|---|---|---|---|---|---|---|")
+    rows = {
+        "llama": ("LlamaForCausalLM", 64, 2, "4 / 2", 16, "untied lm_head, rms_norm_eps 1e-5, rope_theta 1e4, silu, intermediate 128"),
+        "llama_tied": ("LlamaForCausalLM", 64, 2, "4 / 2", 16, "tie_word_embeddings=true, no `lm_head.weight` in the file"),
+        "qwen2": ("Qwen2ForCausalLM", 64, 2, "4 / 2", 16, "q/k/v biases (non-zero), untied"),
+        "mistral": ("MistralForCausalLM", 64, 2, "4 / 2", 16, "sliding_window=null, untied"),
+        "gemma3": ("Gemma3ForCausalLM (gemma3_text)", 48, 3, "4 / 1", 16,
+                   "layer_types [sliding, full, sliding], sliding_window 4, rope 1e6 (full) / 1e4 (sliding), "
+                   "query_pre_attn_scalar 16, gelu_pytorch_tanh, tied, rms_norm_eps 1e-6, intermediate 96"),
+        "gpt2": ("GPT2LMHeadModel", 32, 2, "4 / 4", 8, "gelu_new, n_positions 32, n_inner 128, tied"),
+        "bert_mlm": ("BertForMaskedLM", 32, 2, "4 / 4", 8, "intermediate 64, gelu (erf), type_vocab 2, max_pos 32, eps 1e-12"),
+        "bert_mlm_legacy": ("BertForMaskedLM", 32, 2, "4 / 4", 8,
+                            "same weights as bert_mlm, LayerNorm `.weight/.bias` renamed `.gamma/.beta`; "
+                            "expected.safetensors is a byte copy of bert_mlm's"),
+        "bert": ("BertModel", 32, 2, "4 / 4", 8, "no head (pooler weights present but unused); no logits"),
+    }
+    for k, (cls, d, L, h, hd, note) in rows.items():
+        w(f"| `{k}` | {cls} | {d} | {L} | {h} | {hd} | {VOCAB} | {note} |")
+    w("")
+    w("## Inputs")
+    w("")
+    w(f"`input_ids` and `attention_mask` are [B={B}, T={T}] int64, right-padded, row lengths {LENGTHS}; padded "
+      f"slots have id {PAD_ID} (`pad_token_id=0` in every config). Real tokens are random ids in [3, {VOCAB}). "
+      f"BERT rows start with [CLS]={CLS_ID} and end with [SEP]={SEP_ID} (also written as `cls_token_id` / "
+      "`sep_token_id` in its config.json) and `token_type_ids` (all zero) is stored too. Position ids are the "
+      "default `0..T-1` for every row (no left padding). Values at padded positions are stored as transformers "
+      "computes them (causal models: padded queries attend to the real keys before them; BERT: padded keys are "
+      "masked out for every query), but tests may restrict comparisons to `attention_mask == 1`.")
+    w("")
+    w("## Tensors in `expected.safetensors`")
+    w("")
+    w("All activations float32; `l` is the 0-based block index; `d` = hidden size; `L` = number of blocks.")
+    w("")
+    w("- `input_ids`, `attention_mask` [B,T] int64; `token_type_ids` [B,T] int64 (BERT only).")
+    w("- `hidden_states` [L+1,B,T,d]: index 0 = embedding output (block 0 input; Gemma3: embedding already "
+      "multiplied by `sqrt(d)` (the float32-rounded value, as transformers' `hidden_states[0]`); GPT-2: wte+wpe; "
+      "BERT: embeddings LayerNorm output), index l+1 = output of block l. Index L is the last block output "
+      "BEFORE the final norm (see conventions below).")
+    w("- `logits` [B,T,V] (BERT MLM: MLM head logits; absent for `bert`).")
+    w("- `ln_final.hook_normalized` [B,T,d]: final norm output (`model.norm` / `ln_f`); absent for BERT.")
+    w("- Per block, [B,T,d]: `blocks.{l}.hook_resid_pre`, `blocks.{l}.ln1.hook_normalized`, "
+      "`blocks.{l}.hook_attn_out`, `blocks.{l}.hook_resid_mid`, `blocks.{l}.ln2.hook_normalized`, "
+      "`blocks.{l}.hook_mlp_out`, `blocks.{l}.hook_resid_post`; Gemma3 also `blocks.{l}.ln1_post.hook_in` and "
+      "`blocks.{l}.ln2_post.hook_in`.")
+    w("  - pre-norm (llama, qwen2, mistral, gpt2, gemma3): resid_pre = block input; ln1 = input_layernorm / ln_1 "
+      "output; attn_out = self-attention output after o_proj / c_proj (Gemma3: after post_attention_layernorm, "
+      "i.e. what is added to the residual; the raw o_proj output is `ln1_post.hook_in`); resid_mid = resid_pre + "
+      "attn_out; ln2 = post_attention_layernorm (llama family) / ln_2 (gpt2) / pre_feedforward_layernorm "
+      "(gemma3) output; mlp_out = MLP output (Gemma3: after post_feedforward_layernorm; raw down_proj output is "
+      "`ln2_post.hook_in`); resid_post = resid_mid + mlp_out = block output.")
+    w("  - BERT (post-LN, TransformerLens naming): attn_out = attention.output.dense output (before add & LN); "
+      "resid_mid = resid_pre + attn_out; ln1 = attention.output.LayerNorm output; mlp_out = output.dense output; "
+      "resid_post = ln1 + mlp_out (pre-LN sum, NOT the block output); ln2 = output.LayerNorm output = block "
+      "output = hidden_states[l+1].")
+    w("- Replaced sub-module runs (every arch except `bert`), for `which` in {attn, mlp}: "
+      "`replace.{which}.weight` [d,d] float32 (out x in, y = W @ x; entries randn/sqrt(d)), "
+      "`replace.{which}.hidden_states` [L+1,B,T,d], `replace.{which}.logits` [B,T,V]. In every block l >= 1 "
+      "(block 0 runs normally) the sub-module output is replaced by W applied position-wise to the sub-module "
+      "input: attn: input = ln1-normalised state (BERT: block input), output = o_proj/c_proj output (Gemma3: "
+      "before post_attention_layernorm, which is still applied; BERT: attention.output.dense output, before "
+      "add & LN); mlp: input = ln2-normalised state (BERT: ln1-normalised, i.e. intermediate's input), output = "
+      "raw MLP output (Gemma3: before post_feedforward_layernorm; BERT: output.dense output).")
+    w("")
+    w("Shapes per folder:")
+    w("")
+    for k, s in shapes.items():
+        w(f"- `{k}`: " + ", ".join(f"{n} {v}" for n, v in s.items()))
+    w("")
+    w(f"## Conventions found in transformers {transformers.__version__}")
+    w("")
+    post = [k for k, v in conv_notes.items() if v]
+    w(f"- `output_hidden_states=True` returns L+1 entries; for {', '.join(post)} the LAST entry is the output "
+      "AFTER the final norm (`capture_outputs(tie_last_hidden_states=True)` overwrites it with "
+      "`last_hidden_state`). The fixtures instead store the pre-final-norm block output at index L (captured with "
+      "a forward hook on the last block); entries 0..L-1 equal transformers' own bit-for-bit. For BERT there is no "
+      "final norm and all entries match.")
+    w("- Decoder layers return a plain tensor (not a tuple) in this version; attention modules return "
+      "`(attn_output, attn_weights)`.")
+    w("- Config files use `rope_parameters` (Llama family: `{\"rope_theta\": 10000.0, \"rope_type\": \"default\"}`; "
+      "Gemma3: one dict per layer type, `{\"full_attention\": {rope_theta 1e6}, \"sliding_attention\": "
+      "{rope_theta 1e4}}`) instead of top-level `rope_theta` / `rope_local_base_freq`; Gemma3 has an explicit "
+      "`layer_types` list (the legacy `sliding_window_pattern` kwarg is still accepted by the config class but "
+      "not written). Real checkpoints on the hub usually have the older layout, so the Rust loader should accept "
+      "both.")
+    w("- Gemma3 sliding window: key j is visible to query i iff `i - sliding_window < j <= i` (window of 4 "
+      "includes the query itself: 4 keys). The script checks that with `sliding_window=64` row 0 (length 7) "
+      "changes and row 1 (length 4) does not. Attention scale is `query_pre_attn_scalar ** -0.5` = 0.25; "
+      "q_norm/k_norm (Gemma RMSNorm over head_dim) are applied before RoPE; `embed_scale` = `sqrt(hidden_size)` "
+      "rounded to float32; attn/final logit softcapping are null.")
+    w("- Gemma3's config.json ALSO contains a stale `\"_sliding_window_pattern\": 6` (the class default) next to "
+      "`layer_types`; with 3 layers that pattern would make every layer sliding. `layer_types` is authoritative.")
+    w("- Checkpoint names: llama family `model.embed_tokens`, `model.layers.{l}.{input_layernorm,self_attn.{q,k,v,o}_proj,"
+      "post_attention_layernorm,mlp.{gate,up,down}_proj}`, `model.norm`, `lm_head` (absent when tied); Gemma3 adds "
+      "`pre_feedforward_layernorm`, `post_feedforward_layernorm`, `self_attn.{q,k}_norm`. GPT-2 keys carry the "
+      "`transformer.` prefix (`transformer.wte/wpe/h.{l}.ln_1/attn.c_attn/attn.c_proj/ln_2/mlp.c_fc/mlp.c_proj/ln_f`), "
+      "its Conv1D weights are stored [in, out] (transposed w.r.t. nn.Linear; c_attn is [d, 3d] = q|k|v), there is "
+      "no `lm_head.weight` and no `attn.bias` mask buffer. BertForMaskedLM keys are `bert.` prefixed, have no pooler, "
+      "and the MLM decoder is tied: no `cls.predictions.decoder.weight`/`.bias`, the output bias is "
+      "`cls.predictions.bias`. Plain BertModel keys have no prefix and include `pooler.dense`.")
+    w("- Padding token rows of the embedding matrices are zero (transformers' init zeroes `padding_idx` rows).")
+    w(f"- bert_mlm_legacy: {legacy[0]} LayerNorm tensors renamed. Loading it with "
+      f"`BertForMaskedLM.from_pretrained` reproduces the logits exactly: {legacy[1]}.")
+    w("")
+    w("## Tolerances (float32 vs float64 re-run)")
+    w("")
+    w("Each model was re-run in float64 (a copy cast with `.double()`, with transformers' internal float32 "
+      "up-casts in RMSNorm, RoPE and the eager softmax patched out so the reference is truly float64). "
+      "`rel` = max|f32 - f64| / max|f64| over a tensor (max over tensors of the group); `abs` = max|f32 - f64|; "
+      "`max|x|` = largest magnitude in the group.")
+    w("")
+    w("| model | hidden_states rel / abs | taps rel / abs | logits rel / abs | replace.* rel / abs | max abs value |")
+    w("|---|---|---|---|---|---|")
+    worst = 0.0
+    for k, r in report.items():
+        def cell(g):
+            if g not in r:
+                return "-"
+            return f"{fmt(r[g]['max_rel_err'])} / {fmt(r[g]['max_abs_err'])}"
+        mx = max(v["max_abs_value"] for v in r.values())
+        worst = max(worst, max(v["max_rel_err"] for v in r.values()))
+        w(f"| `{k}` | {cell('hidden_states')} | {cell('taps')} | {cell('logits')} | {cell('replace')} | {fmt(mx)} |")
+    w("")
+    w(f"The worst normwise relative error of the float32 fixtures is {fmt(worst)}. A float32 Rust implementation "
+      "with a different operation order should land within a few times that of the fixtures, so the suggested "
+      "check is `max|rust - expected| <= 1e-4 * max(1, max|expected|)` per tensor (about 100x headroom; still far "
+      "below any real bug, which shows up at 1e-2..1e0). Element-wise `rtol` alone is not suitable: small entries "
+      "have large relative error.")
+    w("")
+    w("The least-squares fixtures for the fit stage (scikit-learn, minimum-norm answers) are described in "
+      "`../lstsq/README.md`.")
+    (TINY / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def write_lstsq_readme(info):
+    lines = []
+    w = lines.append
+    w("# Least-squares fixtures (scikit-learn)")
+    w("")
+    w(f"Generated by `scripts/export_fixtures.py` with scikit-learn {sklearn.__version__}, scipy {scipy.__version__}, "
+      f"numpy {np.__version__} (numpy `default_rng(1234)`). `cases.safetensors` holds, per case `c`:")
+    w("")
+    w("- `c.x_train` [N,d], `c.y_train` [N,d2], `c.x_val` [Nval,d], `c.y_val` [Nval,d2]: float32 (the fits use "
+      "these float32 values cast to float64).")
+    w("- `c.coef` [d2,d] f64: `LinearRegression(fit_intercept=False).fit(x, y).coef_`.")
+    w("- `c.coef_intercept` [d2,d] f64, `c.intercept` [d2] f64: `LinearRegression(fit_intercept=True)` "
+      "(sklearn centres x and y, solves, then `intercept = mean(y) - mean(x) @ coef.T`).")
+    w("- `c.pred_val` [Nval,d2] f64 = `x_val @ coef.T`; `c.r2_val` [1] f64 = `r2_score(y_val, pred_val)` "
+      "(multioutput='uniform_average', i.e. mean of per-column R^2); `c.r2_val_id` [1] f64 = "
+      "`r2_score(y_val, x_val)` (all cases have d == d2).")
+    w("")
+    w("Solver: in this sklearn version `LinearRegression` on dense data calls "
+      "`scipy.linalg.lstsq(X, y, cond=self.tol)` with the default `tol=1e-6` (new in 1.9: singular values below "
+      "`1e-6 * s_max` are treated as zero; LAPACK gelsd). In the rank-deficient cases the expected answer is "
+      "therefore the MINIMUM-NORM least-squares solution (pseudo-inverse); `rel_diff_vs_pinv` below compares "
+      "`coef` with `pinv(X, rcond=1e-10) @ Y`. A Rust solver should use an SVD / complete orthogonal "
+      "decomposition (or pseudo-inverse) with a relative singular-value cutoff (anything in ~1e-6..1e-10 gives "
+      "the same answer for all cases here). Plain float64 normal equations are fine on the full-rank cases "
+      "(including `outlier`, see the table) but singular on the other three; in float32 the `outlier` Gram "
+      "(cond ~6e7 > 1/eps_f32) is numerically singular too.")
+    w("")
+    w("| case | N | d | d2 | Nval | rank | cond(X^T X) (nonzero part) | max abs coef | coef vs pinv (rel) | "
+      "f64 normal equations vs coef (rel) | r2_val | r2_val_id |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c, i in info.items():
+        ne = "singular" if i["rel_diff_normal_eq"] is None else fmt(i["rel_diff_normal_eq"])
+        w(f"| `{c}` | {i['N']} | {i['d']} | {i['d2']} | {i['Nval']} | {i['rank']} | {fmt(i['cond_gram_nonzero'])} | "
+          f"{i['max_abs_coef']:.3g} | {fmt(i['rel_diff_vs_pinv'])} | {ne} | {i['r2_val']:.6f} | "
+          f"{'-' if i['r2_val_id'] is None else format(i['r2_val_id'], '.6f')} |")
+    w("")
+    w("Cases: `well` (N=160 >> d=16, Gaussian); `outlier` (columns 3, 11, 17 scaled by 1000/2500/800 with "
+      "non-zero means, targets with two outlier columns, so X^T X is badly conditioned); `rank_deficient_n_lt_d` "
+      "(N=12 < d=24); `duplicated_rows` (10 unique rows repeated to N=45, d=20, so rank 10 < d); `collinear_cols` "
+      "(columns 12..15 exact linear combinations of columns 0..7; values are multiples of 1/64 so the "
+      "combinations are exact in float32, rank 12). Suggested tolerances for a float64 solve: `coef`, "
+      "`coef_intercept`, `intercept`, `pred_val` within ~1e-8 of their max magnitude (measured differences between "
+      "solvers are 1e-15..5e-13), `r2_val`/`r2_val_id` within ~1e-9 absolute.")
+    (LSTSQ / "README.md").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main():
+    TINY.mkdir(parents=True, exist_ok=True)
+    report, conv, shapes = {}, {}, {}
+    legacy = None
+    for name in ["llama", "llama_tied", "qwen2", "mistral", "gemma3", "gpt2", "bert_mlm", "bert"]:
+        print(f"[tiny] {name}", flush=True)
+        model, inputs, expected = export_model(name, report, conv)
+        shapes[name] = {k: list(v.shape) for k, v in expected.items()
+                        if not k.startswith("blocks.") or k.startswith("blocks.0.hook_resid_pre")}
+        if name == "bert_mlm":
+            legacy = export_bert_legacy(inputs, expected["logits"])
+            shapes["bert_mlm_legacy"] = shapes["bert_mlm"]
+    shapes = {k: shapes[k] for k in ["llama", "llama_tied", "qwen2", "mistral", "gemma3", "gpt2", "bert_mlm",
+                                     "bert_mlm_legacy", "bert"]}
+    write_tiny_readme(report, conv, legacy, shapes)
+    print("[lstsq]", flush=True)
+    info = export_lstsq()
+    write_lstsq_readme(info)
+    print(json.dumps({"tolerances": report, "last_hidden_state_is_post_norm": conv, "bert_legacy": legacy,
+                      "lstsq": info}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

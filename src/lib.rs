@@ -1,0 +1,7 @@
+//! jumplens: linear shortcuts through transformer layers.
+//!
+//! Data flows one way: corpus -> model (hooked forward) -> activations -> fit -> evaluate ->
+//! report. Each stage is a module with a small public surface.
+
+pub mod model;
+pub mod io;

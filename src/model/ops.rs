@@ -1,0 +1,205 @@
+//! Small numeric building blocks shared by the architecture files.
+
+use candle_core::{Device, Result, Tensor};
+
+/// A dense layer `y = x W^T + b` with W stored [out, in] (PyTorch `nn.Linear` layout).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// Applies the layer to x [..., in].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        // One 2-D GEMM against the transposed (strided, not copied) weight is the fast path.
+        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dims()[0];
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm over the last dimension (biased variance, as PyTorch).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
+    }
+}
+
+/// RMSNorm `x / sqrt(mean(x^2) + eps) * scale`. `scale` is the effective multiplier: Gemma's
+/// `1 + w` is folded in at load time.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub scale: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        candle_nn::ops::rms_norm(&x, &self.scale, self.eps as f32)
+    }
+}
+
+/// GELU with the tanh approximation (GPT-2's `gelu_new`, Gemma's `gelu_pytorch_tanh`).
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.gelu()
+}
+
+/// Exact GELU with erf (BERT's `gelu`).
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// Applies the activation named in a Hugging Face config.
+pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    match name {
+        "silu" | "swish" => candle_nn::ops::silu(x),
+        "gelu" => gelu_erf(x),
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => gelu_tanh(x),
+        "relu" => x.relu(),
+        other => candle_core::bail!("unsupported activation '{other}'"),
+    }
+}
+
+/// Rotary position tables: cos and sin [max_positions, head_dim / 2] for the half-split
+/// ("NeoX", Hugging Face) layout.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+/// How RoPE frequencies are rescaled for long contexts (`rope_scaling` in config.json).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    Linear { factor: f64 },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling, max_positions: usize, device: &Device) -> Result<Self> {
+        // Frequencies in f32, as transformers computes them, so angles round the same way.
+        let mut inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        match scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
+                let low_wavelen = original_max_positions / low_freq_factor;
+                let high_wavelen = original_max_positions / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f as f64;
+                    let v = *f as f64;
+                    *f = if wavelen > low_wavelen {
+                        (v / factor) as f32
+                    } else if wavelen < high_wavelen {
+                        v as f32
+                    } else {
+                        let smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        ((1.0 - smooth) * v / factor + smooth * v) as f32
+                    };
+                }
+            }
+        }
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (max_positions, half), device)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), device)?,
+        })
+    }
+
+    /// Rotates x [B, H, T, head_dim] by positions 0..T.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        if t > self.cos.dim(0)? {
+            candle_core::bail!("sequence of {t} tokens is longer than the rotary table ({})", self.cos.dim(0)?);
+        }
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+/// Scaled dot-product attention with grouped key/value heads.
+///
+/// q [B, H, T, hd], k and v [B, Hkv, T, hd], bias [B, 1, T, T] additive. Returns [B, T, H * hd].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let h_kv = k.dim(1)?;
+    let (k, v) = if h_kv == h {
+        (k.clone(), v.clone())
+    } else {
+        let rep = h / h_kv;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            x.unsqueeze(2)?.expand((b, h_kv, rep, t, hd))?.reshape((b, h, t, hd))
+        };
+        (expand(k)?, expand(v)?)
+    };
+    let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    let scores = scores.broadcast_add(bias)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    out.transpose(1, 2)?.reshape((b, t, h * hd))
+}
+
+/// Splits x [B, T, H * hd] into heads [B, H, T, hd].
+pub fn split_heads(x: &Tensor, n_heads: usize, head_dim: usize) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
+    x.reshape((b, t, n_heads, head_dim))?.transpose(1, 2)?.contiguous()
+}
+
+/// Looks up rows of an embedding table for ids [B, T].
+pub fn embedding(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let flat = ids.flatten_all()?;
+    table.index_select(&flat, 0)?.reshape((b, t, table.dim(1)?))
+}
+
+/// Position ids 0..T as a u32 tensor.
+pub fn positions(t: usize, device: &Device) -> Result<Tensor> {
+    Tensor::arange(0u32, t as u32, device)
+}
+
+/// `tanh(x / cap) * cap` (Gemma's logit soft-capping).
+pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
+    match cap {
+        Some(c) => (x / c)?.tanh()? * c,
+        None => Ok(x.clone()),
+    }
+}
