@@ -5,3 +5,7 @@
 
 pub mod model;
 pub mod io;
+pub mod corpus;
+pub mod run;
+pub mod collect;
+pub mod progress;

@@ -7,7 +7,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 
+use jumplens::collect::{self, CollectOptions, Positions};
 use jumplens::model::load_model;
+use jumplens::run::RunDir;
 
 #[derive(Parser)]
 #[command(name = "jumplens", version, about = "Linear shortcuts through transformer layers")]
@@ -37,6 +39,41 @@ enum Command {
         #[arg(long)]
         mask_position: Option<usize>,
     },
+    /// Sample sentences from a corpus and store hidden states at sampled positions.
+    Collect {
+        model: String,
+        /// Plain text (one sentence per line), JSONL, the Wikipedia summaries JSON, or a .cor
+        /// news file (one article per line).
+        #[arg(long)]
+        corpus: PathBuf,
+        /// Run folder to create (or resume).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 9000)]
+        train: usize,
+        #[arg(long, default_value_t = 3000)]
+        val: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Positions per sentence: a number k (random, distinct) or "all".
+        #[arg(long, default_value = "1")]
+        positions: String,
+        /// JSONL field with the text.
+        #[arg(long, default_value = "text")]
+        text_field: String,
+        /// Padded tokens per forward batch.
+        #[arg(long, default_value_t = 1024)]
+        batch_tokens: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// No progress bars.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +126,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             jumplens::io::write_safetensors(&out, &tensors, None)?;
             eprintln!("wrote {} ({} tokens, {} layers)", out.display(), n, lm.model.info().n_layers);
+        }
+        Command::Collect { model, corpus, out, train, val, seed, positions, text_field, batch_tokens, common } => {
+            let positions = match positions.as_str() {
+                "all" => Positions::All,
+                k => Positions::Random { k: k.parse().map_err(|_| anyhow::anyhow!("--positions takes a number or 'all', not '{k}'"))? },
+            };
+            let opts = CollectOptions { n_train: train, n_val: val, seed, positions, text_field, batch_tokens };
+            let lm = load_model(&model, &device)?;
+            let m = collect::collect(&lm, &corpus, &RunDir::new(&out), &opts, !common.quiet)?;
+            for (split, c) in &m.counts {
+                eprintln!("{split}: {c}");
+            }
         }
     }
     Ok(())

@@ -1,0 +1,361 @@
+//! Collecting hidden states at sampled token positions of real text (the paper's section 3 data).
+//!
+//! Causal LMs: the state at the sampled position is the one that predicts the next token; thanks
+//! to causality, running the prefix up to that position gives exactly the states the paper gets
+//! from the sentence cut after it, so only the prefix is run (and sentences of similar length are
+//! batched together to avoid padding). Masked LMs: the sampled token is replaced by [MASK] and
+//! the whole sentence is fed.
+//!
+//! Work is done in parts of a few hundred sentences; each finished part is written atomically
+//! under `activations/parts/`, so an interrupted collection resumes where it stopped.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::corpus::{self, SampledSentence};
+use crate::model::{self, AttentionKind, Batch, LoadedModel};
+use crate::run::{CorpusRecord, Manifest, ModelRecord, RunDir};
+
+/// Which token positions of a sentence become examples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Positions {
+    /// `k` distinct uniformly random positions (the paper: k = 1).
+    Random { k: usize },
+    /// Every position.
+    All,
+}
+
+/// Options of `jumplens collect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectOptions {
+    pub n_train: usize,
+    pub n_val: usize,
+    pub seed: u64,
+    pub positions: Positions,
+    /// JSONL field holding the text.
+    pub text_field: String,
+    /// Padded tokens per forward batch (batch size x longest sequence).
+    pub batch_tokens: usize,
+}
+
+impl Default for CollectOptions {
+    fn default() -> Self {
+        Self {
+            n_train: 9000,
+            n_val: 3000,
+            seed: 0,
+            positions: Positions::Random { k: 1 },
+            text_field: "text".into(),
+            batch_tokens: 1024,
+        }
+    }
+}
+
+/// One sentence to run and the positions to read from it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The sentence's token ids (unmasked, untruncated).
+    pub tokens: Vec<u32>,
+    pub positions: Vec<usize>,
+    pub article: usize,
+}
+
+/// Tokenized, position-sampled examples of one split.
+pub fn make_jobs(lm: &LoadedModel, sentences: &[SampledSentence], tokens: &HashMap<String, Vec<u32>>, positions: Positions, rng: &mut ChaCha8Rng) -> Result<Vec<Job>> {
+    let tok = lm.tokenizer()?;
+    let causal = lm.model.info().attention == AttentionKind::Causal;
+    let mut jobs = Vec::with_capacity(sentences.len());
+    for s in sentences {
+        let ids = tokens.get(&s.text).cloned().map_or_else(|| lm.encode(&s.text), Ok)?;
+        // A causal model's BOS state is an attention sink, not a prediction from text: skip it.
+        let first = usize::from(causal && tok.is_special(ids[0]) && ids.len() > 1);
+        let candidates: Vec<usize> = (first..ids.len()).collect();
+        let mut chosen = match positions {
+            Positions::All => candidates,
+            Positions::Random { k } => rand::seq::index::sample(rng, candidates.len(), k.min(candidates.len()))
+                .into_iter()
+                .map(|i| candidates[i])
+                .collect(),
+        };
+        chosen.sort_unstable();
+        jobs.push(Job { tokens: ids, positions: chosen, article: s.article });
+    }
+    Ok(jobs)
+}
+
+/// One forward unit: the input fed to the model and the positions read from it.
+struct Unit {
+    input: Vec<u32>,
+    positions: Vec<usize>,
+    /// Index of the first example this unit produces.
+    first_example: usize,
+}
+
+fn units(jobs: &[Job], causal: bool, mask_id: Option<u32>) -> Result<Vec<Unit>> {
+    let mut out = Vec::new();
+    let mut next = 0;
+    for job in jobs {
+        if causal {
+            let last = *job.positions.last().expect("every job has a position");
+            out.push(Unit { input: job.tokens[..=last].to_vec(), positions: job.positions.clone(), first_example: next });
+            next += job.positions.len();
+        } else {
+            let mask = mask_id.ok_or_else(|| anyhow::anyhow!("masked LM without a [MASK] token"))?;
+            for &p in &job.positions {
+                let mut input = job.tokens.clone();
+                input[p] = mask;
+                out.push(Unit { input, positions: vec![p], first_example: next });
+                next += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the model over `units` (already one part) and returns states [S, n_examples, d] in
+/// example order.
+fn run_part(lm: &LoadedModel, units: &[Unit], batch_tokens: usize, n_examples: usize, on_batch: &mut dyn FnMut(usize)) -> Result<Tensor> {
+    let info = lm.model.info();
+    let (s, d) = (info.n_layers + 1, info.d_model);
+    let first = units.first().map_or(0, |u| u.first_example);
+    let mut out = vec![0f32; s * n_examples * d];
+    // Longest first, so that similar lengths share a batch.
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(units[i].input.len()));
+    let pad = lm.tokenizer()?.pad_id;
+    let mut start = 0;
+    while start < order.len() {
+        let t = units[order[start]].input.len();
+        let b = (batch_tokens / t.max(1)).clamp(1, 256);
+        let group = &order[start..(start + b).min(order.len())];
+        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| units[i].input.clone()).collect();
+        let batch = Batch::from_sequences(&seqs, pad, lm.model.device())?;
+        let states = model::hidden_states(lm.model.as_ref(), &batch)?;
+        // Gather the read positions of every row into [S, rows, d].
+        let t_max = batch.seq_len();
+        let mut flat_idx = Vec::new();
+        let mut dest = Vec::new();
+        for (row, &i) in group.iter().enumerate() {
+            for (k, &p) in units[i].positions.iter().enumerate() {
+                flat_idx.push((row * t_max + p) as u32);
+                dest.push(units[i].first_example + k - first);
+            }
+        }
+        let idx = Tensor::from_vec(flat_idx, dest.len(), lm.model.device())?;
+        for (layer, h) in states.iter().enumerate() {
+            let rows = h.reshape((group.len() * t_max, d))?.index_select(&idx, 0)?.to_device(&Device::Cpu)?;
+            let rows: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+            for (r, &e) in dest.iter().enumerate() {
+                let src = &rows[r * d..(r + 1) * d];
+                if let Some(bad) = src.iter().position(|x| !x.is_finite()) {
+                    bail!("non-finite hidden state (layer {layer}, example {}, coordinate {bad})", e + first);
+                }
+                out[(layer * n_examples + e) * d..(layer * n_examples + e + 1) * d].copy_from_slice(src);
+            }
+        }
+        on_batch(group.len());
+        start += group.len();
+    }
+    Ok(Tensor::from_vec(out, (s, n_examples, d), &Device::Cpu)?)
+}
+
+/// What `collect` did, for the manifest and the closing message.
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitSummary {
+    pub requested: usize,
+    pub sentences: usize,
+    pub examples: usize,
+    pub skipped_too_long: usize,
+    pub wall_s: f64,
+}
+
+/// Sentences per resumable part.
+const PART_SENTENCES: usize = 250;
+
+/// Samples sentences from `corpus`, runs the model and writes `RUN/activations/{train,val}.safetensors`
+/// and `RUN/manifest.json`. Resumes an interrupted collection with the same inputs and options.
+pub fn collect(lm: &LoadedModel, corpus_path: &Path, run: &RunDir, opts: &CollectOptions, progress: bool) -> Result<Manifest> {
+    let info = lm.model.info().clone();
+    let tok = lm.tokenizer()?;
+    let (format, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
+    let model_record = ModelRecord {
+        path: lm.path.display().to_string(),
+        sha256: crate::io::sha256_path(&lm.path)?,
+        arch: info.arch.clone(),
+        n_layers: info.n_layers,
+        d_model: info.d_model,
+        vocab_size: info.vocab_size,
+        attention: format!("{:?}", info.attention).to_lowercase(),
+    };
+    let corpus_record = CorpusRecord {
+        path: corpus_path.display().to_string(),
+        sha256: crate::io::sha256_path(corpus_path)?,
+        format: serde_json::to_value(format)?.as_str().unwrap_or_default().to_string(),
+        articles: articles.len(),
+    };
+    let options = serde_json::to_value(opts)?;
+    if let Ok(old) = run.read_manifest() {
+        if old.model.sha256 != model_record.sha256 || old.corpus.sha256 != corpus_record.sha256 || old.options != options {
+            bail!(
+                "{}: this run was collected with another model, corpus or options; use a new --out folder",
+                run.root.display()
+            );
+        }
+    }
+    // Tokenize once; sentences too long for the context are skipped and counted.
+    let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut too_long = 0usize;
+    let max = info.max_positions;
+    let (train, val) = corpus::sample_sentences(&articles, opts.n_train, opts.n_val, opts.seed, |s| match tok.encode(s) {
+        Ok(ids) if ids.len() > max => {
+            too_long += 1;
+            false
+        }
+        Ok(ids) if ids.len() >= 2 => {
+            tokens.insert(s.to_string(), ids);
+            true
+        }
+        _ => false,
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e}", corpus_path.display()))?;
+
+    let mut manifest = Manifest {
+        tool: "jumplens".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        model: model_record,
+        corpus: corpus_record,
+        seed: opts.seed,
+        options,
+        counts: Default::default(),
+        stages: Default::default(),
+    };
+    run.write_manifest(&manifest)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_add(1));
+    let causal = info.attention == AttentionKind::Causal;
+    for (split, sentences) in [("train", &train), ("val", &val)] {
+        let started = Instant::now();
+        let jobs = make_jobs(lm, sentences, &tokens, opts.positions, &mut rng)?;
+        let n_examples = write_split(lm, &jobs, causal, run, split, opts, progress)?;
+        let summary = SplitSummary {
+            requested: if split == "train" { opts.n_train } else { opts.n_val },
+            sentences: jobs.len(),
+            examples: n_examples,
+            skipped_too_long: too_long,
+            wall_s: started.elapsed().as_secs_f64(),
+        };
+        manifest.counts.insert(split.into(), serde_json::to_value(&summary)?);
+        run.write_manifest(&manifest)?;
+    }
+    Ok(manifest)
+}
+
+fn write_split(lm: &LoadedModel, jobs: &[Job], causal: bool, run: &RunDir, split: &str, opts: &CollectOptions, progress: bool) -> Result<usize> {
+    let info = lm.model.info();
+    let out_path = run.activations(split);
+    let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
+    if out_path.exists() {
+        return Ok(n_examples);
+    }
+    let mask_id = lm.tokenizer()?.mask_id;
+    let chunks: Vec<Vec<Unit>> = jobs.chunks(PART_SENTENCES).map(|c| units(c, causal, mask_id)).collect::<Result<_>>()?;
+    let bar = crate::progress::bar(chunks.iter().map(|c| c.len() as u64).sum(), &format!("collect {split}"), progress);
+    let mut parts = Vec::new();
+    for (p, (chunk, units)) in jobs.chunks(PART_SENTENCES).zip(&chunks).enumerate() {
+        let part_path = run.parts_dir().join(format!("{split}.{p:05}.safetensors"));
+        if part_path.exists() {
+            bar.inc(units.len() as u64);
+        } else {
+            let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
+            let states = run_part(lm, units, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))?;
+            crate::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
+        }
+        parts.push(part_path);
+    }
+    bar.finish_and_clear();
+    // Merge the parts into one file [S, N, d] with the per-example metadata.
+    let mut states = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let t = crate::io::read_safetensors(p)?;
+        states.push(t.get("hidden_states").cloned().with_context(|| format!("{}: no hidden_states", p.display()))?);
+    }
+    let hidden = Tensor::cat(&states, 1)?;
+    let mut positions = Vec::with_capacity(n_examples);
+    let mut tokens = Vec::new();
+    let mut offsets = vec![0i64];
+    let mut article = Vec::with_capacity(n_examples);
+    for job in jobs {
+        for &p in &job.positions {
+            positions.push(p as i64);
+            tokens.extend(job.tokens.iter().map(|&t| t as i64));
+            offsets.push(tokens.len() as i64);
+            article.push(job.article as i64);
+        }
+    }
+    let cpu = Device::Cpu;
+    let n_tokens = tokens.len();
+    let tensors = vec![
+        ("hidden_states".to_string(), hidden),
+        ("positions".to_string(), Tensor::from_vec(positions, n_examples, &cpu)?),
+        ("tokens".to_string(), Tensor::from_vec(tokens, n_tokens, &cpu)?),
+        ("offsets".to_string(), Tensor::from_vec(offsets, n_examples + 1, &cpu)?),
+        ("article".to_string(), Tensor::from_vec(article, n_examples, &cpu)?),
+    ];
+    let meta = HashMap::from([
+        ("split".to_string(), split.to_string()),
+        ("n_layers".to_string(), info.n_layers.to_string()),
+        ("d_model".to_string(), info.d_model.to_string()),
+        ("note".to_string(), "hidden_states[l] = h_l at positions[i] of example i; h_L is before the final norm".to_string()),
+    ]);
+    crate::io::write_safetensors(&out_path, &tensors, Some(meta))?;
+    for p in &parts {
+        std::fs::remove_file(p).ok();
+    }
+    std::fs::remove_dir(run.parts_dir()).ok();
+    Ok(n_examples)
+}
+
+/// Collected activations of one split, as read back by the later stages.
+pub struct Activations {
+    /// [S, N, d] f32.
+    pub hidden_states: Tensor,
+    pub positions: Vec<usize>,
+    pub tokens: Vec<u32>,
+    pub offsets: Vec<usize>,
+}
+
+impl Activations {
+    pub fn read(path: &Path) -> Result<Self> {
+        let t = crate::io::read_safetensors(path)?;
+        let get = |n: &str| t.get(n).cloned().with_context(|| format!("{}: no tensor '{n}'", path.display()));
+        let as_usize = |x: Tensor| -> Result<Vec<usize>> { Ok(x.to_vec1::<i64>()?.into_iter().map(|v| v as usize).collect()) };
+        let hidden_states = get("hidden_states")?;
+        let positions = as_usize(get("positions")?)?;
+        let tokens = get("tokens")?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect();
+        let offsets = as_usize(get("offsets")?)?;
+        if hidden_states.dim(1)? != positions.len() || offsets.len() != positions.len() + 1 {
+            bail!("{}: inconsistent example counts", path.display());
+        }
+        Ok(Self { hidden_states, positions, tokens, offsets })
+    }
+
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// Token ids of example i's sentence.
+    pub fn sentence(&self, i: usize) -> &[u32] {
+        &self.tokens[self.offsets[i]..self.offsets[i + 1]]
+    }
+}

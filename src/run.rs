@@ -1,0 +1,102 @@
+//! A run folder: where every stage reads its inputs and writes its outputs, plus the manifest
+//! that records what produced them (so stages can be skipped, resumed, or refused when the inputs
+//! changed).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Paths inside a run folder.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn manifest(&self) -> PathBuf {
+        self.root.join("manifest.json")
+    }
+    pub fn activations(&self, split: &str) -> PathBuf {
+        self.root.join("activations").join(format!("{split}.safetensors"))
+    }
+    pub fn parts_dir(&self) -> PathBuf {
+        self.root.join("activations").join("parts")
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps.safetensors")
+    }
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+    /// The manifest, or an error saying the folder is not a run.
+    pub fn read_manifest(&self) -> Result<Manifest> {
+        let p = self.manifest();
+        if !p.exists() {
+            bail!("{}: not a jumplens run (no manifest.json); run `jumplens collect` first", self.root.display());
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid manifest ({e})", p.display()))
+    }
+    pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        crate::io::write_json(&self.manifest(), m)
+    }
+}
+
+/// Where a model came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelRecord {
+    pub path: String,
+    pub sha256: String,
+    pub arch: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub vocab_size: usize,
+    pub attention: String,
+}
+
+/// Where the text came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CorpusRecord {
+    pub path: String,
+    pub sha256: String,
+    pub format: String,
+    pub articles: usize,
+}
+
+/// The run's record of its inputs, options and finished stages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub tool: String,
+    pub version: String,
+    pub model: ModelRecord,
+    pub corpus: CorpusRecord,
+    pub seed: u64,
+    /// Collection options (positions per sentence, text field, requested counts, ...).
+    pub options: Value,
+    /// Per split: requested and collected counts, skipped sentences.
+    pub counts: BTreeMap<String, Value>,
+    /// Per finished stage: its options, outputs and wall time.
+    #[serde(default)]
+    pub stages: BTreeMap<String, Value>,
+}
+
+impl Manifest {
+    /// Records a finished stage.
+    pub fn set_stage(&mut self, name: &str, record: Value) {
+        self.stages.insert(name.to_string(), record);
+    }
+}
+
+/// Returns the path if it exists, else an error naming what is missing and which stage makes it.
+pub fn require(path: &Path, made_by: &str) -> Result<PathBuf> {
+    if !path.exists() {
+        bail!("{}: missing; run `jumplens {made_by}` first", path.display());
+    }
+    Ok(path.to_path_buf())
+}
