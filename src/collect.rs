@@ -69,7 +69,13 @@ pub struct Job {
 }
 
 /// Tokenized, position-sampled examples of one split.
-pub fn make_jobs(lm: &LoadedModel, sentences: &[SampledSentence], tokens: &HashMap<String, Vec<u32>>, positions: Positions, rng: &mut ChaCha8Rng) -> Result<Vec<Job>> {
+pub fn make_jobs(
+    lm: &LoadedModel,
+    sentences: &[SampledSentence],
+    tokens: &HashMap<String, Vec<u32>>,
+    positions: Positions,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<Job>> {
     let tok = lm.tokenizer()?;
     let causal = lm.model.info().attention == AttentionKind::Causal;
     let mut jobs = Vec::with_capacity(sentences.len());
@@ -86,7 +92,11 @@ pub fn make_jobs(lm: &LoadedModel, sentences: &[SampledSentence], tokens: &HashM
                 .collect(),
         };
         chosen.sort_unstable();
-        jobs.push(Job { tokens: ids, positions: chosen, article: s.article });
+        jobs.push(Job {
+            tokens: ids,
+            positions: chosen,
+            article: s.article,
+        });
     }
     Ok(jobs)
 }
@@ -105,14 +115,22 @@ fn units(jobs: &[Job], causal: bool, mask_id: Option<u32>) -> Result<Vec<Unit>> 
     for job in jobs {
         if causal {
             let last = *job.positions.last().expect("every job has a position");
-            out.push(Unit { input: job.tokens[..=last].to_vec(), positions: job.positions.clone(), first_example: next });
+            out.push(Unit {
+                input: job.tokens[..=last].to_vec(),
+                positions: job.positions.clone(),
+                first_example: next,
+            });
             next += job.positions.len();
         } else {
             let mask = mask_id.ok_or_else(|| anyhow::anyhow!("masked LM without a [MASK] token"))?;
             for &p in &job.positions {
                 let mut input = job.tokens.clone();
                 input[p] = mask;
-                out.push(Unit { input, positions: vec![p], first_example: next });
+                out.push(Unit {
+                    input,
+                    positions: vec![p],
+                    first_example: next,
+                });
                 next += 1;
             }
         }
@@ -122,7 +140,13 @@ fn units(jobs: &[Job], causal: bool, mask_id: Option<u32>) -> Result<Vec<Unit>> 
 
 /// Runs the model over `units` (already one part) and returns states [S, n_examples, d] in
 /// example order.
-fn run_part(lm: &LoadedModel, units: &[Unit], batch_tokens: usize, n_examples: usize, on_batch: &mut dyn FnMut(usize)) -> Result<Tensor> {
+fn run_part(
+    lm: &LoadedModel,
+    units: &[Unit],
+    batch_tokens: usize,
+    n_examples: usize,
+    on_batch: &mut dyn FnMut(usize),
+) -> Result<Tensor> {
     let info = lm.model.info();
     let (s, d) = (info.n_layers + 1, info.d_model);
     let first = units.first().map_or(0, |u| u.first_example);
@@ -151,12 +175,18 @@ fn run_part(lm: &LoadedModel, units: &[Unit], batch_tokens: usize, n_examples: u
         }
         let idx = Tensor::from_vec(flat_idx, dest.len(), lm.model.device())?;
         for (layer, h) in states.iter().enumerate() {
-            let rows = h.reshape((group.len() * t_max, d))?.index_select(&idx, 0)?.to_device(&Device::Cpu)?;
+            let rows = h
+                .reshape((group.len() * t_max, d))?
+                .index_select(&idx, 0)?
+                .to_device(&Device::Cpu)?;
             let rows: Vec<f32> = rows.flatten_all()?.to_vec1()?;
             for (r, &e) in dest.iter().enumerate() {
                 let src = &rows[r * d..(r + 1) * d];
                 if let Some(bad) = src.iter().position(|x| !x.is_finite()) {
-                    bail!("non-finite hidden state (layer {layer}, example {}, coordinate {bad})", e + first);
+                    bail!(
+                        "non-finite hidden state (layer {layer}, example {}, coordinate {bad})",
+                        e + first
+                    );
                 }
                 out[(layer * n_examples + e) * d..(layer * n_examples + e + 1) * d].copy_from_slice(src);
             }
@@ -182,7 +212,13 @@ const PART_SENTENCES: usize = 250;
 
 /// Samples sentences from `corpus`, runs the model and writes `RUN/activations/{train,val}.safetensors`
 /// and `RUN/manifest.json`. Resumes an interrupted collection with the same inputs and options.
-pub fn collect(lm: &LoadedModel, corpus_path: &Path, run: &RunDir, opts: &CollectOptions, progress: bool) -> Result<Manifest> {
+pub fn collect(
+    lm: &LoadedModel,
+    corpus_path: &Path,
+    run: &RunDir,
+    opts: &CollectOptions,
+    progress: bool,
+) -> Result<Manifest> {
     let info = lm.model.info().clone();
     let tok = lm.tokenizer()?;
     let (format, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
@@ -203,7 +239,10 @@ pub fn collect(lm: &LoadedModel, corpus_path: &Path, run: &RunDir, opts: &Collec
     };
     let options = serde_json::to_value(opts)?;
     if let Ok(old) = run.read_manifest() {
-        if old.model.sha256 != model_record.sha256 || old.corpus.sha256 != corpus_record.sha256 || old.options != options {
+        if old.model.sha256 != model_record.sha256
+            || old.corpus.sha256 != corpus_record.sha256
+            || old.options != options
+        {
             bail!(
                 "{}: this run was collected with another model, corpus or options; use a new --out folder",
                 run.root.display()
@@ -214,16 +253,18 @@ pub fn collect(lm: &LoadedModel, corpus_path: &Path, run: &RunDir, opts: &Collec
     let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
     let mut too_long = 0usize;
     let max = info.max_positions;
-    let (train, val) = corpus::sample_sentences(&articles, opts.n_train, opts.n_val, opts.seed, |s| match tok.encode(s) {
-        Ok(ids) if ids.len() > max => {
-            too_long += 1;
-            false
+    let (train, val) = corpus::sample_sentences(&articles, opts.n_train, opts.n_val, opts.seed, |s| {
+        match tok.encode(s) {
+            Ok(ids) if ids.len() > max => {
+                too_long += 1;
+                false
+            }
+            Ok(ids) if ids.len() >= 2 => {
+                tokens.insert(s.to_string(), ids);
+                true
+            }
+            _ => false,
         }
-        Ok(ids) if ids.len() >= 2 => {
-            tokens.insert(s.to_string(), ids);
-            true
-        }
-        _ => false,
     })
     .map_err(|e| anyhow::anyhow!("{}: {e}", corpus_path.display()))?;
 
@@ -257,7 +298,15 @@ pub fn collect(lm: &LoadedModel, corpus_path: &Path, run: &RunDir, opts: &Collec
     Ok(manifest)
 }
 
-fn write_split(lm: &LoadedModel, jobs: &[Job], causal: bool, run: &RunDir, split: &str, opts: &CollectOptions, progress: bool) -> Result<usize> {
+fn write_split(
+    lm: &LoadedModel,
+    jobs: &[Job],
+    causal: bool,
+    run: &RunDir,
+    split: &str,
+    opts: &CollectOptions,
+    progress: bool,
+) -> Result<usize> {
     let info = lm.model.info();
     let out_path = run.activations(split);
     let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
@@ -265,8 +314,15 @@ fn write_split(lm: &LoadedModel, jobs: &[Job], causal: bool, run: &RunDir, split
         return Ok(n_examples);
     }
     let mask_id = lm.tokenizer()?.mask_id;
-    let chunks: Vec<Vec<Unit>> = jobs.chunks(PART_SENTENCES).map(|c| units(c, causal, mask_id)).collect::<Result<_>>()?;
-    let bar = crate::progress::bar(chunks.iter().map(|c| c.len() as u64).sum(), &format!("collect {split}"), progress);
+    let chunks: Vec<Vec<Unit>> = jobs
+        .chunks(PART_SENTENCES)
+        .map(|c| units(c, causal, mask_id))
+        .collect::<Result<_>>()?;
+    let bar = crate::progress::bar(
+        chunks.iter().map(|c| c.len() as u64).sum(),
+        &format!("collect {split}"),
+        progress,
+    );
     let mut parts = Vec::new();
     for (p, (chunk, units)) in jobs.chunks(PART_SENTENCES).zip(&chunks).enumerate() {
         let part_path = run.parts_dir().join(format!("{split}.{p:05}.safetensors"));
@@ -284,7 +340,11 @@ fn write_split(lm: &LoadedModel, jobs: &[Job], causal: bool, run: &RunDir, split
     let mut states = Vec::with_capacity(parts.len());
     for p in &parts {
         let t = crate::io::read_safetensors(p)?;
-        states.push(t.get("hidden_states").cloned().with_context(|| format!("{}: no hidden_states", p.display()))?);
+        states.push(
+            t.get("hidden_states")
+                .cloned()
+                .with_context(|| format!("{}: no hidden_states", p.display()))?,
+        );
     }
     let hidden = Tensor::cat(&states, 1)?;
     let mut positions = Vec::with_capacity(n_examples);
@@ -312,7 +372,10 @@ fn write_split(lm: &LoadedModel, jobs: &[Job], causal: bool, run: &RunDir, split
         ("split".to_string(), split.to_string()),
         ("n_layers".to_string(), info.n_layers.to_string()),
         ("d_model".to_string(), info.d_model.to_string()),
-        ("note".to_string(), "hidden_states[l] = h_l at positions[i] of example i; h_L is before the final norm".to_string()),
+        (
+            "note".to_string(),
+            "hidden_states[l] = h_l at positions[i] of example i; h_L is before the final norm".to_string(),
+        ),
     ]);
     crate::io::write_safetensors(&out_path, &tensors, Some(meta))?;
     for p in &parts {
@@ -334,8 +397,13 @@ pub struct Activations {
 impl Activations {
     pub fn read(path: &Path) -> Result<Self> {
         let t = crate::io::read_safetensors(path)?;
-        let get = |n: &str| t.get(n).cloned().with_context(|| format!("{}: no tensor '{n}'", path.display()));
-        let as_usize = |x: Tensor| -> Result<Vec<usize>> { Ok(x.to_vec1::<i64>()?.into_iter().map(|v| v as usize).collect()) };
+        let get = |n: &str| {
+            t.get(n)
+                .cloned()
+                .with_context(|| format!("{}: no tensor '{n}'", path.display()))
+        };
+        let as_usize =
+            |x: Tensor| -> Result<Vec<usize>> { Ok(x.to_vec1::<i64>()?.into_iter().map(|v| v as usize).collect()) };
         let hidden_states = get("hidden_states")?;
         let positions = as_usize(get("positions")?)?;
         let tokens = get("tokens")?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect();
@@ -343,7 +411,12 @@ impl Activations {
         if hidden_states.dim(1)? != positions.len() || offsets.len() != positions.len() + 1 {
             bail!("{}: inconsistent example counts", path.display());
         }
-        Ok(Self { hidden_states, positions, tokens, offsets })
+        Ok(Self {
+            hidden_states,
+            positions,
+            tokens,
+            offsets,
+        })
     }
 
     pub fn len(&self) -> usize {

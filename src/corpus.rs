@@ -49,7 +49,10 @@ pub fn read_corpus(path: &Path, text_field: &str) -> Result<(CorpusFormat, Vec<A
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| Article { title: format!("line {}", i + 1), sentences: split_sentences(l) })
+            .map(|(i, l)| Article {
+                title: format!("line {}", i + 1),
+                sentences: split_sentences(l),
+            })
             .collect();
         (CorpusFormat::ArticleLines, articles)
     } else {
@@ -57,7 +60,10 @@ pub fn read_corpus(path: &Path, text_field: &str) -> Result<(CorpusFormat, Vec<A
             .lines()
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| Article { title: format!("line {}", i + 1), sentences: vec![l.trim().to_string()] })
+            .map(|(i, l)| Article {
+                title: format!("line {}", i + 1),
+                sentences: vec![l.trim().to_string()],
+            })
             .collect();
         (CorpusFormat::Lines, articles)
     };
@@ -70,11 +76,20 @@ pub fn read_corpus(path: &Path, text_field: &str) -> Result<(CorpusFormat, Vec<A
 
 fn wiki_summaries(text: &str, path: &Path) -> Result<Vec<Article>> {
     let v: Value = serde_json::from_str(text).map_err(|e| anyhow!("{}: not valid JSON ({e})", path.display()))?;
-    let obj = v.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object title -> summary", path.display()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| anyhow!("{}: expected a JSON object title -> summary", path.display()))?;
     let mut articles = Vec::with_capacity(obj.len());
     for (title, entry) in obj {
-        let extract = entry.get("extract").and_then(|e| e.as_str()).or_else(|| entry.as_str()).unwrap_or("");
-        articles.push(Article { title: title.clone(), sentences: split_sentences(extract) });
+        let extract = entry
+            .get("extract")
+            .and_then(|e| e.as_str())
+            .or_else(|| entry.as_str())
+            .unwrap_or("");
+        articles.push(Article {
+            title: title.clone(),
+            sentences: split_sentences(extract),
+        });
     }
     // JSON object order is the file's; sort so that sampling does not depend on the parser.
     articles.sort_by(|a, b| a.title.cmp(&b.title));
@@ -87,12 +102,19 @@ fn jsonl(text: &str, field: &str, path: &Path) -> Result<Vec<Article>> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("{}:{}: not valid JSON ({e})", path.display(), i + 1))?;
-        let t = v
-            .get(field)
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| anyhow!("{}:{}: no string field '{field}' (use --text-field)", path.display(), i + 1))?;
-        articles.push(Article { title: format!("line {}", i + 1), sentences: split_sentences(t) });
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| anyhow!("{}:{}: not valid JSON ({e})", path.display(), i + 1))?;
+        let t = v.get(field).and_then(|t| t.as_str()).ok_or_else(|| {
+            anyhow!(
+                "{}:{}: no string field '{field}' (use --text-field)",
+                path.display(),
+                i + 1
+            )
+        })?;
+        articles.push(Article {
+            title: format!("line {}", i + 1),
+            sentences: split_sentences(t),
+        });
     }
     Ok(articles)
 }
@@ -132,7 +154,8 @@ pub fn sample_sentences(
     let n_val_articles = if n_val == 0 {
         0
     } else {
-        ((articles.len() as f64 * n_val as f64 / total as f64).round() as usize).clamp(1, articles.len().saturating_sub(1).max(1))
+        ((articles.len() as f64 * n_val as f64 / total as f64).round() as usize)
+            .clamp(1, articles.len().saturating_sub(1).max(1))
     };
     let (val_articles, train_articles) = order.split_at(n_val_articles);
     let train = draw(articles, train_articles, n_train, &mut rng, &mut accept, "training")?;
@@ -166,7 +189,10 @@ fn draw(
             // A rejected sentence is replaced by the next one of the same article.
             while let Some(s) = queue.pop_front() {
                 if accept(s) {
-                    out.push(SampledSentence { article: *a, text: s.to_string() });
+                    out.push(SampledSentence {
+                        article: *a,
+                        text: s.to_string(),
+                    });
                     break;
                 }
             }
@@ -199,7 +225,10 @@ mod tests {
     #[test]
     fn splits_prose_into_sentences() {
         let s = split_sentences("The cat sat on the mat. It was happy!  Was it? Yes it was, really.");
-        assert_eq!(s, vec!["The cat sat on the mat.", "It was happy!", "Yes it was, really."]);
+        assert_eq!(
+            s,
+            vec!["The cat sat on the mat.", "It was happy!", "Yes it was, really."]
+        );
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! Data flows one way: corpus -> model (hooked forward) -> activations -> fit -> evaluate ->
 //! report. Each stage is a module with a small public surface.
 
-pub mod model;
-pub mod io;
-pub mod corpus;
-pub mod run;
 pub mod collect;
+pub mod corpus;
+pub mod io;
+pub mod model;
 pub mod progress;
+pub mod run;

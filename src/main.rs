@@ -112,7 +112,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("tokenizer     {}", s.tokenizer);
             }
         }
-        Command::HiddenStates { model, text, out, mask_position } => {
+        Command::HiddenStates {
+            model,
+            text,
+            out,
+            mask_position,
+        } => {
             let lm = load_model(&model, &device)?;
             let st = lm.text_states(&text, mask_position)?;
             let ids: Vec<i64> = st.input_ids.iter().map(|&x| x as i64).collect();
@@ -125,14 +130,40 @@ fn run(cli: Cli) -> Result<()> {
                 tensors.push(("logits".to_string(), l));
             }
             jumplens::io::write_safetensors(&out, &tensors, None)?;
-            eprintln!("wrote {} ({} tokens, {} layers)", out.display(), n, lm.model.info().n_layers);
+            eprintln!(
+                "wrote {} ({} tokens, {} layers)",
+                out.display(),
+                n,
+                lm.model.info().n_layers
+            );
         }
-        Command::Collect { model, corpus, out, train, val, seed, positions, text_field, batch_tokens, common } => {
+        Command::Collect {
+            model,
+            corpus,
+            out,
+            train,
+            val,
+            seed,
+            positions,
+            text_field,
+            batch_tokens,
+            common,
+        } => {
             let positions = match positions.as_str() {
                 "all" => Positions::All,
-                k => Positions::Random { k: k.parse().map_err(|_| anyhow::anyhow!("--positions takes a number or 'all', not '{k}'"))? },
+                k => Positions::Random {
+                    k: k.parse()
+                        .map_err(|_| anyhow::anyhow!("--positions takes a number or 'all', not '{k}'"))?,
+                },
             };
-            let opts = CollectOptions { n_train: train, n_val: val, seed, positions, text_field, batch_tokens };
+            let opts = CollectOptions {
+                n_train: train,
+                n_val: val,
+                seed,
+                positions,
+                text_field,
+                batch_tokens,
+            };
             let lm = load_model(&model, &device)?;
             let m = collect::collect(&lm, &corpus, &RunDir::new(&out), &opts, !common.quiet)?;
             for (split, c) in &m.counts {

@@ -38,7 +38,10 @@ impl RunDir {
     pub fn read_manifest(&self) -> Result<Manifest> {
         let p = self.manifest();
         if !p.exists() {
-            bail!("{}: not a jumplens run (no manifest.json); run `jumplens collect` first", self.root.display());
+            bail!(
+                "{}: not a jumplens run (no manifest.json); run `jumplens collect` first",
+                self.root.display()
+            );
         }
         let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid manifest ({e})", p.display()))

@@ -14,7 +14,9 @@ use jumplens::model::{self, Batch, LinearReplacement, SubModule, TapRecorder, Tr
 const TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .join(name)
 }
 
 struct Case {
@@ -37,8 +39,16 @@ fn load(name: &str) -> Case {
         .map(|x| x as usize)
         .collect();
     let token_type_ids = expected.get("token_type_ids").map(|t| t.to_dtype(DType::U32).unwrap());
-    let batch = Batch { input_ids: ids, lengths, token_type_ids };
-    Case { model: lm.model, expected, batch }
+    let batch = Batch {
+        input_ids: ids,
+        lengths,
+        token_type_ids,
+    };
+    Case {
+        model: lm.model,
+        expected,
+        batch,
+    }
 }
 
 /// Max normwise error over the real tokens of [.., B, T, X] tensors.
@@ -51,8 +61,25 @@ fn err(ours: &Tensor, reference: &Tensor, lengths: &[usize]) -> f32 {
     for (b, &len) in lengths.iter().enumerate() {
         let o = ours.narrow(b_dim, b, 1).unwrap().narrow(t_dim, 0, len).unwrap();
         let r = reference.narrow(b_dim, b, 1).unwrap().narrow(t_dim, 0, len).unwrap();
-        let diff = (o - &r).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let mag = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (o - &r)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let mag = r
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         worst = worst.max(diff);
         scale = scale.max(mag);
     }
@@ -70,25 +97,52 @@ fn run_full(name: &str) {
     let mut rec = TapRecorder::default();
     let states = model::hidden_states_with(c.model.as_ref(), &c.batch, &mut rec).unwrap();
     let hidden = Tensor::stack(&states, 0).unwrap();
-    let mut worst = check(name, "hidden_states", &hidden, &c.expected["hidden_states"], &c.batch.lengths);
+    let mut worst = check(
+        name,
+        "hidden_states",
+        &hidden,
+        &c.expected["hidden_states"],
+        &c.batch.lengths,
+    );
     let mut n_taps = 0;
     for (key, reference) in &c.expected {
         if key.starts_with("blocks.") {
-            let ours = rec.values.get(key).unwrap_or_else(|| panic!("{name}: tap {key} was not reported"));
+            let ours = rec
+                .values
+                .get(key)
+                .unwrap_or_else(|| panic!("{name}: tap {key} was not reported"));
             worst = worst.max(check(name, key, ours, reference, &c.batch.lengths));
             n_taps += 1;
         }
     }
-    assert!(n_taps >= 7 * c.model.info().n_layers, "{name}: only {n_taps} taps compared");
+    assert!(
+        n_taps >= 7 * c.model.info().n_layers,
+        "{name}: only {n_taps} taps compared"
+    );
     let last = states.last().unwrap();
     if let Some(reference) = c.expected.get("ln_final.hook_normalized") {
-        worst = worst.max(check(name, "ln_final", &c.model.final_norm(last).unwrap(), reference, &c.batch.lengths));
+        worst = worst.max(check(
+            name,
+            "ln_final",
+            &c.model.final_norm(last).unwrap(),
+            reference,
+            &c.batch.lengths,
+        ));
     }
     match c.expected.get("logits") {
         Some(reference) => {
-            worst = worst.max(check(name, "logits", &c.model.readout(last).unwrap(), reference, &c.batch.lengths));
+            worst = worst.max(check(
+                name,
+                "logits",
+                &c.model.readout(last).unwrap(),
+                reference,
+                &c.batch.lengths,
+            ));
         }
-        None => assert!(c.model.readout(last).is_err(), "{name}: a headless model must refuse to unembed"),
+        None => assert!(
+            c.model.readout(last).is_err(),
+            "{name}: a headless model must refuse to unembed"
+        ),
     }
     eprintln!("{name}: worst normwise error {worst:e}");
 }
@@ -103,9 +157,21 @@ fn run_replaced(name: &str) {
         }
         let states = model::hidden_states_with(c.model.as_ref(), &c.batch, &mut hooks).unwrap();
         let hidden = Tensor::stack(&states, 0).unwrap();
-        check(name, &format!("replace.{which}.hidden_states"), &hidden, &c.expected[&format!("replace.{which}.hidden_states")], &c.batch.lengths);
+        check(
+            name,
+            &format!("replace.{which}.hidden_states"),
+            &hidden,
+            &c.expected[&format!("replace.{which}.hidden_states")],
+            &c.batch.lengths,
+        );
         let logits = c.model.readout(states.last().unwrap()).unwrap();
-        check(name, &format!("replace.{which}.logits"), &logits, &c.expected[&format!("replace.{which}.logits")], &c.batch.lengths);
+        check(
+            name,
+            &format!("replace.{which}.logits"),
+            &logits,
+            &c.expected[&format!("replace.{which}.logits")],
+            &c.batch.lengths,
+        );
         // The replacement must change something, or the test proves nothing.
         let plain = c.expected["hidden_states"].i(c.model.info().n_layers).unwrap();
         assert!(err(&hidden.i(c.model.info().n_layers).unwrap(), &plain, &c.batch.lengths) > 1e-3);
@@ -117,7 +183,17 @@ macro_rules! arch_tests {
         mod full { $( #[test] fn $name() { super::run_full(stringify!($name)); } )* }
     };
 }
-arch_tests!(llama, llama_tied, qwen2, mistral, gemma3, gpt2, bert_mlm, bert_mlm_legacy, bert);
+arch_tests!(
+    llama,
+    llama_tied,
+    qwen2,
+    mistral,
+    gemma3,
+    gpt2,
+    bert_mlm,
+    bert_mlm_legacy,
+    bert
+);
 
 macro_rules! replaced_tests {
     ($($name:ident),*) => {
@@ -131,7 +207,13 @@ replaced_tests!(llama, qwen2, mistral, gemma3, gpt2, bert_mlm);
 fn padding_does_not_change_real_tokens() {
     let c = load("llama");
     let alone = Batch {
-        input_ids: c.batch.input_ids.narrow(0, 1, 1).unwrap().narrow(1, 0, c.batch.lengths[1]).unwrap(),
+        input_ids: c
+            .batch
+            .input_ids
+            .narrow(0, 1, 1)
+            .unwrap()
+            .narrow(1, 0, c.batch.lengths[1])
+            .unwrap(),
         lengths: vec![c.batch.lengths[1]],
         token_type_ids: None,
     };
@@ -140,6 +222,15 @@ fn padding_does_not_change_real_tokens() {
     let l = c.model.info().n_layers;
     let a = single[l].i(0).unwrap();
     let b = batched[l].i(1).unwrap().narrow(0, 0, c.batch.lengths[1]).unwrap();
-    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-5, "padding changed a real token by {diff}");
 }

@@ -58,12 +58,22 @@ impl Bert {
         let n_types = cfg.usize_or("type_vocab_size", 2)?;
         let eps = cfg.f64_or("layer_norm_eps", 1e-12)?;
         if cfg.str_or("position_embedding_type", "absolute")? != "absolute" {
-            bail!("{}: only absolute position embeddings are supported", cfg.path.display());
+            bail!(
+                "{}: only absolute position embeddings are supported",
+                cfg.path.display()
+            );
         }
         // BertForMaskedLM prefixes the encoder with "bert."; a saved BertModel does not.
-        let p = if w.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
+        let p = if w.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else {
+            ""
+        };
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Ok(Linear::new(w.get(&format!("{name}.weight"), &[out, inp])?, Some(w.get(&format!("{name}.bias"), &[out])?)))
+            Ok(Linear::new(
+                w.get(&format!("{name}.weight"), &[out, inp])?,
+                Some(w.get(&format!("{name}.bias"), &[out])?),
+            ))
         };
         // Old checkpoints call LayerNorm parameters gamma/beta.
         let ln = |name: &str| -> Result<LayerNorm> {
@@ -148,10 +158,19 @@ impl Transformer for Bert {
 
     fn context(&self, batch: &Batch) -> Result<BatchContext> {
         if batch.seq_len() > self.info.max_positions {
-            bail!("sequence of {} tokens exceeds the context of {}", batch.seq_len(), self.info.max_positions);
+            bail!(
+                "sequence of {} tokens exceeds the context of {}",
+                batch.seq_len(),
+                self.info.max_positions
+            );
         }
         let bias = batch.attention_bias(AttentionKind::Bidirectional, None, &self.device)?;
-        Ok(BatchContext { seq_len: batch.seq_len(), bias, bias_local: None, token_type_ids: batch.token_type_ids.clone() })
+        Ok(BatchContext {
+            seq_len: batch.seq_len(),
+            bias,
+            bias_local: None,
+            token_type_ids: batch.token_type_ids.clone(),
+        })
     }
 
     fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor> {
@@ -159,7 +178,11 @@ impl Transformer for Bert {
         let pos = self.position.narrow(0, 0, ctx.seq_len)?;
         let types = match &ctx.token_type_ids {
             Some(t) => ops::embedding(&self.token_type, t)?,
-            None => self.token_type.narrow(0, 0, 1)?.unsqueeze(0)?.broadcast_as(words.shape())?,
+            None => self
+                .token_type
+                .narrow(0, 0, 1)?
+                .unsqueeze(0)?
+                .broadcast_as(words.shape())?,
         };
         let sum = (words.broadcast_add(&pos)? + types)?;
         Ok(self.ln_emb.forward(&sum)?)
@@ -190,10 +213,9 @@ impl Transformer for Bert {
     }
 
     fn unembed(&self, h: &Tensor) -> Result<Tensor> {
-        let head = self
-            .head
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("this BERT checkpoint has no masked-LM head (a plain BertModel): it has no logits"))?;
+        let head = self.head.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("this BERT checkpoint has no masked-LM head (a plain BertModel): it has no logits")
+        })?;
         let t = ops::activation(&self.act, &head.dense.forward(h)?)?;
         Ok(head.decoder.forward(&head.ln.forward(&t)?)?)
     }

@@ -25,7 +25,10 @@ impl Config {
         if !value.is_object() {
             bail!("{}: expected a JSON object", path.display());
         }
-        Ok(Self { value, path: path.to_path_buf() })
+        Ok(Self {
+            value,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn from_value(value: Value, path: PathBuf) -> Self {
@@ -35,7 +38,11 @@ impl Config {
     /// A field of a nested config (transformers keeps some text configs under `text_config`).
     fn field(&self, key: &str) -> Option<&Value> {
         match self.value.get(key) {
-            Some(Value::Null) | None => self.value.get("text_config").and_then(|t| t.get(key)).filter(|v| !v.is_null()),
+            Some(Value::Null) | None => self
+                .value
+                .get("text_config")
+                .and_then(|t| t.get(key))
+                .filter(|v| !v.is_null()),
             Some(v) => Some(v),
         }
     }
@@ -45,16 +52,19 @@ impl Config {
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?.ok_or_else(|| anyhow!("{}: missing field '{key}'", self.path.display()))
+        self.opt_usize(key)?
+            .ok_or_else(|| anyhow!("{}: missing field '{key}'", self.path.display()))
     }
 
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.field(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| anyhow!("{}: field '{key}' should be a non-negative integer, found {v}", self.path.display())),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                anyhow!(
+                    "{}: field '{key}' should be a non-negative integer, found {v}",
+                    self.path.display()
+                )
+            }),
         }
     }
 
@@ -79,9 +89,12 @@ impl Config {
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.field(key) {
             None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| anyhow!("{}: field '{key}' should be true or false, found {v}", self.path.display())),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                anyhow!(
+                    "{}: field '{key}' should be true or false, found {v}",
+                    self.path.display()
+                )
+            }),
         }
     }
 
@@ -101,15 +114,20 @@ impl Config {
     /// RoPE base and scaling. Reads transformers 5's `rope_parameters` (optionally keyed by layer
     /// type, e.g. "sliding_attention") as well as the older `rope_theta` + `rope_scaling`.
     pub fn rope(&self, layer_type: Option<&str>, default_theta: f64) -> Result<(f64, RopeScaling)> {
-        let params = self.field("rope_parameters").map(|p| match layer_type.and_then(|lt| p.get(lt)) {
-            Some(inner) => inner,
-            None => p,
-        });
+        let params = self
+            .field("rope_parameters")
+            .map(|p| match layer_type.and_then(|lt| p.get(lt)) {
+                Some(inner) => inner,
+                None => p,
+            });
         let theta = match params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()) {
             Some(t) => t,
             None => self.f64_or("rope_theta", default_theta)?,
         };
-        let scaling = match params.filter(|p| p.get("rope_type").is_some()).or_else(|| self.field("rope_scaling")) {
+        let scaling = match params
+            .filter(|p| p.get("rope_type").is_some())
+            .or_else(|| self.field("rope_scaling"))
+        {
             None => RopeScaling::None,
             Some(s) => self.rope_scaling(s)?,
         };
@@ -117,7 +135,11 @@ impl Config {
     }
 
     fn rope_scaling(&self, s: &Value) -> Result<RopeScaling> {
-        let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("default");
+        let kind = s
+            .get("rope_type")
+            .or_else(|| s.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
         let num = |k: &str| -> Result<f64> {
             s.get(k)
                 .and_then(|v| v.as_f64())

@@ -68,7 +68,11 @@ impl Gemma3 {
         let layer_types: Vec<bool> = match cfg.get("layer_types").and_then(|v| v.as_array()) {
             Some(types) => {
                 if types.len() != n_layers {
-                    bail!("{}: layer_types has {} entries for {n_layers} layers", cfg.path.display(), types.len());
+                    bail!(
+                        "{}: layer_types has {} entries for {n_layers} layers",
+                        cfg.path.display(),
+                        types.len()
+                    );
                 }
                 types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect()
             }
@@ -92,7 +96,10 @@ impl Gemma3 {
         };
         // Gemma stores w and multiplies by (1 + w); fold the 1 in once here.
         let norm = |name: &str, dim: usize| -> Result<RmsNorm> {
-            Ok(RmsNorm { scale: (w.get(&format!("{name}.weight"), &[dim])? + 1.0)?, eps })
+            Ok(RmsNorm {
+                scale: (w.get(&format!("{name}.weight"), &[dim])? + 1.0)?,
+                eps,
+            })
         };
         let embed_tokens = w.get("model.embed_tokens.weight", &[vocab, d])?;
         let mut blocks = Vec::with_capacity(n_layers);
@@ -184,7 +191,11 @@ impl Transformer for Gemma3 {
 
     fn context(&self, batch: &Batch) -> Result<BatchContext> {
         if batch.seq_len() > self.rope_global.cos.dim(0)? {
-            bail!("sequence of {} tokens exceeds the supported context of {}", batch.seq_len(), self.rope_global.cos.dim(0)?);
+            bail!(
+                "sequence of {} tokens exceeds the supported context of {}",
+                batch.seq_len(),
+                self.rope_global.cos.dim(0)?
+            );
         }
         let bias = batch.attention_bias(AttentionKind::Causal, None, &self.device)?;
         let bias_local = if self.sliding_window < batch.seq_len() {
@@ -192,7 +203,12 @@ impl Transformer for Gemma3 {
         } else {
             None
         };
-        Ok(BatchContext { seq_len: batch.seq_len(), bias, bias_local, token_type_ids: None })
+        Ok(BatchContext {
+            seq_len: batch.seq_len(),
+            bias,
+            bias_local,
+            token_type_ids: None,
+        })
     }
 
     fn embed(&self, batch: &Batch, _ctx: &BatchContext) -> Result<Tensor> {
@@ -222,6 +238,13 @@ impl Transformer for Gemma3 {
     }
 
     fn sub_modules(&self) -> &'static [SubModule] {
-        &[SubModule::Ln1, SubModule::Attn, SubModule::Ln1Post, SubModule::Ln2, SubModule::Mlp, SubModule::Ln2Post]
+        &[
+            SubModule::Ln1,
+            SubModule::Attn,
+            SubModule::Ln1Post,
+            SubModule::Ln2,
+            SubModule::Mlp,
+            SubModule::Ln2Post,
+        ]
     }
 }

@@ -44,13 +44,21 @@ impl Gpt2 {
         let eps = cfg.f64_or("layer_norm_epsilon", 1e-5)?;
         // transformers saves GPT2LMHeadModel with a "transformer." prefix, the original
         // checkpoints without one.
-        let p = if w.contains("transformer.wte.weight") { "transformer." } else { "" };
+        let p = if w.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
         let conv1d = |name: &str, inp: usize, out: usize| -> Result<Linear> {
             let weight = w.get(&format!("{p}{name}.weight"), &[inp, out])?.t()?.contiguous()?;
             Ok(Linear::new(weight, Some(w.get(&format!("{p}{name}.bias"), &[out])?)))
         };
         let ln = |name: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm { weight: w.get(&format!("{p}{name}.weight"), &[d])?, bias: w.get(&format!("{p}{name}.bias"), &[d])?, eps })
+            Ok(LayerNorm {
+                weight: w.get(&format!("{p}{name}.weight"), &[d])?,
+                bias: w.get(&format!("{p}{name}.bias"), &[d])?,
+                eps,
+            })
         };
         let wte = w.get(&format!("{p}wte.weight"), &[vocab, d])?;
         let mut blocks = Vec::with_capacity(n_layers);
@@ -97,7 +105,14 @@ impl Gpt2 {
         let d = self.info.d_model;
         let qkv = b.c_attn.forward(x)?;
         let heads = |i: usize| ops::split_heads(&qkv.narrow(2, i * d, d)?, self.info.n_heads, self.head_dim);
-        let out = ops::attention(&heads(0)?, &heads(1)?, &heads(2)?, &ctx.bias, 1.0 / (self.head_dim as f64).sqrt(), None)?;
+        let out = ops::attention(
+            &heads(0)?,
+            &heads(1)?,
+            &heads(2)?,
+            &ctx.bias,
+            1.0 / (self.head_dim as f64).sqrt(),
+            None,
+        )?;
         b.c_proj.forward(&out)
     }
 
@@ -117,10 +132,19 @@ impl Transformer for Gpt2 {
 
     fn context(&self, batch: &Batch) -> Result<BatchContext> {
         if batch.seq_len() > self.info.max_positions {
-            anyhow::bail!("sequence of {} tokens exceeds the context of {}", batch.seq_len(), self.info.max_positions);
+            anyhow::bail!(
+                "sequence of {} tokens exceeds the context of {}",
+                batch.seq_len(),
+                self.info.max_positions
+            );
         }
         let bias = batch.attention_bias(AttentionKind::Causal, None, &self.device)?;
-        Ok(BatchContext { seq_len: batch.seq_len(), bias, bias_local: None, token_type_ids: None })
+        Ok(BatchContext {
+            seq_len: batch.seq_len(),
+            bias,
+            bias_local: None,
+            token_type_ids: None,
+        })
     }
 
     fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor> {

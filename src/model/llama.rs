@@ -68,15 +68,28 @@ impl Llama {
             "qwen2" if cfg.bool_or("use_sliding_window", false)? => cfg.opt_usize("sliding_window")?,
             _ => None,
         };
-        let first_sliding = if arch == "qwen2" { cfg.usize_or("max_window_layers", 0)? } else { 0 };
+        let first_sliding = if arch == "qwen2" {
+            cfg.usize_or("max_window_layers", 0)?
+        } else {
+            0
+        };
         let (theta, scaling) = cfg.rope(None, 10000.0)?;
 
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
-            let bias = if bias { Some(w.get(&format!("{name}.bias"), &[out])?) } else { None };
+            let bias = if bias {
+                Some(w.get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
             Ok(Linear::new(weight, bias))
         };
-        let norm = |name: &str| -> Result<RmsNorm> { Ok(RmsNorm { scale: w.get(&format!("{name}.weight"), &[d])?, eps }) };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                scale: w.get(&format!("{name}.weight"), &[d])?,
+                eps,
+            })
+        };
 
         let embed_tokens = w.get("model.embed_tokens.weight", &[vocab, d])?;
         let mut blocks = Vec::with_capacity(n_layers);
@@ -130,8 +143,14 @@ impl Llama {
     }
 
     fn attention(&self, a: &Attention, x: &Tensor, ctx: &BatchContext) -> candle_core::Result<Tensor> {
-        let q = self.rope.apply(&ops::split_heads(&a.q.forward(x)?, self.info.n_heads, self.head_dim)?)?;
-        let k = self.rope.apply(&ops::split_heads(&a.k.forward(x)?, self.info.n_kv_heads, self.head_dim)?)?;
+        let q = self
+            .rope
+            .apply(&ops::split_heads(&a.q.forward(x)?, self.info.n_heads, self.head_dim)?)?;
+        let k = self.rope.apply(&ops::split_heads(
+            &a.k.forward(x)?,
+            self.info.n_kv_heads,
+            self.head_dim,
+        )?)?;
         let v = ops::split_heads(&a.v.forward(x)?, self.info.n_kv_heads, self.head_dim)?;
         let bias = match (&ctx.bias_local, a.sliding) {
             (Some(local), true) => local,
@@ -159,10 +178,17 @@ impl Transformer for Llama {
     fn context(&self, batch: &Batch) -> Result<BatchContext> {
         let bias = batch.attention_bias(AttentionKind::Causal, None, &self.device)?;
         let bias_local = match self.sliding_window {
-            Some(w) if w < batch.seq_len() => Some(batch.attention_bias(AttentionKind::Causal, Some(w), &self.device)?),
+            Some(w) if w < batch.seq_len() => {
+                Some(batch.attention_bias(AttentionKind::Causal, Some(w), &self.device)?)
+            }
             _ => None,
         };
-        Ok(BatchContext { seq_len: batch.seq_len(), bias, bias_local, token_type_ids: None })
+        Ok(BatchContext {
+            seq_len: batch.seq_len(),
+            bias,
+            bias_local,
+            token_type_ids: None,
+        })
     }
 
     fn embed(&self, batch: &Batch, _ctx: &BatchContext) -> Result<Tensor> {

@@ -46,7 +46,10 @@ pub fn load_model(spec: &str, device: &Device) -> Result<LoadedModel> {
         let dir = path.parent().unwrap_or(Path::new("."));
         load_folder(dir, device)
     } else {
-        bail!("{}: not a model folder, a .gguf file or a .safetensors file", path.display())
+        bail!(
+            "{}: not a model folder, a .gguf file or a .safetensors file",
+            path.display()
+        )
     }
 }
 
@@ -67,7 +70,10 @@ pub fn resolve(spec: &str) -> Result<PathBuf> {
         }
     }
     let looked: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
-    bail!("{spec}: no such file or folder, and no such model in the Hugging Face cache (looked in {})", looked.join(", "))
+    bail!(
+        "{spec}: no such file or folder, and no such model in the Hugging Face cache (looked in {})",
+        looked.join(", ")
+    )
 }
 
 fn hf_cache_roots() -> Vec<PathBuf> {
@@ -92,7 +98,10 @@ fn snapshot(repo: &Path) -> Option<PathBuf> {
             return Some(s);
         }
     }
-    let mut snaps: Vec<PathBuf> = std::fs::read_dir(repo.join("snapshots")).ok()?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    let mut snaps: Vec<PathBuf> = std::fs::read_dir(repo.join("snapshots"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     snaps.sort_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
     snaps.pop()
 }
@@ -137,10 +146,17 @@ fn load_folder(dir: &Path, device: &Device) -> Result<LoadedModel> {
     } else {
         None
     };
-    Ok(LoadedModel { model, tokenizer, path: dir.to_path_buf(), format: "safetensors".into(), storage: weights.storage.clone() })
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: dir.to_path_buf(),
+        format: "safetensors".into(),
+        storage: weights.storage.clone(),
+    })
 }
 
-/// The shards named by model.safetensors.index.json, else every *.safetensors in the folder.
+/// The shards named by model.safetensors.index.json, else model.safetensors, else every
+/// *.safetensors in the folder.
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
@@ -155,9 +171,17 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.dedup();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
         if let Some(missing) = paths.iter().find(|p| !p.exists()) {
-            bail!("{}: shard {} listed in the index is missing", index.display(), missing.display());
+            bail!(
+                "{}: shard {} listed in the index is missing",
+                index.display(),
+                missing.display()
+            );
         }
         return Ok(paths);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot list", dir.display()))?
@@ -173,8 +197,10 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{}: not a valid GGUF file ({e})", path.display()))?;
-    let arch = meta_str(&content, "general.architecture").ok_or_else(|| anyhow!("{}: no general.architecture", path.display()))?;
+    let content =
+        gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{}: not a valid GGUF file ({e})", path.display()))?;
+    let arch = meta_str(&content, "general.architecture")
+        .ok_or_else(|| anyhow!("{}: no general.architecture", path.display()))?;
     let cfg = Config::from_value(gguf_config(&content, &arch, path)?, path.to_path_buf());
     let (tensors, storage) = gguf_tensors(&content, &mut file, &arch, &cfg, path, device)?;
     let weights = Weights::new(tensors, path.to_path_buf(), storage.clone());
@@ -183,7 +209,13 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let model_kind = meta_str(&content, "tokenizer.ggml.model").unwrap_or_default();
     let tokenizer = Tokenizer::wrap(inner, format!("gguf:{model_kind}"));
     tokenizer.check_fits(model.info().vocab_size, path)?;
-    Ok(LoadedModel { model, tokenizer: Some(tokenizer), path: path.to_path_buf(), format: "gguf".into(), storage })
+    Ok(LoadedModel {
+        model,
+        tokenizer: Some(tokenizer),
+        path: path.to_path_buf(),
+        format: "gguf".into(),
+        storage,
+    })
 }
 
 fn meta_str(content: &gguf_file::Content, key: &str) -> Option<String> {
@@ -210,7 +242,8 @@ fn meta_num(content: &gguf_file::Content, key: &str) -> Option<Value> {
 /// GGUF metadata in the shape of a Hugging Face config.json.
 fn gguf_config(content: &gguf_file::Content, arch: &str, path: &Path) -> Result<Value> {
     let need = |key: &str| -> Result<Value> {
-        meta_num(content, &format!("{arch}.{key}")).ok_or_else(|| anyhow!("{}: GGUF metadata lacks '{arch}.{key}'", path.display()))
+        meta_num(content, &format!("{arch}.{key}"))
+            .ok_or_else(|| anyhow!("{}: GGUF metadata lacks '{arch}.{key}'", path.display()))
     };
     let opt = |key: &str| meta_num(content, &format!("{arch}.{key}"));
     let vocab = content
@@ -250,7 +283,10 @@ fn gguf_config(content: &gguf_file::Content, arch: &str, path: &Path) -> Result<
                 cfg["rope_scaling"] = json!({"rope_type": "linear", "factor": scale});
             }
         }
-        other => bail!("{}: unsupported GGUF architecture '{other}' (supported: llama, gemma3)", path.display()),
+        other => bail!(
+            "{}: unsupported GGUF architecture '{other}' (supported: llama, gemma3)",
+            path.display()
+        ),
     }
     Ok(cfg)
 }
@@ -306,11 +342,17 @@ fn gguf_tensors(
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let Some(hf) = hf_name(name, arch) else { continue };
+        let Some(hf) = hf_name(name, arch) else {
+            continue;
+        };
         let info = &content.tensor_infos[name];
         *types.entry(format!("{:?}", info.ggml_dtype)).or_default() += 1;
-        let q = content.tensor(file, name, device).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
-        let mut t = q.dequantize(device).map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        let q = content
+            .tensor(file, name, device)
+            .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        let mut t = q
+            .dequantize(device)
+            .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
         if arch == "llama" && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight")) {
             let heads = if hf.ends_with("q_proj.weight") { n_heads } else { n_kv };
             t = unpermute_qk(&t, heads)?;
@@ -331,7 +373,10 @@ fn gguf_tensors(
 fn unpermute_qk(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let hd = out / n_heads;
-    Ok(w.reshape((n_heads, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
+    Ok(w.reshape((n_heads, hd / 2, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
 }
 
 /// What `jumplens inspect` prints about a model.
@@ -352,7 +397,11 @@ impl LoadedModel {
             format: self.format.clone(),
             info: self.model.info().clone(),
             storage: self.storage.clone(),
-            tokenizer: self.tokenizer.as_ref().map(|t| t.kind.clone()).unwrap_or_else(|| "none".into()),
+            tokenizer: self
+                .tokenizer
+                .as_ref()
+                .map(|t| t.kind.clone())
+                .unwrap_or_else(|| "none".into()),
         }
     }
 
@@ -364,7 +413,11 @@ impl LoadedModel {
         }
         let max = self.model.info().max_positions;
         if ids.len() > max {
-            bail!("the text has {} tokens but {}'s context is {max}", ids.len(), self.path.display());
+            bail!(
+                "the text has {} tokens but {}'s context is {max}",
+                ids.len(),
+                self.path.display()
+            );
         }
         Ok(ids)
     }
@@ -375,18 +428,32 @@ impl LoadedModel {
         let mut ids = self.encode(text)?;
         if let Some(i) = mask_position {
             let tok = self.tokenizer()?;
-            let mask = tok.mask_id.ok_or_else(|| anyhow!("{}: the tokenizer has no [MASK] token", self.path.display()))?;
+            let mask = tok
+                .mask_id
+                .ok_or_else(|| anyhow!("{}: the tokenizer has no [MASK] token", self.path.display()))?;
             if i >= ids.len() {
                 bail!("mask position {i} is outside the text's {} tokens", ids.len());
             }
             ids[i] = mask;
         }
-        let batch = super::Batch::from_sequences(std::slice::from_ref(&ids), self.tokenizer()?.pad_id, self.model.device())?;
+        let batch = super::Batch::from_sequences(
+            std::slice::from_ref(&ids),
+            self.tokenizer()?.pad_id,
+            self.model.device(),
+        )?;
         let states = super::hidden_states(self.model.as_ref(), &batch)?;
         let last = states.last().expect("at least h_0").clone();
         let hidden = Tensor::stack(&states, 0)?.squeeze(1)?;
-        let logits = if self.model.info().has_lm_head { Some(self.model.readout(&last)?.squeeze(0)?) } else { None };
-        Ok(TextStates { input_ids: ids, hidden_states: hidden, logits })
+        let logits = if self.model.info().has_lm_head {
+            Some(self.model.readout(&last)?.squeeze(0)?)
+        } else {
+            None
+        };
+        Ok(TextStates {
+            input_ids: ids,
+            hidden_states: hidden,
+            logits,
+        })
     }
 }
 

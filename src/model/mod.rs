@@ -145,13 +145,7 @@ pub trait Hooks {
         Ok(None)
     }
     /// Called with every sub-module's input and (possibly replaced) output.
-    fn sub_module(
-        &mut self,
-        _layer: usize,
-        _sub: SubModule,
-        _input: &Tensor,
-        _output: &Tensor,
-    ) -> Result<()> {
+    fn sub_module(&mut self, _layer: usize, _sub: SubModule, _input: &Tensor, _output: &Tensor) -> Result<()> {
         Ok(())
     }
 }
@@ -213,7 +207,11 @@ impl Batch {
             ids.extend(std::iter::repeat_n(pad_id, t - s.len()));
         }
         let input_ids = Tensor::from_vec(ids, (sequences.len(), t), device)?;
-        Ok(Self { input_ids, lengths: sequences.iter().map(|s| s.len()).collect(), token_type_ids: None })
+        Ok(Self {
+            input_ids,
+            lengths: sequences.iter().map(|s| s.len()).collect(),
+            token_type_ids: None,
+        })
     }
 
     pub fn batch_size(&self) -> usize {

@@ -95,12 +95,25 @@ pub struct Rope {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
     None,
-    Linear { factor: f64 },
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: f64 },
+    Linear {
+        factor: f64,
+    },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: f64,
+    },
 }
 
 impl Rope {
-    pub fn new(head_dim: usize, theta: f64, scaling: &RopeScaling, max_positions: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        scaling: &RopeScaling,
+        max_positions: usize,
+        device: &Device,
+    ) -> Result<Self> {
         // Frequencies in f32, as transformers computes them, so angles round the same way.
         let mut inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
@@ -108,7 +121,12 @@ impl Rope {
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_positions } => {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_positions,
+            } => {
                 let low_wavelen = original_max_positions / low_freq_factor;
                 let high_wavelen = original_max_positions / high_freq_factor;
                 for f in inv_freq.iter_mut() {
@@ -119,7 +137,8 @@ impl Rope {
                     } else if wavelen < high_wavelen {
                         v as f32
                     } else {
-                        let smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth =
+                            (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         ((1.0 - smooth) * v / factor + smooth * v) as f32
                     };
                 }
@@ -145,7 +164,10 @@ impl Rope {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let t = x.dim(2)?;
         if t > self.cos.dim(0)? {
-            candle_core::bail!("sequence of {t} tokens is longer than the rotary table ({})", self.cos.dim(0)?);
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than the rotary table ({})",
+                self.cos.dim(0)?
+            );
         }
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
@@ -156,16 +178,22 @@ impl Rope {
 /// Scaled dot-product attention with grouped key/value heads.
 ///
 /// q [B, H, T, hd], k and v [B, Hkv, T, hd], bias [B, 1, T, T] additive. Returns [B, T, H * hd].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let h_kv = k.dim(1)?;
     let (k, v) = if h_kv == h {
         (k.clone(), v.clone())
     } else {
         let rep = h / h_kv;
-        let expand = |x: &Tensor| -> Result<Tensor> {
-            x.unsqueeze(2)?.expand((b, h_kv, rep, t, hd))?.reshape((b, h, t, hd))
-        };
+        let expand =
+            |x: &Tensor| -> Result<Tensor> { x.unsqueeze(2)?.expand((b, h_kv, rep, t, hd))?.reshape((b, h, t, hd)) };
         (expand(k)?, expand(v)?)
     };
     let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;

@@ -30,19 +30,28 @@ impl Tokenizer {
             .or_else(|| find(&["[PAD]", "<pad>", "<|endoftext|>", "</s>"]))
             .unwrap_or(0);
         let mask_id = find(&["[MASK]", "<mask>"]);
-        Self { inner, pad_id, mask_id, kind }
+        Self {
+            inner,
+            pad_id,
+            mask_id,
+            kind,
+        }
     }
 
     /// Token ids of `text`, with the special tokens the tokenizer adds by default.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("cannot tokenize text: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| anyhow!("cannot tokenize text: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Token ids and the character span of every token, for word-level addressing.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>, Vec<Option<u32>>)> {
-        let enc = self.inner.encode(text, true).map_err(|e| anyhow!("cannot tokenize text: {e}"))?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec(), enc.get_word_ids().to_vec()))
+    /// The full encoding (ids, character offsets, word ids) for word-level addressing.
+    pub fn encoding(&self, text: &str) -> Result<tokenizers::Encoding> {
+        self.inner
+            .encode(text, true)
+            .map_err(|e| anyhow!("cannot tokenize text: {e}"))
     }
 
     /// Ids that the tokenizer adds itself (BOS, [CLS], [SEP]).

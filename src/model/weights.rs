@@ -17,7 +17,11 @@ pub struct Weights {
 
 impl Weights {
     pub fn new(tensors: HashMap<String, Tensor>, source: PathBuf, storage: String) -> Self {
-        Self { tensors, source, storage }
+        Self {
+            tensors,
+            source,
+            storage,
+        }
     }
 
     /// Reads one or more safetensors shards (later shards win on duplicate names).
@@ -37,7 +41,11 @@ impl Weights {
                 tensors.insert(name, t);
             }
         }
-        let source = if paths.len() == 1 { paths[0].clone() } else { paths[0].parent().unwrap_or(Path::new(".")).to_path_buf() };
+        let source = if paths.len() == 1 {
+            paths[0].clone()
+        } else {
+            paths[0].parent().unwrap_or(Path::new(".")).to_path_buf()
+        };
         let mut storage: Vec<String> = dtypes.into_iter().map(|(k, v)| format!("{k} x {v}")).collect();
         storage.sort();
         Ok(Self::new(tensors, source, storage.join(", ")))
