@@ -230,6 +230,7 @@ pub fn collect(
         d_model: info.d_model,
         vocab_size: info.vocab_size,
         attention: format!("{:?}", info.attention).to_lowercase(),
+        block_params: info.block_params,
     };
     let corpus_record = CorpusRecord {
         path: corpus_path.display().to_string(),

@@ -5,7 +5,10 @@
 
 pub mod collect;
 pub mod corpus;
+pub mod early_exit;
 pub mod io;
+pub mod maps;
 pub mod model;
+pub mod predict;
 pub mod progress;
 pub mod run;

@@ -61,6 +61,9 @@ pub struct ModelRecord {
     pub d_model: usize,
     pub vocab_size: usize,
     pub attention: String,
+    /// Parameters of all blocks together (for FLOP estimates).
+    #[serde(default)]
+    pub block_params: usize,
 }
 
 /// Where the text came from.

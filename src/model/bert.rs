@@ -123,6 +123,7 @@ impl Bert {
             has_lm_head: head.is_some(),
             max_positions: n_pos,
             n_params: w.n_params(),
+            block_params: w.block_params(),
         };
         Ok(Self {
             info,

@@ -139,6 +139,7 @@ impl Gemma3 {
             has_lm_head: true,
             max_positions: max_pos,
             n_params: w.n_params(),
+            block_params: w.block_params(),
         };
         Ok(Self {
             info,

@@ -87,6 +87,7 @@ impl Gpt2 {
             has_lm_head: true,
             max_positions: n_pos,
             n_params: w.n_params(),
+            block_params: w.block_params(),
         };
         Ok(Self {
             info,

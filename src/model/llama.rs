@@ -127,6 +127,7 @@ impl Llama {
             has_lm_head: true,
             max_positions: max_pos,
             n_params: w.n_params(),
+            block_params: w.block_params(),
         };
         Ok(Self {
             info,

@@ -54,6 +54,8 @@ pub struct ModelInfo {
     /// Longest sequence the position scheme supports.
     pub max_positions: usize,
     pub n_params: usize,
+    /// Parameters of all blocks together (for FLOP estimates).
+    pub block_params: usize,
 }
 
 /// Sub-modules of a block that a caller may observe or replace.

@@ -1,0 +1,400 @@
+//! Reading the model's prediction out of intermediate layers (the paper's section 4): every
+//! layer's state is cast to the last layer by a lens (`mat`: the fitted map A_{l->L}; `id`: the
+//! state itself, i.e. the logit lens; `affine`: A h + b) and read out through the model's own
+//! final norm and unembedding. The lens's top-1 token is scored against the full model's output
+//! at the same position: Precision@k, surprisal, KL(model || lens) and cross-entropy against the
+//! actual token.
+//!
+//! The model's own distribution is computed once per batch and shared by every lens and layer;
+//! everything is tensor arithmetic on the model's device.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, D};
+use serde::Serialize;
+
+use crate::collect::Activations;
+use crate::maps::MapSet;
+use crate::model::{AttentionKind, Transformer};
+
+/// How a state of layer l is carried to the last layer.
+#[derive(Debug, Clone)]
+pub enum Lens<'a> {
+    /// h unchanged (the logit lens).
+    Identity,
+    /// A_{l->L} h (+ b when the maps have intercepts).
+    Maps(&'a MapSet),
+}
+
+impl Lens<'_> {
+    /// Casts states `h` [n, d] of layer `layer` to the last layer `last`.
+    pub fn cast(&self, layer: usize, last: usize, h: &Tensor) -> Result<Tensor> {
+        if layer == last {
+            return Ok(h.clone());
+        }
+        match self {
+            Lens::Identity => Ok(h.clone()),
+            Lens::Maps(m) => {
+                let (a, b) = m
+                    .get(layer, last)
+                    .ok_or_else(|| anyhow::anyhow!("{}: no map {layer} -> {last}", m.path.display()))?;
+                let y = h.matmul(&a.t()?)?;
+                Ok(match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            }
+        }
+    }
+}
+
+/// Per-layer metrics of one lens; index = source layer 0..=L.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct LensMetrics {
+    #[serde(rename = "p@1")]
+    pub p_at_1: Vec<f64>,
+    #[serde(rename = "p@5")]
+    pub p_at_5: Vec<f64>,
+    #[serde(rename = "p@10")]
+    pub p_at_10: Vec<f64>,
+    /// Mean of -ln p_model(lens top-1).
+    pub surprisal: Vec<f64>,
+    /// 95% confidence interval of the mean surprisal (normal approximation).
+    pub surprisal_ci95: Vec<[f64; 2]>,
+    /// Mean KL(model || lens) in nats.
+    pub kl: Vec<f64>,
+    /// Mean cross-entropy of the lens against the actual next token (causal) / the original
+    /// masked token (masked LM), in nats.
+    pub ce: Vec<f64>,
+}
+
+/// Per-example results the early-exit stage reuses, each [S, N].
+pub struct ExampleTrace {
+    /// The lens's top-1 token at every layer.
+    pub top1: Vec<Vec<u32>>,
+    /// p_top1 - p_top2 of the lens distribution.
+    pub margin: Vec<Vec<f32>>,
+    /// p_top1 of the lens distribution.
+    pub max_prob: Vec<Vec<f32>>,
+}
+
+/// The result of evaluating several lenses on one validation set.
+pub struct Evaluation {
+    pub metrics: BTreeMap<String, LensMetrics>,
+    pub traces: BTreeMap<String, ExampleTrace>,
+    /// The full model's top-1 token per example.
+    pub model_top1: Vec<u32>,
+    pub n_val: usize,
+}
+
+/// Running sums of one (lens, layer) cell.
+#[derive(Default, Clone)]
+struct Acc {
+    n: f64,
+    p1: f64,
+    p5: f64,
+    p10: f64,
+    surprisal: f64,
+    surprisal_sq: f64,
+    kl: f64,
+    ce: f64,
+    ce_n: f64,
+}
+
+/// The token each example's prediction is judged against for cross-entropy: the next token for
+/// causal LMs (none at the sentence's end), the original token for masked LMs.
+pub fn gold_tokens(val: &Activations, attention: AttentionKind) -> Vec<Option<u32>> {
+    (0..val.len())
+        .map(|i| {
+            let s = val.sentence(i);
+            let p = val.positions[i];
+            match attention {
+                AttentionKind::Causal => s.get(p + 1).copied(),
+                AttentionKind::Bidirectional => s.get(p).copied(),
+            }
+        })
+        .collect()
+}
+
+/// Evaluates `lenses` (name, lens) at every layer on the validation activations.
+pub fn evaluate(
+    model: &dyn Transformer,
+    val: &Activations,
+    lenses: &[(String, Lens)],
+    batch: usize,
+    progress: bool,
+) -> Result<Evaluation> {
+    let device = model.device().clone();
+    let (s, n, _d) = val.hidden_states.dims3()?;
+    let last = s - 1;
+    if last != model.info().n_layers {
+        bail!(
+            "activations have {s} states but the model has {} layers",
+            model.info().n_layers
+        );
+    }
+    let gold = gold_tokens(val, model.info().attention);
+    let mut acc = vec![vec![Acc::default(); s]; lenses.len()];
+    let mut traces: Vec<ExampleTrace> = lenses
+        .iter()
+        .map(|_| ExampleTrace {
+            top1: vec![vec![0; n]; s],
+            margin: vec![vec![0.0; n]; s],
+            max_prob: vec![vec![0.0; n]; s],
+        })
+        .collect();
+    let mut model_top1 = vec![0u32; n];
+    let bar = crate::progress::bar((n * s * lenses.len()) as u64, "predict", progress);
+    let batch = batch.max(1);
+    for start in (0..n).step_by(batch) {
+        let rows = batch.min(n - start);
+        let h_last = val
+            .hidden_states
+            .get(last)?
+            .narrow(0, start, rows)?
+            .to_device(&device)?;
+        let model_logits = model.readout(&h_last)?;
+        let model_logp = candle_nn::ops::log_softmax(&model_logits, D::Minus1)?;
+        let model_p = model_logp.exp()?;
+        let top = model_logits.argmax_keepdim(D::Minus1)?;
+        for (i, t) in top.flatten_all()?.to_vec1::<u32>()?.into_iter().enumerate() {
+            model_top1[start + i] = t;
+        }
+        let gold_rows: Vec<u32> = (start..start + rows).map(|i| gold[i].unwrap_or(0)).collect();
+        let gold_mask: Vec<f32> = (start..start + rows)
+            .map(|i| f32::from(gold[i].is_some() as u8))
+            .collect();
+        let gold_t = Tensor::from_vec(gold_rows, (rows, 1), &device)?;
+        let gold_mask = Tensor::from_vec(gold_mask, rows, &device)?;
+        for (li, (_, lens)) in lenses.iter().enumerate() {
+            for layer in 0..s {
+                let h = val
+                    .hidden_states
+                    .get(layer)?
+                    .narrow(0, start, rows)?
+                    .to_device(&device)?;
+                let logits = model.readout(&lens.cast(layer, last, &h)?)?;
+                let cell = score(&logits, &model_logits, &model_logp, &model_p, &gold_t, &gold_mask)?;
+                let a = &mut acc[li][layer];
+                a.n += rows as f64;
+                for r in 0..rows {
+                    a.p1 += f64::from(cell.rank[r] < 1);
+                    a.p5 += f64::from(cell.rank[r] < 5);
+                    a.p10 += f64::from(cell.rank[r] < 10);
+                    let sp = cell.surprisal[r] as f64;
+                    a.surprisal += sp;
+                    a.surprisal_sq += sp * sp;
+                    a.kl += cell.kl[r] as f64;
+                    if gold[start + r].is_some() {
+                        a.ce += cell.ce[r] as f64;
+                        a.ce_n += 1.0;
+                    }
+                }
+                let tr = &mut traces[li];
+                tr.top1[layer][start..start + rows].copy_from_slice(&cell.top1);
+                tr.margin[layer][start..start + rows].copy_from_slice(&cell.margin);
+                tr.max_prob[layer][start..start + rows].copy_from_slice(&cell.max_prob);
+                bar.inc(rows as u64);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let mut metrics = BTreeMap::new();
+    let mut trace_map = BTreeMap::new();
+    for ((name, _), (cells, trace)) in lenses.iter().zip(acc.into_iter().zip(traces)) {
+        let mut m = LensMetrics::default();
+        for a in cells {
+            let mean = a.surprisal / a.n;
+            let var = (a.surprisal_sq / a.n - mean * mean).max(0.0) * a.n / (a.n - 1.0).max(1.0);
+            let half = 1.96 * (var / a.n).sqrt();
+            m.p_at_1.push(a.p1 / a.n);
+            m.p_at_5.push(a.p5 / a.n);
+            m.p_at_10.push(a.p10 / a.n);
+            m.surprisal.push(mean);
+            m.surprisal_ci95.push([mean - half, mean + half]);
+            m.kl.push(a.kl / a.n);
+            m.ce.push(if a.ce_n > 0.0 { a.ce / a.ce_n } else { f64::NAN });
+        }
+        metrics.insert(name.clone(), m);
+        trace_map.insert(name.clone(), trace);
+    }
+    Ok(Evaluation {
+        metrics,
+        traces: trace_map,
+        model_top1,
+        n_val: n,
+    })
+}
+
+/// Per-row scores of one lens at one layer.
+struct Cell {
+    /// Rank of the lens's top-1 token under the model (0 = the model's top-1).
+    rank: Vec<u32>,
+    surprisal: Vec<f32>,
+    kl: Vec<f32>,
+    ce: Vec<f32>,
+    top1: Vec<u32>,
+    margin: Vec<f32>,
+    max_prob: Vec<f32>,
+}
+
+fn score(
+    logits: &Tensor,
+    model_logits: &Tensor,
+    model_logp: &Tensor,
+    model_p: &Tensor,
+    gold: &Tensor,
+    gold_mask: &Tensor,
+) -> Result<Cell> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let top1 = logits.argmax_keepdim(D::Minus1)?;
+    // Rank = how many tokens the model scores strictly higher than the lens's choice.
+    let chosen = model_logits.gather(&top1, D::Minus1)?;
+    let rank = model_logits
+        .broadcast_gt(&chosen)?
+        .to_dtype(DType::U32)?
+        .sum(D::Minus1)?;
+    let surprisal = model_logp.gather(&top1, D::Minus1)?.neg()?.squeeze(1)?;
+    let kl = (model_p * (model_logp - &logp)?)?.sum(D::Minus1)?;
+    let ce = (logp.gather(gold, D::Minus1)?.neg()?.squeeze(1)? * gold_mask)?;
+    // Second-best probability: mask out the top-1 and take the max again.
+    let p = logp.exp()?;
+    let p1 = p.max_keepdim(D::Minus1)?;
+    let vocab = logits.dim(D::Minus1)?;
+    let ids = Tensor::arange(0u32, vocab as u32, logits.device())?.unsqueeze(0)?;
+    let is_top = ids.broadcast_eq(&top1)?;
+    let p2 = is_top
+        .where_cond(&Tensor::zeros_like(&p)?, &p)?
+        .max_keepdim(D::Minus1)?;
+    let margin = (&p1 - p2)?.squeeze(1)?;
+    Ok(Cell {
+        rank: rank.to_vec1()?,
+        surprisal: surprisal.to_vec1()?,
+        kl: kl.to_vec1()?,
+        ce: ce.to_vec1()?,
+        top1: top1.squeeze(1)?.to_vec1()?,
+        margin: margin.to_vec1()?,
+        max_prob: p1.squeeze(1)?.to_vec1()?,
+    })
+}
+
+/// Writes the per-example traces (for early exit) as safetensors: `{lens}.top1` [S, N] (i64),
+/// `{lens}.margin` and `{lens}.max_prob` [S, N] (f32), `model_top1` [N].
+pub fn write_traces(path: &std::path::Path, ev: &Evaluation) -> Result<()> {
+    let cpu = Device::Cpu;
+    let mut tensors = vec![(
+        "model_top1".to_string(),
+        Tensor::from_vec(
+            ev.model_top1.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+            ev.n_val,
+            &cpu,
+        )?,
+    )];
+    for (name, tr) in &ev.traces {
+        let s = tr.top1.len();
+        let flat_i: Vec<i64> = tr.top1.iter().flatten().map(|&t| t as i64).collect();
+        tensors.push((format!("{name}.top1"), Tensor::from_vec(flat_i, (s, ev.n_val), &cpu)?));
+        let flat: Vec<f32> = tr.margin.iter().flatten().copied().collect();
+        tensors.push((format!("{name}.margin"), Tensor::from_vec(flat, (s, ev.n_val), &cpu)?));
+        let flat: Vec<f32> = tr.max_prob.iter().flatten().copied().collect();
+        tensors.push((format!("{name}.max_prob"), Tensor::from_vec(flat, (s, ev.n_val), &cpu)?));
+    }
+    crate::io::write_safetensors(path, &tensors, None)
+}
+
+/// Options of `jumplens predict`.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    /// Maps to evaluate instead of the run's own (cross-corpus: another run's maps).
+    pub maps: Option<std::path::PathBuf>,
+    /// Examples per readout batch.
+    pub batch: usize,
+    pub progress: bool,
+}
+
+impl Default for PredictOptions {
+    fn default() -> Self {
+        Self {
+            maps: None,
+            batch: 128,
+            progress: true,
+        }
+    }
+}
+
+/// What `predict.json` holds.
+#[derive(Debug, Serialize)]
+pub struct PredictReport {
+    pub run: String,
+    /// The maps file used for `mat`, and the run it came from (cross-corpus when it differs).
+    pub maps: String,
+    pub maps_run: String,
+    pub layers: usize,
+    pub n_val: usize,
+    pub lenses: BTreeMap<String, LensMetrics>,
+}
+
+/// Runs the predict stage on a run folder: evaluates mat, id (and affine when
+/// `maps_affine.safetensors` exists) and writes `predict.json`, `predict_traces.safetensors`
+/// and the plots.
+pub fn run_predict(
+    lm: &crate::model::LoadedModel,
+    run: &crate::run::RunDir,
+    opts: &PredictOptions,
+) -> Result<PredictReport> {
+    let manifest = run.read_manifest()?;
+    let val_path = crate::run::require(&run.activations("val"), "collect")?;
+    let maps_path = match &opts.maps {
+        Some(p) => p.clone(),
+        None => crate::run::require(&run.maps(), "fit")?,
+    };
+    let device = lm.model.device().clone();
+    let maps = MapSet::read(&maps_path)?;
+    maps.check_model(&manifest.model)?;
+    let maps = maps.to_device(&device)?;
+    let affine_path = run.file("maps_affine.safetensors");
+    let affine = if opts.maps.is_none() && affine_path.exists() {
+        let a = MapSet::read(&affine_path)?;
+        a.check_model(&manifest.model)?;
+        Some(a.to_device(&device)?)
+    } else {
+        None
+    };
+    let val = Activations::read(&val_path)?;
+    let mut lenses = vec![
+        ("mat".to_string(), Lens::Maps(&maps)),
+        ("id".to_string(), Lens::Identity),
+    ];
+    if let Some(a) = &affine {
+        lenses.push(("affine".to_string(), Lens::Maps(a)));
+    }
+    let ev = evaluate(lm.model.as_ref(), &val, &lenses, opts.batch, opts.progress)?;
+    if opts.maps.is_none() {
+        write_traces(&run.file("predict_traces.safetensors"), &ev)?;
+    }
+    let maps_run = maps_path
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let report = PredictReport {
+        run: run
+            .root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        maps: maps_path.display().to_string(),
+        maps_run,
+        layers: lm.model.info().n_layers,
+        n_val: ev.n_val,
+        lenses: ev.metrics,
+    };
+    // Another run's maps (cross-corpus) never overwrite this run's own results.
+    let out = match opts.maps {
+        None => run.file("predict.json"),
+        Some(_) => run.file(&format!("predict.maps-{}.json", report.maps_run)),
+    };
+    crate::io::write_json(&out, &report)?;
+    Ok(report)
+}
