@@ -383,7 +383,46 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         "at_p@1_0.95": flops_rows,
     });
     crate::io::write_json(&run.file("early_exit.json"), &report)?;
+    plot_early_exit(
+        &run.file("early_exit"),
+        &format!("{} — early exit ({:?} rule)", manifest.model.arch, opts.rule),
+        &report,
+    )?;
     Ok(report)
+}
+
+/// Draws `early_exit.svg`/`.png`: Precision@1 against mean blocks run, dynamic (the sweep) and
+/// fixed exit, for mat and id.
+pub fn plot_early_exit(stem: &std::path::Path, title: &str, r: &EarlyExitReport) -> Result<()> {
+    use crate::plot::{Panel, Series};
+    let mut series = Vec::new();
+    for (name, curve) in &r.curves {
+        let mut pts: Vec<(f64, f64)> = curve.iter().map(|p| (p.mean_layers, p.p_at_1)).collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series.push(Series {
+            name: format!("{name} dynamic"),
+            points: pts,
+            markers: true,
+            ..Default::default()
+        });
+    }
+    for (name, fixed) in &r.fixed {
+        let pts = fixed.iter().enumerate().skip(1).map(|(l, &p)| (l as f64, p)).collect();
+        series.push(Series {
+            name: format!("{name} fixed"),
+            points: pts,
+            dashed: true,
+            ..Default::default()
+        });
+    }
+    let panel = Panel {
+        title: "Precision@1 vs layers run".into(),
+        x_label: "mean blocks run".into(),
+        y_label: "Precision@1".into(),
+        series,
+        y_range: Some((0.0, 1.0)),
+    };
+    crate::plot::line_panels(stem, title, &[panel])
 }
 
 /// FLOP counts derived from the model's shape (per token, multiply-add = 2 FLOPs).

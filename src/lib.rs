@@ -9,6 +9,8 @@ pub mod early_exit;
 pub mod io;
 pub mod maps;
 pub mod model;
+pub mod peek;
+pub mod plot;
 pub mod predict;
 pub mod progress;
 pub mod run;

@@ -8,7 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Parser, Subcommand};
 
 use jumplens::collect::{self, CollectOptions, Positions};
+use jumplens::early_exit::{self, EarlyExitOptions, Measure, Rule};
 use jumplens::model::load_model;
+use jumplens::peek;
+use jumplens::predict::{self, PredictOptions};
 use jumplens::run::RunDir;
 
 #[derive(Parser)]
@@ -66,6 +69,46 @@ enum Command {
         batch_tokens: usize,
         #[command(flatten)]
         common: Common,
+    },
+    /// Precision@k, surprisal, KL and cross-entropy of every lens at every layer.
+    Predict {
+        run: PathBuf,
+        /// Maps of another run (cross-corpus evaluation).
+        #[arg(long)]
+        maps: Option<PathBuf>,
+        /// Model to use instead of the one recorded in the run's manifest.
+        #[arg(long)]
+        model: Option<String>,
+        /// Examples per readout batch.
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Early-exit threshold sweep, fixed exits and layers saved at target Precision@1.
+    EarlyExit {
+        run: PathBuf,
+        /// Threshold rule: paper or calm.
+        #[arg(long, default_value = "paper")]
+        rule: String,
+        /// Confidence measure: top1-top2, max-prob or cosine.
+        #[arg(long, default_value = "top1-top2")]
+        measure: String,
+    },
+    /// What every layer predicts for one text, under mat and id.
+    Peek {
+        model: String,
+        /// Fitted maps (RUN/maps.safetensors); without them only the logit lens is shown.
+        #[arg(long)]
+        maps: Option<PathBuf>,
+        #[arg(long)]
+        text: String,
+        /// Write a self-contained HTML grid here too.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// Masked LMs: mask this word (0-based) and show the top-5 there per layer.
+        #[arg(long)]
+        mask: Option<usize>,
     },
 }
 
@@ -168,6 +211,90 @@ fn run(cli: Cli) -> Result<()> {
             let m = collect::collect(&lm, &corpus, &RunDir::new(&out), &opts, !common.quiet)?;
             for (split, c) in &m.counts {
                 eprintln!("{split}: {c}");
+            }
+        }
+        Command::Predict {
+            run,
+            maps,
+            model,
+            batch,
+            common,
+        } => {
+            let run = RunDir::new(&run);
+            let model = match model {
+                Some(m) => m,
+                None => run.read_manifest()?.model.path,
+            };
+            let lm = load_model(&model, &device)?;
+            let opts = PredictOptions {
+                maps,
+                batch,
+                progress: !common.quiet,
+            };
+            let r = predict::run_predict(&lm, &run, &opts)?;
+            println!(
+                "layer  {}",
+                r.lenses
+                    .keys()
+                    .map(|k| format!("{k:>8} p@1"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            for l in 0..=r.layers {
+                let row: Vec<String> = r.lenses.values().map(|m| format!("{:>12.3}", m.p_at_1[l])).collect();
+                println!("{l:>5}  {}", row.join(" "));
+            }
+        }
+        Command::EarlyExit { run, rule, measure } => {
+            let rule = match rule.as_str() {
+                "paper" => Rule::Paper,
+                "calm" => Rule::Calm,
+                other => anyhow::bail!("--rule takes paper or calm, not '{other}'"),
+            };
+            let measure = match measure.as_str() {
+                "top1-top2" => Measure::Top1Top2,
+                "max-prob" => Measure::MaxProb,
+                "cosine" => Measure::Cosine,
+                other => anyhow::bail!("--measure takes top1-top2, max-prob or cosine, not '{other}'"),
+            };
+            let opts = EarlyExitOptions {
+                rule,
+                measure,
+                ..Default::default()
+            };
+            let r = early_exit::run_early_exit(&RunDir::new(&run), &opts)?;
+            println!("target  {:>10} {:>10} {:>10}", "mat saved", "id saved", "difference");
+            let f = |v: Option<&Option<f64>>| {
+                v.copied()
+                    .flatten()
+                    .map_or("—".to_string(), |x| format!("{:.1}%", 100.0 * x))
+            };
+            for (t, row) in &r.saved_at {
+                println!(
+                    "{t:>6}  {:>10} {:>10} {:>10}",
+                    f(row.get("mat")),
+                    f(row.get("id")),
+                    f(row.get("difference"))
+                );
+            }
+        }
+        Command::Peek {
+            model,
+            maps,
+            text,
+            html,
+            mask,
+        } => {
+            let lm = load_model(&model, &device)?;
+            let maps = maps.map(|p| jumplens::maps::MapSet::read(&p)).transpose()?;
+            if let Some(m) = &maps {
+                m.check_model_info(lm.model.info())?;
+            }
+            let p = peek::peek(&lm, maps.as_ref(), &text, mask)?;
+            print!("{}", peek::render_terminal(&p));
+            if let Some(path) = html {
+                jumplens::io::write_atomic(&path, peek::render_html_page(&p).as_bytes())?;
+                eprintln!("wrote {}", path.display());
             }
         }
     }

@@ -114,6 +114,29 @@ impl MapSet {
         Ok(())
     }
 
+    /// Refuses maps whose width or layer count differ from a loaded model's.
+    pub fn check_model_info(&self, info: &crate::model::ModelInfo) -> Result<()> {
+        let d = self.maps.values().next().map(|a| a.dims().to_vec()).unwrap_or_default();
+        if d != [info.d_model, info.d_model] {
+            bail!(
+                "{}: maps are {:?} but the model's width is {}",
+                self.path.display(),
+                d,
+                info.d_model
+            );
+        }
+        if let Some(n) = self.metadata.get("n_layers") {
+            if n != &info.n_layers.to_string() {
+                bail!(
+                    "{}: maps are for a {n}-layer model, this model has {}",
+                    self.path.display(),
+                    info.n_layers
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Copies every map to `device` (for applying them next to the model).
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         let mv = |m: &BTreeMap<(usize, usize), Tensor>| -> Result<BTreeMap<(usize, usize), Tensor>> {

@@ -396,5 +396,65 @@ pub fn run_predict(
         Some(_) => run.file(&format!("predict.maps-{}.json", report.maps_run)),
     };
     crate::io::write_json(&out, &report)?;
+    if opts.maps.is_none() {
+        let title = format!(
+            "{} — lens predictions vs the full model ({} validation examples)",
+            manifest.model.arch, report.n_val
+        );
+        plot_predict(&run.file("predict"), &title, &report.lenses)?;
+    }
     Ok(report)
+}
+
+/// Draws `predict.svg`/`.png`: Precision@1/5/10 and surprisal (95% CI band) against the source
+/// layer, one line per lens (the paper's Figure 4 layout).
+pub fn plot_predict(stem: &std::path::Path, title: &str, lenses: &BTreeMap<String, LensMetrics>) -> Result<()> {
+    use crate::plot::{Panel, Series};
+    let by_layer = |v: &[f64]| v.iter().enumerate().map(|(l, &y)| (l as f64, y)).collect::<Vec<_>>();
+    let series = |f: &dyn Fn(&LensMetrics) -> &[f64], band: bool| -> Vec<Series> {
+        lenses
+            .iter()
+            .map(|(name, m)| Series {
+                name: name.clone(),
+                points: by_layer(f(m)),
+                band: band.then(|| m.surprisal_ci95.iter().map(|c| (c[0], c[1])).collect()),
+                dashed: name == "id",
+                markers: false,
+            })
+            .collect()
+    };
+    let panel = |title: &str, y: &str, s: Vec<Series>, range: Option<(f64, f64)>| Panel {
+        title: title.into(),
+        x_label: "source layer ℓ".into(),
+        y_label: y.into(),
+        series: s,
+        y_range: range,
+    };
+    let panels = vec![
+        panel(
+            "Precision@1",
+            "Precision@1",
+            series(&|m| &m.p_at_1, false),
+            Some((0.0, 1.0)),
+        ),
+        panel(
+            "Precision@5",
+            "Precision@5",
+            series(&|m| &m.p_at_5, false),
+            Some((0.0, 1.0)),
+        ),
+        panel(
+            "Precision@10",
+            "Precision@10",
+            series(&|m| &m.p_at_10, false),
+            Some((0.0, 1.0)),
+        ),
+        panel(
+            "Surprisal",
+            "-ln p_model(top-1) (nats)",
+            series(&|m| &m.surprisal, true),
+            None,
+        ),
+    ];
+    crate::plot::line_panels(stem, title, &panels)
 }
