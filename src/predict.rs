@@ -90,7 +90,7 @@ pub struct Evaluation {
 
 /// Running sums of one (lens, layer) cell.
 #[derive(Default, Clone)]
-struct Acc {
+pub(crate) struct Acc {
     n: f64,
     p1: f64,
     p5: f64,
@@ -154,19 +154,8 @@ pub fn evaluate(
             .get(last)?
             .narrow(0, start, rows)?
             .to_device(&device)?;
-        let model_logits = model.readout(&h_last)?;
-        let model_logp = candle_nn::ops::log_softmax(&model_logits, D::Minus1)?;
-        let model_p = model_logp.exp()?;
-        let top = model_logits.argmax_keepdim(D::Minus1)?;
-        for (i, t) in top.flatten_all()?.to_vec1::<u32>()?.into_iter().enumerate() {
-            model_top1[start + i] = t;
-        }
-        let gold_rows: Vec<u32> = (start..start + rows).map(|i| gold[i].unwrap_or(0)).collect();
-        let gold_mask: Vec<f32> = (start..start + rows)
-            .map(|i| f32::from(gold[i].is_some() as u8))
-            .collect();
-        let gold_t = Tensor::from_vec(gold_rows, (rows, 1), &device)?;
-        let gold_mask = Tensor::from_vec(gold_mask, rows, &device)?;
+        let reference = Reference::new(model, &h_last, &gold[start..start + rows])?;
+        model_top1[start..start + rows].copy_from_slice(&reference.top1);
         for (li, (_, lens)) in lenses.iter().enumerate() {
             for layer in 0..s {
                 let h = val
@@ -175,22 +164,8 @@ pub fn evaluate(
                     .narrow(0, start, rows)?
                     .to_device(&device)?;
                 let logits = model.readout(&lens.cast(layer, last, &h)?)?;
-                let cell = score(&logits, &model_logits, &model_logp, &model_p, &gold_t, &gold_mask)?;
-                let a = &mut acc[li][layer];
-                a.n += rows as f64;
-                for r in 0..rows {
-                    a.p1 += f64::from(cell.rank[r] < 1);
-                    a.p5 += f64::from(cell.rank[r] < 5);
-                    a.p10 += f64::from(cell.rank[r] < 10);
-                    let sp = cell.surprisal[r] as f64;
-                    a.surprisal += sp;
-                    a.surprisal_sq += sp * sp;
-                    a.kl += cell.kl[r] as f64;
-                    if gold[start + r].is_some() {
-                        a.ce += cell.ce[r] as f64;
-                        a.ce_n += 1.0;
-                    }
-                }
+                let cell = reference.score(&logits)?;
+                acc[li][layer].add(&cell, &gold[start..start + rows]);
                 let tr = &mut traces[li];
                 tr.top1[layer][start..start + rows].copy_from_slice(&cell.top1);
                 tr.margin[layer][start..start + rows].copy_from_slice(&cell.margin);
@@ -205,16 +180,7 @@ pub fn evaluate(
     for ((name, _), (cells, trace)) in lenses.iter().zip(acc.into_iter().zip(traces)) {
         let mut m = LensMetrics::default();
         for a in cells {
-            let mean = a.surprisal / a.n;
-            let var = (a.surprisal_sq / a.n - mean * mean).max(0.0) * a.n / (a.n - 1.0).max(1.0);
-            let half = 1.96 * (var / a.n).sqrt();
-            m.p_at_1.push(a.p1 / a.n);
-            m.p_at_5.push(a.p5 / a.n);
-            m.p_at_10.push(a.p10 / a.n);
-            m.surprisal.push(mean);
-            m.surprisal_ci95.push([mean - half, mean + half]);
-            m.kl.push(a.kl / a.n);
-            m.ce.push(if a.ce_n > 0.0 { a.ce / a.ce_n } else { f64::NAN });
+            a.push_to(&mut m);
         }
         metrics.insert(name.clone(), m);
         trace_map.insert(name.clone(), trace);
@@ -227,8 +193,79 @@ pub fn evaluate(
     })
 }
 
+impl Acc {
+    pub(crate) fn add(&mut self, cell: &Cell, gold: &[Option<u32>]) {
+        self.n += cell.rank.len() as f64;
+        for (r, g) in gold.iter().enumerate().take(cell.rank.len()) {
+            self.p1 += f64::from(cell.rank[r] < 1);
+            self.p5 += f64::from(cell.rank[r] < 5);
+            self.p10 += f64::from(cell.rank[r] < 10);
+            let sp = cell.surprisal[r] as f64;
+            self.surprisal += sp;
+            self.surprisal_sq += sp * sp;
+            self.kl += cell.kl[r] as f64;
+            if g.is_some() {
+                self.ce += cell.ce[r] as f64;
+                self.ce_n += 1.0;
+            }
+        }
+    }
+
+    /// Appends this cell's means to `m` (one more layer).
+    pub(crate) fn push_to(&self, m: &mut LensMetrics) {
+        let mean = self.surprisal / self.n;
+        let var = (self.surprisal_sq / self.n - mean * mean).max(0.0) * self.n / (self.n - 1.0).max(1.0);
+        let half = 1.96 * (var / self.n).sqrt();
+        m.p_at_1.push(self.p1 / self.n);
+        m.p_at_5.push(self.p5 / self.n);
+        m.p_at_10.push(self.p10 / self.n);
+        m.surprisal.push(mean);
+        m.surprisal_ci95.push([mean - half, mean + half]);
+        m.kl.push(self.kl / self.n);
+        m.ce.push(if self.ce_n > 0.0 { self.ce / self.ce_n } else { f64::NAN });
+    }
+}
+
+/// The full model's distribution at a batch of examples, against which lenses are scored.
+pub(crate) struct Reference {
+    logits: Tensor,
+    logp: Tensor,
+    p: Tensor,
+    gold: Tensor,
+    gold_mask: Tensor,
+    /// The model's top-1 token per row.
+    pub top1: Vec<u32>,
+}
+
+impl Reference {
+    /// From final states h_L [rows, d] and the rows' gold tokens.
+    pub(crate) fn new(model: &dyn Transformer, h_last: &Tensor, gold: &[Option<u32>]) -> Result<Self> {
+        let device = h_last.device();
+        let logits = model.readout(h_last)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let p = logp.exp()?;
+        let top1 = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;
+        let rows = gold.len();
+        let gold_ids: Vec<u32> = gold.iter().map(|g| g.unwrap_or(0)).collect();
+        let mask: Vec<f32> = gold.iter().map(|g| f32::from(g.is_some() as u8)).collect();
+        Ok(Self {
+            logits,
+            logp,
+            p,
+            gold: Tensor::from_vec(gold_ids, (rows, 1), device)?,
+            gold_mask: Tensor::from_vec(mask, rows, device)?,
+            top1,
+        })
+    }
+
+    /// Scores a lens's logits [rows, V] against the model.
+    pub(crate) fn score(&self, logits: &Tensor) -> Result<Cell> {
+        score(logits, &self.logits, &self.logp, &self.p, &self.gold, &self.gold_mask)
+    }
+}
+
 /// Per-row scores of one lens at one layer.
-struct Cell {
+pub(crate) struct Cell {
     /// Rank of the lens's top-1 token under the model (0 = the model's top-1).
     rank: Vec<u32>,
     surprisal: Vec<f32>,

@@ -63,7 +63,7 @@ pub struct ModelInfo {
 /// For pre-norm models a block is `x + attn(ln1(x))`, then `+ mlp(ln2(.))`. Gemma 3 adds a norm
 /// after each of attention and MLP (`Ln1Post`, `Ln2Post`) before the residual add. BERT is
 /// post-norm: `ln1(x + attn(x))`, then `ln2(h + mlp(h))`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubModule {
     Ln1,

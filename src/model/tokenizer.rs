@@ -22,7 +22,7 @@ impl Tokenizer {
         Ok(Self::wrap(inner, "tokenizer.json".into()))
     }
 
-    pub fn wrap(inner: tokenizers::Tokenizer, kind: String) -> Self {
+    pub fn wrap(mut inner: tokenizers::Tokenizer, kind: String) -> Self {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let pad_id = inner
             .get_padding()
@@ -30,6 +30,10 @@ impl Tokenizer {
             .or_else(|| find(&["[PAD]", "<pad>", "<|endoftext|>", "</s>"]))
             .unwrap_or(0);
         let mask_id = find(&["[MASK]", "<mask>"]);
+        // Like transformers, ignore padding/truncation presets saved in tokenizer.json: batches
+        // are padded here, and a too-long text is an error rather than silently cut.
+        inner.with_padding(None);
+        let _ = inner.with_truncation(None);
         Self {
             inner,
             pad_id,

@@ -1,0 +1,579 @@
+//! Linear stand-ins for sub-modules (the paper's section 7) and alternation schedules (section
+//! 4.3).
+//!
+//! Sub-module maps: for every block, a least-squares map from a sub-module's input to its output
+//! at the training set's sampled positions (attention, MLP, each norm), fitted with the same
+//! machinery as the layer-to-layer maps. Replacement from layer l on: blocks 0..l run exactly,
+//! blocks l..L run with the chosen sub-modules replaced by their maps in every block, then the
+//! final norm and unembedding; scored against the full model like the lenses. A linearised
+//! attention acts on each position alone: no information moves between tokens.
+//!
+//! Alternation: run `a` blocks, jump `b` blocks with a fitted map applied to every position,
+//! repeat; and the r^2-informed schedule that maximises the product of the jumps' r^2 for a
+//! given number of executed blocks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::collect::{unit_batches, units_from_activations, Activations, UnitBatch};
+use crate::fit::{fit_all_pairs, FitOptions};
+use crate::maps::MapSet;
+use crate::model::{self, AttentionKind, Hooks, LinearReplacement, LoadedModel, SubModule};
+use crate::predict::{gold_tokens, Acc, LensMetrics, Reference};
+use crate::run::RunDir;
+
+/// Options of `jumplens submodules`.
+#[derive(Debug, Clone)]
+pub struct SubmoduleOptions {
+    /// Training examples used to fit the sub-module maps.
+    pub n_train: usize,
+    /// Validation examples the replacements are scored on.
+    pub n_eval: usize,
+    pub batch_tokens: usize,
+    pub progress: bool,
+}
+
+impl Default for SubmoduleOptions {
+    fn default() -> Self {
+        Self {
+            n_train: usize::MAX,
+            n_eval: 300,
+            batch_tokens: 1024,
+            progress: true,
+        }
+    }
+}
+
+/// Records every sub-module's input and output at the read positions of a batch.
+struct SubRecorder<'a> {
+    batch: &'a UnitBatch,
+    /// (block, sub) -> (inputs, outputs) rows, appended batch after batch.
+    rows: &'a mut HashMap<(usize, SubModule), (Vec<f32>, Vec<f32>)>,
+}
+
+impl Hooks for SubRecorder<'_> {
+    fn sub_module(&mut self, layer: usize, sub: SubModule, input: &Tensor, output: &Tensor) -> Result<()> {
+        let entry = self.rows.entry((layer, sub)).or_default();
+        entry.0.extend(
+            self.batch
+                .rows(input)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        entry.1.extend(
+            self.batch
+                .rows(output)?
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+        Ok(())
+    }
+}
+
+/// Fits a map from every sub-module's input to its output on the training examples.
+pub fn fit_submodules(
+    lm: &LoadedModel,
+    train: &Activations,
+    opts: &SubmoduleOptions,
+) -> Result<BTreeMap<(usize, SubModule), Tensor>> {
+    let info = lm.model.info();
+    let d = info.d_model;
+    let causal = info.attention == AttentionKind::Causal;
+    let tok = lm.tokenizer()?;
+    let units = units_from_activations(train, causal, tok.mask_id, opts.n_train)?;
+    let batches = unit_batches(&units, opts.batch_tokens, tok.pad_id, lm.model.device())?;
+    let bar = crate::progress::bar(units.len() as u64, "sub-module I/O", opts.progress);
+    let mut rows: HashMap<(usize, SubModule), (Vec<f32>, Vec<f32>)> = HashMap::new();
+    for ub in &batches {
+        let mut rec = SubRecorder {
+            batch: ub,
+            rows: &mut rows,
+        };
+        model::hidden_states_with(lm.model.as_ref(), &ub.batch, &mut rec)?;
+        bar.inc(ub.batch.batch_size() as u64);
+    }
+    bar.finish_and_clear();
+    let mut maps = BTreeMap::new();
+    for ((layer, sub), (x, y)) in rows {
+        let n = x.len() / d;
+        // The fit machinery takes stacked states [2, N, d]: state 0 = input, 1 = output.
+        let mut both = x;
+        both.extend(y);
+        let states = Tensor::from_vec(both, (2, n, d), &Device::Cpu)?;
+        let fitted = fit_all_pairs(&states, &[(0, 1)], &FitOptions::default())?;
+        let a = fitted.get(0, 1).expect("the pair was fitted").a.clone();
+        maps.insert((layer, sub), a.to_device(lm.model.device())?);
+    }
+    Ok(maps)
+}
+
+/// Which sub-modules a variant replaces.
+pub fn variant_subs(variant: &str, block_subs: &[SubModule]) -> Vec<SubModule> {
+    match variant {
+        "attn" => vec![SubModule::Attn],
+        "mlp" => vec![SubModule::Mlp],
+        // Every norm of the block: two for GPT-2/Llama/BERT, four for Gemma 3.
+        "norms" => block_subs
+            .iter()
+            .copied()
+            .filter(|s| !matches!(s, SubModule::Attn | SubModule::Mlp))
+            .collect(),
+        other => panic!("unknown variant {other}"),
+    }
+}
+
+/// Per-variant metrics, index = l (blocks run exactly before replacement starts).
+#[derive(Debug, Serialize)]
+pub struct SubmoduleReport {
+    pub layers: usize,
+    pub n_eval: usize,
+    pub note: String,
+    pub variants: BTreeMap<String, LensMetrics>,
+}
+
+/// One alternation schedule's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleResult {
+    pub name: String,
+    pub executed_blocks: usize,
+    /// Jumps (l, l') taken, in order.
+    pub jumps: Vec<(usize, usize)>,
+    /// Product of the jumps' r^2 (mat).
+    pub r2_product: f64,
+    #[serde(rename = "p@1")]
+    pub p_at_1: f64,
+    pub surprisal: f64,
+}
+
+/// What `alternation.json` holds.
+#[derive(Debug, Serialize)]
+pub struct AlternationReport {
+    pub layers: usize,
+    pub n_eval: usize,
+    /// Run a blocks, jump b, repeated.
+    pub periodic: Vec<ScheduleResult>,
+    /// The best-r^2 schedule for each number of executed blocks.
+    pub r2_informed: Vec<ScheduleResult>,
+    /// One jump to the last layer after k executed blocks (`mat` at layer k), per k.
+    pub single_jump: Vec<ScheduleResult>,
+}
+
+/// A schedule: a path 0 -> L of steps, each one block (l -> l+1, run) or a jump (l -> l').
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Run(usize),
+    Jump(usize, usize),
+}
+
+fn executed(steps: &[Step]) -> usize {
+    steps.iter().filter(|s| matches!(s, Step::Run(_))).count()
+}
+
+fn jumps(steps: &[Step]) -> Vec<(usize, usize)> {
+    steps
+        .iter()
+        .filter_map(|s| if let Step::Jump(a, b) = s { Some((*a, *b)) } else { None })
+        .collect()
+}
+
+/// Run `a` blocks, jump `b`, repeated until L (a + b divides L).
+pub fn periodic_schedule(n_layers: usize, a: usize, b: usize) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut l = 0;
+    while l < n_layers {
+        for _ in 0..a {
+            steps.push(Step::Run(l));
+            l += 1;
+        }
+        steps.push(Step::Jump(l, l + b));
+        l += b;
+    }
+    steps
+}
+
+/// The schedule with `k` executed blocks maximising the product of its jumps' r^2 (dynamic
+/// programming over (layer, blocks executed so far)). `r2[l][l']` is the mat r^2.
+pub fn r2_informed_schedule(r2: &[Vec<Option<f64>>], n_layers: usize, k: usize) -> Option<(Vec<Step>, f64)> {
+    // best[l][j] = best product reaching state l with j executed blocks.
+    let mut best = vec![vec![f64::NEG_INFINITY; k + 1]; n_layers + 1];
+    let mut prev: Vec<Vec<Option<Step>>> = vec![vec![None; k + 1]; n_layers + 1];
+    best[0][0] = 1.0;
+    for l in 0..n_layers {
+        for j in 0..=k {
+            let here = best[l][j];
+            if here == f64::NEG_INFINITY {
+                continue;
+            }
+            if j < k && here > best[l + 1][j + 1] {
+                best[l + 1][j + 1] = here;
+                prev[l + 1][j + 1] = Some(Step::Run(l));
+            }
+            for l2 in l + 1..=n_layers {
+                let Some(Some(r)) = r2.get(l).and_then(|row| row.get(l2)) else {
+                    continue;
+                };
+                let v = here * r.max(0.0);
+                if v > best[l2][j] {
+                    best[l2][j] = v;
+                    prev[l2][j] = Some(Step::Jump(l, l2));
+                }
+            }
+        }
+    }
+    if best[n_layers][k] == f64::NEG_INFINITY {
+        return None;
+    }
+    let mut steps = Vec::new();
+    let (mut l, mut j) = (n_layers, k);
+    while l > 0 {
+        let step = prev[l][j].clone()?;
+        match step {
+            Step::Run(from) => {
+                l = from;
+                j -= 1;
+            }
+            Step::Jump(from, _) => l = from,
+        }
+        steps.push(step);
+    }
+    steps.reverse();
+    Some((steps, best[n_layers][k]))
+}
+
+/// Applies a map to every position of a [B, T, d] state.
+fn jump_all_positions(h: &Tensor, a: &Tensor) -> Result<Tensor> {
+    Ok(crate::model::ops::Linear::new(a.clone(), None).forward(h)?)
+}
+
+/// Evaluation batches of the validation examples, with their exact states and the reference.
+struct EvalBatch {
+    ub: UnitBatch,
+    states: Vec<Tensor>,
+    reference: Reference,
+    gold: Vec<Option<u32>>,
+}
+
+fn eval_batches(lm: &LoadedModel, val: &Activations, n_eval: usize, batch_tokens: usize) -> Result<Vec<EvalBatch>> {
+    let info = lm.model.info();
+    let causal = info.attention == AttentionKind::Causal;
+    let tok = lm.tokenizer()?;
+    let units = units_from_activations(val, causal, tok.mask_id, n_eval)?;
+    let gold_all = gold_tokens(val, info.attention);
+    let mut out = Vec::new();
+    for ub in unit_batches(&units, batch_tokens, tok.pad_id, lm.model.device())? {
+        let states = model::hidden_states(lm.model.as_ref(), &ub.batch)?;
+        let h_last = ub.rows(states.last().expect("h_L"))?;
+        let gold: Vec<Option<u32>> = ub.examples.iter().map(|&e| gold_all[e]).collect();
+        let reference = Reference::new(lm.model.as_ref(), &h_last, &gold)?;
+        out.push(EvalBatch {
+            ub,
+            states,
+            reference,
+            gold,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs the sub-module and alternation experiments and writes their JSON and plots.
+pub fn run_submodules(
+    lm: &LoadedModel,
+    run: &RunDir,
+    opts: &SubmoduleOptions,
+) -> Result<(SubmoduleReport, AlternationReport)> {
+    let manifest = run.read_manifest()?;
+    let info = lm.model.info().clone();
+    if manifest.model.n_layers != info.n_layers || manifest.model.d_model != info.d_model {
+        bail!("{}: the run was collected with another model", run.root.display());
+    }
+    let n_layers = info.n_layers;
+    let train = Activations::read(&crate::run::require(&run.activations("train"), "collect")?)?;
+    let val = Activations::read(&crate::run::require(&run.activations("val"), "collect")?)?;
+    let maps = MapSet::read(&crate::run::require(&run.maps(), "fit")?)?;
+    maps.check_model(&manifest.model)?;
+    let maps = maps.to_device(lm.model.device())?;
+    let sub_maps = fit_submodules(lm, &train, opts)?;
+    let batches = eval_batches(lm, &val, opts.n_eval, opts.batch_tokens)?;
+    let n_eval: usize = batches.iter().map(|b| b.gold.len()).sum();
+
+    // Sub-module replacement from every l, for each variant; mat and id on the same examples.
+    let block_subs = lm.model.sub_modules();
+    let names = ["attn", "mlp", "norms"];
+    let mut acc: BTreeMap<String, Vec<Acc>> = BTreeMap::new();
+    for name in names.iter().chain(&["mat", "id"]) {
+        acc.insert(name.to_string(), vec![Acc::default(); n_layers + 1]);
+    }
+    let bar = crate::progress::bar(
+        (batches.len() * (n_layers + 1) * names.len()) as u64,
+        "sub-modules",
+        opts.progress,
+    );
+    for b in &batches {
+        for l in 0..=n_layers {
+            for name in names {
+                let mut hooks = LinearReplacement::default();
+                for block in l..n_layers {
+                    for sub in variant_subs(name, block_subs) {
+                        if let Some(a) = sub_maps.get(&(block, sub)) {
+                            hooks.maps.insert((block, sub), a.clone());
+                        }
+                    }
+                }
+                let ctx = lm.model.context(&b.ub.batch)?;
+                let h = model::run_blocks(lm.model.as_ref(), &b.states[l], &ctx, l, n_layers, &mut hooks)?;
+                let logits = lm.model.readout(&b.ub.rows(&h)?)?;
+                acc.get_mut(name).expect("variant")[l].add(&b.reference.score(&logits)?, &b.gold);
+                bar.inc(1);
+            }
+            let rows = b.ub.rows(&b.states[l])?;
+            let mat = if l == n_layers {
+                rows.clone()
+            } else {
+                rows.matmul(&maps.get(l, n_layers).expect("to-final map").0.t()?)?
+            };
+            acc.get_mut("mat").expect("mat")[l].add(&b.reference.score(&lm.model.readout(&mat)?)?, &b.gold);
+            acc.get_mut("id").expect("id")[l].add(&b.reference.score(&lm.model.readout(&rows)?)?, &b.gold);
+        }
+    }
+    bar.finish_and_clear();
+    let mut variants = BTreeMap::new();
+    for (name, cells) in acc {
+        let mut m = LensMetrics::default();
+        cells.iter().for_each(|a| a.push_to(&mut m));
+        variants.insert(name, m);
+    }
+    let sub_report = SubmoduleReport {
+        layers: n_layers,
+        n_eval,
+        note: "index = l: blocks 0..l run exactly, blocks l..L with the variant's sub-modules replaced by \
+               fitted linear maps. A linearised attention acts on each position alone: no information moves \
+               between tokens."
+            .into(),
+        variants,
+    };
+    crate::io::write_json(&run.file("submodules.json"), &sub_report)?;
+    plot_submodules(&run.file("submodules"), &manifest.model.arch, &sub_report)?;
+
+    // Alternation.
+    let r2 = read_r2(run)?;
+    let mut schedules: Vec<(String, Vec<Step>)> = Vec::new();
+    // Every a with short jumps (b = 1, 2): longer periodic jumps are dominated by the single jump.
+    for b in 1..=2 {
+        for a in 1..n_layers {
+            if n_layers % (a + b) == 0 {
+                schedules.push((format!("run {a}, jump {b}"), periodic_schedule(n_layers, a, b)));
+            }
+        }
+    }
+    let mut r2_sched = Vec::new();
+    let stride = n_layers.div_ceil(10).max(1);
+    for k in (0..n_layers).step_by(stride) {
+        if let Some((steps, _)) = r2_informed_schedule(&r2, n_layers, k) {
+            r2_sched.push((format!("r2-informed, {k} blocks"), steps));
+        }
+    }
+    let eval_schedule = |name: &str, steps: &[Step]| -> Result<ScheduleResult> {
+        let mut a = Acc::default();
+        for b in &batches {
+            let ctx = lm.model.context(&b.ub.batch)?;
+            let mut h = b.states[0].clone();
+            for s in steps {
+                h = match s {
+                    Step::Run(l) => lm.model.block(*l, &h, &ctx, &mut model::NoHooks)?,
+                    Step::Jump(l, l2) => {
+                        let (m, _) = maps
+                            .get(*l, *l2)
+                            .ok_or_else(|| anyhow::anyhow!("no map {l} -> {l2} (fit with --pairs all)"))?;
+                        jump_all_positions(&h, m)?
+                    }
+                };
+            }
+            let logits = lm.model.readout(&b.ub.rows(&h)?)?;
+            a.add(&b.reference.score(&logits)?, &b.gold);
+        }
+        let mut m = LensMetrics::default();
+        a.push_to(&mut m);
+        let js = jumps(steps);
+        let prod = js
+            .iter()
+            .map(|&(l, l2)| r2[l][l2].unwrap_or(f64::NAN).max(0.0))
+            .product();
+        Ok(ScheduleResult {
+            name: name.into(),
+            executed_blocks: executed(steps),
+            jumps: js,
+            r2_product: prod,
+            p_at_1: m.p_at_1[0],
+            surprisal: m.surprisal[0],
+        })
+    };
+    let periodic = schedules
+        .iter()
+        .map(|(n, s)| eval_schedule(n, s))
+        .collect::<Result<Vec<_>>>()?;
+    let r2_informed = r2_sched
+        .iter()
+        .map(|(n, s)| eval_schedule(n, s))
+        .collect::<Result<Vec<_>>>()?;
+    let single_jump = (0..n_layers)
+        .map(|k| {
+            let mat = &sub_report.variants["mat"];
+            ScheduleResult {
+                name: format!("single jump after {k} blocks"),
+                executed_blocks: k,
+                jumps: vec![(k, n_layers)],
+                r2_product: r2[k][n_layers].unwrap_or(f64::NAN),
+                p_at_1: mat.p_at_1[k],
+                surprisal: mat.surprisal[k],
+            }
+        })
+        .collect();
+    let alt = AlternationReport {
+        layers: n_layers,
+        n_eval,
+        periodic,
+        r2_informed,
+        single_jump,
+    };
+    crate::io::write_json(&run.file("alternation.json"), &alt)?;
+    plot_alternation(&run.file("alternation"), &manifest.model.arch, &alt)?;
+    Ok((sub_report, alt))
+}
+
+/// The mat r^2 table from `r2.json`.
+fn read_r2(run: &RunDir) -> Result<Vec<Vec<Option<f64>>>> {
+    let p = crate::run::require(&run.file("r2.json"), "r2")?;
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
+    let mat = v
+        .get("mat")
+        .ok_or_else(|| anyhow::anyhow!("{}: no 'mat' table", p.display()))?;
+    Ok(serde_json::from_value(mat.clone())?)
+}
+
+fn plot_submodules(stem: &std::path::Path, arch: &str, r: &SubmoduleReport) -> Result<()> {
+    use crate::plot::{Panel, Series};
+    let series = |f: &dyn Fn(&LensMetrics) -> &Vec<f64>| -> Vec<Series> {
+        r.variants
+            .iter()
+            .map(|(name, m)| Series {
+                name: name.clone(),
+                points: f(m).iter().enumerate().map(|(l, &y)| (l as f64, y)).collect(),
+                dashed: name == "id" || name == "mat",
+                ..Default::default()
+            })
+            .collect()
+    };
+    let panels = vec![
+        Panel {
+            title: "Precision@1".into(),
+            x_label: "layer ℓ (replaced from here on)".into(),
+            y_label: "Precision@1".into(),
+            series: series(&|m| &m.p_at_1),
+            y_range: Some((0.0, 1.0)),
+        },
+        Panel {
+            title: "Precision@10".into(),
+            x_label: "layer ℓ".into(),
+            y_label: "Precision@10".into(),
+            series: series(&|m| &m.p_at_10),
+            y_range: Some((0.0, 1.0)),
+        },
+        Panel {
+            title: "Surprisal".into(),
+            x_label: "layer ℓ".into(),
+            y_label: "nats".into(),
+            series: series(&|m| &m.surprisal),
+            y_range: None,
+        },
+    ];
+    crate::plot::line_panels(
+        stem,
+        &format!(
+            "{arch} — sub-modules replaced by linear maps from layer ℓ on ({} examples)",
+            r.n_eval
+        ),
+        &panels,
+    )
+}
+
+fn plot_alternation(stem: &std::path::Path, arch: &str, r: &AlternationReport) -> Result<()> {
+    use crate::plot::{Panel, Series};
+    let pts = |v: &[ScheduleResult]| {
+        let mut p: Vec<(f64, f64)> = v.iter().map(|s| (s.executed_blocks as f64, s.p_at_1)).collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        p
+    };
+    let panel = Panel {
+        title: "Precision@1 at equal executed blocks".into(),
+        x_label: "executed blocks".into(),
+        y_label: "Precision@1".into(),
+        series: vec![
+            Series {
+                name: "single jump to L".into(),
+                points: pts(&r.single_jump),
+                dashed: true,
+                ..Default::default()
+            },
+            Series {
+                name: "r²-informed".into(),
+                points: pts(&r.r2_informed),
+                markers: true,
+                ..Default::default()
+            },
+            Series {
+                name: "run a, jump b".into(),
+                points: pts(&r.periodic),
+                markers: true,
+                ..Default::default()
+            },
+        ],
+        y_range: Some((0.0, 1.0)),
+    };
+    crate::plot::line_panels(stem, &format!("{arch} — alternating blocks and linear jumps"), &[panel])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periodic_schedules_cover_all_layers() {
+        let s = periodic_schedule(6, 2, 1);
+        assert_eq!(
+            s,
+            vec![
+                Step::Run(0),
+                Step::Run(1),
+                Step::Jump(2, 3),
+                Step::Run(3),
+                Step::Run(4),
+                Step::Jump(5, 6)
+            ]
+        );
+        assert_eq!(executed(&s), 4);
+    }
+
+    #[test]
+    fn r2_informed_picks_the_best_product() {
+        // 3 layers; jumps 0->3 poor, 1->3 good.
+        let mut r2 = vec![vec![None; 4]; 4];
+        r2[0][3] = Some(0.2);
+        r2[1][3] = Some(0.9);
+        r2[0][2] = Some(0.5);
+        r2[2][3] = Some(0.95);
+        r2[0][1] = Some(0.3);
+        r2[1][2] = Some(0.96);
+        let (steps, p) = r2_informed_schedule(&r2, 3, 1).unwrap();
+        assert_eq!(executed(&steps), 1);
+        // Options with one block: run 0 then 1->3 (0.9); 0->1 jump, run 1, 2->3 (0.3*0.95);
+        // 0->2 jump, run 2 (0.5); run 0, 1->2, 2->3 (0.96*0.95 = 0.912).
+        assert!((p - 0.912).abs() < 1e-12, "{p}");
+        assert_eq!(steps, vec![Step::Run(0), Step::Jump(1, 2), Step::Jump(2, 3)]);
+        assert_eq!(r2_informed_schedule(&r2, 3, 3).unwrap().1, 1.0);
+    }
+}
