@@ -16,4 +16,5 @@ pub mod predict;
 pub mod progress;
 pub mod r2;
 pub mod run;
+pub mod stages;
 pub mod submodules;
