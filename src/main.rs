@@ -9,10 +9,13 @@ use clap::{Parser, Subcommand};
 
 use jumplens::collect::{self, CollectOptions, Positions};
 use jumplens::early_exit::{self, EarlyExitOptions, Measure, Rule};
+use jumplens::fit::FitOptions;
 use jumplens::model::load_model;
 use jumplens::peek;
 use jumplens::predict::{self, PredictOptions};
 use jumplens::run::RunDir;
+use jumplens::stages::{self, Pairs};
+use jumplens::submodules::{self, SubmoduleOptions};
 
 #[derive(Parser)]
 #[command(name = "jumplens", version, about = "Linear shortcuts through transformer layers")]
@@ -67,6 +70,35 @@ enum Command {
         /// Padded tokens per forward batch.
         #[arg(long, default_value_t = 1024)]
         batch_tokens: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Fit a linear map for every layer pair by least squares (the paper's OLS by default).
+    Fit {
+        run: PathBuf,
+        /// all (every l < l') or to-final (l -> L only).
+        #[arg(long, default_value = "all")]
+        pairs: String,
+        /// Fit an intercept too (written to maps_affine.safetensors; predict's `affine` lens).
+        #[arg(long)]
+        intercept: bool,
+        /// Ridge penalty (0 = ordinary least squares).
+        #[arg(long, default_value_t = 0.0)]
+        ridge: f64,
+    },
+    /// r^2 of mat and id for every fitted pair on the validation set, and the heatmaps.
+    R2 { run: PathBuf },
+    /// Sub-modules replaced by fitted linear maps from every layer on; alternation schedules.
+    Submodules {
+        run: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+        /// Validation examples to score on.
+        #[arg(long, default_value_t = 300)]
+        n_eval: usize,
+        /// Training examples to fit the sub-module maps on (default: all).
+        #[arg(long)]
+        n_train: Option<usize>,
         #[command(flatten)]
         common: Common,
     },
@@ -211,6 +243,70 @@ fn run(cli: Cli) -> Result<()> {
             let m = collect::collect(&lm, &corpus, &RunDir::new(&out), &opts, !common.quiet)?;
             for (split, c) in &m.counts {
                 eprintln!("{split}: {c}");
+            }
+        }
+        Command::Fit {
+            run,
+            pairs,
+            intercept,
+            ridge,
+        } => {
+            let pairs = match pairs.as_str() {
+                "all" => Pairs::All,
+                "to-final" => Pairs::ToFinal,
+                other => anyhow::bail!("--pairs takes all or to-final, not '{other}'"),
+            };
+            let opts = FitOptions {
+                intercept,
+                ridge,
+                ..Default::default()
+            };
+            let s = stages::run_fit(&RunDir::new(&run), pairs, &opts)?;
+            eprintln!(
+                "fitted {} pairs in {:.1} s ({:.0} GFLOP/s) -> {}",
+                s.pairs, s.seconds, s.gflops, s.path
+            );
+        }
+        Command::R2 { run } => {
+            let r = stages::run_r2(&RunDir::new(&run))?;
+            let last = r.layers;
+            println!("layer  r2(mat, l->L)  r2(id, l->L)");
+            for l in 0..last {
+                let f = |v: Option<f64>| v.map_or("—".into(), |x| format!("{x:.3}"));
+                println!("{l:>5}  {:>13}  {:>12}", f(r.mat[l][last]), f(r.id[l][last]));
+            }
+        }
+        Command::Submodules {
+            run,
+            model,
+            n_eval,
+            n_train,
+            common,
+        } => {
+            let run = RunDir::new(&run);
+            let model = match model {
+                Some(m) => m,
+                None => run.read_manifest()?.model.path,
+            };
+            let lm = load_model(&model, &device)?;
+            let opts = SubmoduleOptions {
+                n_eval,
+                n_train: n_train.unwrap_or(usize::MAX),
+                progress: !common.quiet,
+                ..Default::default()
+            };
+            let (s, _) = submodules::run_submodules(&lm, &run, &opts)?;
+            println!(
+                "layer  {}",
+                s.variants
+                    .keys()
+                    .map(|k| format!("{k:>7}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            for l in 0..=s.layers {
+                let row: Vec<String> = s.variants.values().map(|m| format!("{:>7.3}", m.p_at_1[l])).collect();
+                println!("{l:>5}  {}", row.join(" "));
             }
         }
         Command::Predict {

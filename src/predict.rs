@@ -235,6 +235,20 @@ pub(crate) struct Reference {
     gold_mask: Tensor,
     /// The model's top-1 token per row.
     pub top1: Vec<u32>,
+    /// On the CPU the scores are computed in two fused passes per row instead of a dozen
+    /// tensor ops over the vocabulary (see [`score_rows`]).
+    cpu: Option<CpuReference>,
+}
+
+/// The model's distribution as plain rows, for the fused CPU scorer.
+struct CpuReference {
+    vocab: usize,
+    logits: Vec<f32>,
+    logp: Vec<f32>,
+    p: Vec<f32>,
+    /// sum_j p_j ln p_j per row.
+    neg_entropy: Vec<f64>,
+    gold: Vec<Option<u32>>,
 }
 
 impl Reference {
@@ -248,6 +262,31 @@ impl Reference {
         let rows = gold.len();
         let gold_ids: Vec<u32> = gold.iter().map(|g| g.unwrap_or(0)).collect();
         let mask: Vec<f32> = gold.iter().map(|g| f32::from(g.is_some() as u8)).collect();
+        let cpu = if device.is_cpu() {
+            let vocab = logits.dim(D::Minus1)?;
+            let p_rows: Vec<f32> = p.flatten_all()?.to_vec1()?;
+            let logp_rows: Vec<f32> = logp.flatten_all()?.to_vec1()?;
+            let neg_entropy = p_rows
+                .chunks(vocab)
+                .zip(logp_rows.chunks(vocab))
+                .map(|(p, lp)| {
+                    p.iter()
+                        .zip(lp)
+                        .map(|(&a, &b)| if a > 0.0 { a as f64 * b as f64 } else { 0.0 })
+                        .sum()
+                })
+                .collect();
+            Some(CpuReference {
+                vocab,
+                logits: logits.flatten_all()?.to_vec1()?,
+                logp: logp_rows,
+                p: p_rows,
+                neg_entropy,
+                gold: gold.to_vec(),
+            })
+        } else {
+            None
+        };
         Ok(Self {
             logits,
             logp,
@@ -255,12 +294,130 @@ impl Reference {
             gold: Tensor::from_vec(gold_ids, (rows, 1), device)?,
             gold_mask: Tensor::from_vec(mask, rows, device)?,
             top1,
+            cpu,
         })
     }
 
     /// Scores a lens's logits [rows, V] against the model.
     pub(crate) fn score(&self, logits: &Tensor) -> Result<Cell> {
-        score(logits, &self.logits, &self.logp, &self.p, &self.gold, &self.gold_mask)
+        match &self.cpu {
+            Some(c) => Ok(score_rows(&logits.flatten_all()?.to_vec1::<f32>()?, c)),
+            None => score(logits, &self.logits, &self.logp, &self.p, &self.gold, &self.gold_mask),
+        }
+    }
+}
+
+/// The same scores as [`score`], row by row in two passes over the vocabulary, rows in parallel.
+fn score_rows(z: &[f32], r: &CpuReference) -> Cell {
+    use rayon::prelude::*;
+    let v = r.vocab;
+    let per_row: Vec<(u32, f32, f32, f32, u32, f32, f32)> = z
+        .par_chunks(v)
+        .enumerate()
+        .map(|(row, z)| {
+            let (m, lp, p) = (
+                &r.logits[row * v..(row + 1) * v],
+                &r.logp[row * v..(row + 1) * v],
+                &r.p[row * v..(row + 1) * v],
+            );
+            // Pass 1: top-2 logits and sum_j p_model_j z_j.
+            let (mut best, mut second, mut arg) = (f32::NEG_INFINITY, f32::NEG_INFINITY, 0usize);
+            let mut pz = 0f64;
+            for (j, (&zj, &pj)) in z.iter().zip(p).enumerate() {
+                if zj > best {
+                    second = best;
+                    best = zj;
+                    arg = j;
+                } else if zj > second {
+                    second = zj;
+                }
+                pz += pj as f64 * zj as f64;
+            }
+            // Pass 2: log-sum-exp.
+            let sum: f64 = z.iter().map(|&zj| ((zj - best) as f64).exp()).sum();
+            let lse = best as f64 + sum.ln();
+            let chosen = m[arg];
+            let rank = m.iter().filter(|&&x| x > chosen).count() as u32;
+            let kl = r.neg_entropy[row] - pz + lse;
+            let ce = r.gold[row].map_or(0.0, |g| lse - z[g as usize] as f64);
+            let p1 = (best as f64 - lse).exp();
+            let p2 = (second as f64 - lse).exp();
+            (
+                rank,
+                -lp[arg],
+                kl as f32,
+                ce as f32,
+                arg as u32,
+                (p1 - p2) as f32,
+                p1 as f32,
+            )
+        })
+        .collect();
+    Cell {
+        rank: per_row.iter().map(|x| x.0).collect(),
+        surprisal: per_row.iter().map(|x| x.1).collect(),
+        kl: per_row.iter().map(|x| x.2).collect(),
+        ce: per_row.iter().map(|x| x.3).collect(),
+        top1: per_row.iter().map(|x| x.4).collect(),
+        margin: per_row.iter().map(|x| x.5).collect(),
+        max_prob: per_row.iter().map(|x| x.6).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The fused CPU scorer agrees with the tensor-op scorer used on GPUs.
+    #[test]
+    fn fused_cpu_scores_equal_tensor_scores() {
+        let dev = Device::Cpu;
+        let (rows, v) = (6, 300);
+        let model_logits = (Tensor::randn(0f32, 3.0, (rows, v), &dev).unwrap())
+            .contiguous()
+            .unwrap();
+        let lens_logits = (Tensor::randn(0f32, 3.0, (rows, v), &dev).unwrap() + &model_logits).unwrap();
+        let logp = candle_nn::ops::log_softmax(&model_logits, D::Minus1).unwrap();
+        let p = logp.exp().unwrap();
+        let gold: Vec<Option<u32>> = vec![Some(3), None, Some(299), Some(0), Some(17), None];
+        let gold_ids: Vec<u32> = gold.iter().map(|g| g.unwrap_or(0)).collect();
+        let mask: Vec<f32> = gold.iter().map(|g| f32::from(g.is_some() as u8)).collect();
+        let gold_t = Tensor::from_vec(gold_ids, (rows, 1), &dev).unwrap();
+        let mask_t = Tensor::from_vec(mask, rows, &dev).unwrap();
+        let slow = score(&lens_logits, &model_logits, &logp, &p, &gold_t, &mask_t).unwrap();
+        let p_rows: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+        let lp_rows: Vec<f32> = logp.flatten_all().unwrap().to_vec1().unwrap();
+        let neg_entropy = p_rows
+            .chunks(v)
+            .zip(lp_rows.chunks(v))
+            .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum())
+            .collect();
+        let r = CpuReference {
+            vocab: v,
+            logits: model_logits.flatten_all().unwrap().to_vec1().unwrap(),
+            logp: lp_rows,
+            p: p_rows,
+            neg_entropy,
+            gold,
+        };
+        let fast = score_rows(&lens_logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &r);
+        assert_eq!(fast.rank, slow.rank);
+        assert_eq!(fast.top1, slow.top1);
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what}: {x} vs {y}");
+            }
+        };
+        close(&fast.surprisal, &slow.surprisal, "surprisal");
+        close(&fast.kl, &slow.kl, "kl");
+        close(&fast.ce, &slow.ce, "ce");
+        close(&fast.margin, &slow.margin, "margin");
+        close(&fast.max_prob, &slow.max_prob, "max_prob");
+        assert!(
+            fast.rank.iter().any(|&r| r > 0),
+            "the test should include disagreements"
+        );
     }
 }
 
