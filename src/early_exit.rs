@@ -112,8 +112,9 @@ pub fn sweep(x: &ExitInputs, rule: Rule, lambdas: &[f64]) -> Vec<CurvePoint> {
     // where the running maximum passes the threshold is the exit: precompute running maxima.
     let mut running = vec![vec![f32::NEG_INFINITY; n]; last + 1];
     for l in 1..last {
-        for i in 0..n {
-            running[l][i] = running[l - 1][i].max(x.confidence[l][i]);
+        let (done, rest) = running.split_at_mut(l);
+        for ((r, &prev), &c) in rest[0].iter_mut().zip(&done[l - 1]).zip(&x.confidence[l]) {
+            *r = prev.max(c);
         }
     }
     lambdas
@@ -472,10 +473,10 @@ mod tests {
             let curve = sweep(&x, rule, &grid);
             for (p, &lambda) in curve.iter().zip(&grid) {
                 let (mut layers, mut hits) = (0, 0);
-                for i in 0..n {
+                for (i, &m) in model.iter().enumerate() {
                     let (l, pred) = simulate_one(&x, rule, lambda, i);
                     layers += l;
-                    hits += usize::from(pred == model[i]);
+                    hits += usize::from(pred == m);
                 }
                 assert_eq!(p.mean_layers, layers as f64 / n as f64);
                 assert_eq!(p.p_at_1, hits as f64 / n as f64);

@@ -3,6 +3,7 @@
 //! Data flows one way: corpus -> model (hooked forward) -> activations -> fit -> evaluate ->
 //! report. Each stage is a module with a small public surface.
 
+pub mod bench;
 pub mod collect;
 pub mod corpus;
 pub mod early_exit;

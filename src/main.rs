@@ -102,6 +102,25 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Timings for the benchmark script (scripts/bench.sh): forward throughput or collection.
+    Bench {
+        /// forward or collect
+        what: String,
+        model: String,
+        /// forward: batch size and sequence length of the random inputs.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 24)]
+        seq: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+        /// forward: write the inputs here (safetensors `ids`) for the reference.
+        #[arg(long)]
+        ids_out: Option<PathBuf>,
+        /// collect: the activations file whose examples to re-collect.
+        #[arg(long)]
+        activations: Option<PathBuf>,
+    },
     /// Precision@k, surprisal, KL and cross-entropy of every lens at every layer.
     Predict {
         run: PathBuf,
@@ -308,6 +327,33 @@ fn run(cli: Cli) -> Result<()> {
                 let row: Vec<String> = s.variants.values().map(|m| format!("{:>7.3}", m.p_at_1[l])).collect();
                 println!("{l:>5}  {}", row.join(" "));
             }
+        }
+        Command::Bench {
+            what,
+            model,
+            batch,
+            seq,
+            iters,
+            ids_out,
+            activations,
+        } => {
+            let lm = load_model(&model, &device)?;
+            let t = match what.as_str() {
+                "forward" => {
+                    let ids = jumplens::bench::random_ids(lm.model.info().vocab_size, batch, seq, 0);
+                    if let Some(p) = ids_out {
+                        jumplens::bench::write_ids(&p, &ids)?;
+                    }
+                    jumplens::bench::forward(&lm, &ids, iters)?
+                }
+                "collect" => {
+                    let path = activations.ok_or_else(|| anyhow::anyhow!("bench collect needs --activations"))?;
+                    let act = jumplens::collect::Activations::read(&path)?;
+                    jumplens::bench::collect_split(&lm, &act, 1024)?.0
+                }
+                other => anyhow::bail!("bench takes forward or collect, not '{other}'"),
+            };
+            println!("{}", serde_json::to_string(&t)?);
         }
         Command::Predict {
             run,

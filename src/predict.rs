@@ -156,8 +156,8 @@ pub fn evaluate(
             .to_device(&device)?;
         let reference = Reference::new(model, &h_last, &gold[start..start + rows])?;
         model_top1[start..start + rows].copy_from_slice(&reference.top1);
-        for (li, (_, lens)) in lenses.iter().enumerate() {
-            for layer in 0..s {
+        for ((_, lens), (lens_acc, tr)) in lenses.iter().zip(acc.iter_mut().zip(traces.iter_mut())) {
+            for (layer, cell_acc) in lens_acc.iter_mut().enumerate() {
                 let h = val
                     .hidden_states
                     .get(layer)?
@@ -165,8 +165,7 @@ pub fn evaluate(
                     .to_device(&device)?;
                 let logits = model.readout(&lens.cast(layer, last, &h)?)?;
                 let cell = reference.score(&logits)?;
-                acc[li][layer].add(&cell, &gold[start..start + rows]);
-                let tr = &mut traces[li];
+                cell_acc.add(&cell, &gold[start..start + rows]);
                 tr.top1[layer][start..start + rows].copy_from_slice(&cell.top1);
                 tr.margin[layer][start..start + rows].copy_from_slice(&cell.margin);
                 tr.max_prob[layer][start..start + rows].copy_from_slice(&cell.max_prob);

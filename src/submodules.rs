@@ -47,11 +47,14 @@ impl Default for SubmoduleOptions {
     }
 }
 
+/// (block, sub) -> (input rows, output rows), flattened [n, d] each.
+type SubRows = HashMap<(usize, SubModule), (Vec<f32>, Vec<f32>)>;
+
 /// Records every sub-module's input and output at the read positions of a batch.
 struct SubRecorder<'a> {
     batch: &'a UnitBatch,
-    /// (block, sub) -> (inputs, outputs) rows, appended batch after batch.
-    rows: &'a mut HashMap<(usize, SubModule), (Vec<f32>, Vec<f32>)>,
+    /// Appended batch after batch.
+    rows: &'a mut SubRows,
 }
 
 impl Hooks for SubRecorder<'_> {
@@ -88,7 +91,7 @@ pub fn fit_submodules(
     let units = units_from_activations(train, causal, tok.mask_id, opts.n_train)?;
     let batches = unit_batches(&units, opts.batch_tokens, tok.pad_id, lm.model.device())?;
     let bar = crate::progress::bar(units.len() as u64, "sub-module I/O", opts.progress);
-    let mut rows: HashMap<(usize, SubModule), (Vec<f32>, Vec<f32>)> = HashMap::new();
+    let mut rows = SubRows::new();
     for ub in &batches {
         let mut rec = SubRecorder {
             batch: ub,
@@ -365,7 +368,7 @@ pub fn run_submodules(
     // Every a with short jumps (b = 1, 2): longer periodic jumps are dominated by the single jump.
     for b in 1..=2 {
         for a in 1..n_layers {
-            if n_layers % (a + b) == 0 {
+            if n_layers.is_multiple_of(a + b) {
                 schedules.push((format!("run {a}, jump {b}"), periodic_schedule(n_layers, a, b)));
             }
         }
