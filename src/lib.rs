@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod collect;
 pub mod corpus;
+pub mod device;
 pub mod early_exit;
 pub mod fit;
 pub mod io;
@@ -16,6 +17,7 @@ pub mod plot;
 pub mod predict;
 pub mod progress;
 pub mod r2;
+pub mod report;
 pub mod run;
 pub mod stages;
 pub mod submodules;

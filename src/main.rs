@@ -13,6 +13,7 @@ use jumplens::fit::FitOptions;
 use jumplens::model::load_model;
 use jumplens::peek;
 use jumplens::predict::{self, PredictOptions};
+use jumplens::report::{self, ReportOptions};
 use jumplens::run::RunDir;
 use jumplens::stages::{self, Pairs};
 use jumplens::submodules::{self, SubmoduleOptions};
@@ -22,6 +23,9 @@ use jumplens::submodules::{self, SubmoduleOptions};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where to compute: cpu, or cuda[:N] (builds with the `cuda` feature).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -146,6 +150,30 @@ enum Command {
         #[arg(long, default_value = "top1-top2")]
         measure: String,
     },
+    /// The whole study (collect, fit, r², predict, early exit, sub-modules) and RUN/report.html.
+    ///
+    /// Stages already done with the same options are skipped; an interrupted run resumes.
+    Report {
+        /// Model [default: assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, under $JUMPLENS_ASSETS
+        /// if set].
+        model: Option<String>,
+        /// Corpus [default: assets/wiki/summaries_en-us.json].
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// Run folder [default: runs/<model-stem>-<corpus-stem>, plus -quick].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Small sizes (1200/300 sentences, sub-modules on 40 examples): a few minutes on a laptop.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Only rewrite RUN/report.html from an existing run folder.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "corpus", "out", "quick"])]
+        html_only: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// What every layer predicts for one text, under mat and id.
     Peek {
         model: String,
@@ -182,7 +210,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let device = Device::Cpu;
+    let device = jumplens::device::parse(&cli.device)?;
     match cli.command {
         Command::Inspect { model, json } => {
             let lm = load_model(&model, &device)?;
@@ -419,6 +447,44 @@ fn run(cli: Cli) -> Result<()> {
                     f(row.get("difference"))
                 );
             }
+        }
+        Command::Report {
+            model,
+            corpus,
+            out,
+            quick,
+            seed,
+            html_only,
+            common,
+        } => {
+            if let Some(run) = html_only {
+                let run = RunDir::new(run);
+                let m = run.read_manifest()?;
+                // The model is only needed for the peek grids: without it the page has none.
+                let lm = match load_model(&m.model.path, &device) {
+                    Ok(lm) => Some(lm),
+                    Err(e) => {
+                        eprintln!("warning: no peek grids ({e:#})");
+                        None
+                    }
+                };
+                let path = report::write_report_html(&run, lm.as_ref())?;
+                eprintln!("wrote {}", path.display());
+                return Ok(());
+            }
+            let (model, corpus) = report::resolve_assets(model, corpus)?;
+            let out = out.unwrap_or_else(|| report::default_out(&model, &corpus, quick));
+            let mut opts = ReportOptions::new(model, corpus, out, quick);
+            opts.seed = seed;
+            opts.progress = !common.quiet;
+            let started = std::time::Instant::now();
+            let path = report::run_report(&opts)?;
+            let m = RunDir::new(&opts.out).read_manifest()?;
+            for (stage, t) in report::stage_wall_times(&m) {
+                eprintln!("{stage:>12}  {}", t.map_or("—".into(), |s| format!("{s:.1} s")));
+            }
+            eprintln!("{:>12}  {:.1} s", "this call", started.elapsed().as_secs_f64());
+            println!("{}", path.display());
         }
         Command::Peek {
             model,

@@ -234,3 +234,47 @@ fn padding_does_not_change_real_tokens() {
         .unwrap();
     assert!(diff < 1e-5, "padding changed a real token by {diff}");
 }
+
+/// Causality: the state at position p of the whole sentence equals the state at the end of the
+/// sentence cut after p (the paper's input), so `collect` may run prefixes or whole sentences.
+#[test]
+fn whole_sentence_states_equal_truncated_prefix_states() {
+    for name in ["llama", "gemma3", "gpt2"] {
+        let c = load(name);
+        let len = c.batch.lengths[0];
+        let ids: Vec<u32> = c
+            .batch
+            .input_ids
+            .i(0)
+            .unwrap()
+            .narrow(0, 0, len)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let whole = model::hidden_states(
+            c.model.as_ref(),
+            &Batch::from_sequences(&[ids.clone()], 0, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        for p in 0..len {
+            let prefix = Batch::from_sequences(&[ids[..=p].to_vec()], 0, &Device::Cpu).unwrap();
+            let cut = model::hidden_states(c.model.as_ref(), &prefix).unwrap();
+            for (l, (w, t)) in whole.iter().zip(&cut).enumerate() {
+                let a = w.i((0, p)).unwrap();
+                let b = t.i((0, p)).unwrap();
+                let diff = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    diff < 1e-5,
+                    "{name}: position {p}, layer {l}: prefix and whole sentence differ by {diff}"
+                );
+            }
+        }
+    }
+}
