@@ -45,6 +45,7 @@ Tensors of each file:
   model_top1 [N] i64;  {lens}.top1 [S, N] i64;
   {lens}.p@1, {lens}.p@5, {lens}.p@10, {lens}.surprisal, {lens}.kl, {lens}.ce  [S] f64;
   {lens}.margin [S, N] f32.
+  Header metadata: one key "info", a JSON object (model, attention, mask_id, sizes, versions).
 
 The script prints the smallest gaps that decide p@k and the top-1 (near-ties), so a test that
 compares p@k exactly knows whether it can.

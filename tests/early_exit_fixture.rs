@@ -189,7 +189,8 @@ fn sweep_equals_literal_early_exit_on_tiny_llama() {
                 .map(|(l, i)| (tr.margin[l][i] as f64 - threshold(lambda, t_pos[i], mean_len)).abs())
                 .fold(f64::INFINITY, f64::min);
             println!(
-                "{name} lambda {lambda:>6}: literal mean layers {:.3} p@1 {:.3} | sweep {:.3} {:.3} | closest confidence to threshold {:.1e}",
+                "{name} lambda {lambda:>6}: literal mean layers {:.3} p@1 {:.3} | sweep {:.3} {:.3} | \
+                 closest confidence to threshold {:.1e}",
                 lit.mean_layers,
                 lit.p_at_1,
                 point.mean_layers,

@@ -5,10 +5,11 @@
 //! own top-1.
 //!
 //! The reference is float64 from the stored float32 states and maps; jumplens runs in float32.
-//! Tolerances: token choices (p@k, top-1) exactly equal — the script reports the smallest logit gap
-//! that decides any of them (llama 4.7e-4, BERT 2.8e-3; logit errors are ~1e-6); surprisal / KL /
-//! CE within 1e-5 * max(1, |ref|); margins within 1e-5 absolute (observed: <= 7e-8 and 2.5e-7). Observed errors are
-//! printed (`cargo test --release --test predict_fixture -- --nocapture`).
+//! Tolerances: token choices (p@k, lens top-1, model top-1) exactly equal — the smallest logit gap
+//! deciding any of them is 4.7e-4 (llama) / 2.8e-3 (BERT), printed by the script, against logit
+//! errors of ~1e-6; surprisal / KL / CE means within 1e-5 * max(1, |ref|) (observed <= 7e-8);
+//! margins within 1e-5 absolute (observed <= 2.5e-7). Observed errors are printed
+//! (`cargo test --release --test predict_fixture -- --nocapture`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
