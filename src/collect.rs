@@ -455,7 +455,7 @@ impl Activations {
         }
         let tokens: Vec<u32> = tokens;
         let ordered = offsets.windows(2).all(|w| w[0] <= w[1]) && offsets.last().is_some_and(|&o| o == tokens.len());
-        let inside = (0..positions.len()).all(|i| positions[i] < offsets[i + 1] - offsets[i]);
+        let inside = ordered && (0..positions.len()).all(|i| positions[i] < offsets[i + 1] - offsets[i]);
         if !ordered || !inside {
             bail!("{}: offsets or positions do not fit the token list", path.display());
         }
