@@ -228,7 +228,7 @@ fn run_part(
             for (r, &e) in ub.examples.iter().enumerate() {
                 let src = &rows[r * d..(r + 1) * d];
                 if let Some(bad) = src.iter().position(|x| !x.is_finite()) {
-                    bail!("non-finite hidden state (layer {layer}, example {e}, coordinate {bad})");
+                    bail!("non-finite hidden state (layer {layer}, example {e} of this part, coordinate {bad})");
                 }
                 out[(layer * n_examples + e) * d..(layer * n_examples + e + 1) * d].copy_from_slice(src);
             }
@@ -366,15 +366,18 @@ fn write_split(
         progress,
     );
     let mut parts = Vec::new();
+    let mut offset = 0;
     for (p, (chunk, units)) in jobs.chunks(PART_SENTENCES).zip(&chunks).enumerate() {
+        let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
         let part_path = run.parts_dir().join(format!("{split}.{p:05}.safetensors"));
         if part_path.exists() {
             bar.inc(units.len() as u64);
         } else {
-            let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
-            let states = run_part(lm, units, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))?;
+            let states = run_part(lm, units, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
+                .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
             crate::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
         }
+        offset += n;
         parts.push(part_path);
     }
     bar.finish_and_clear();
