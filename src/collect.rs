@@ -280,6 +280,8 @@ pub fn collect(
         articles: articles.len(),
     };
     let options = serde_json::to_value(opts)?;
+    // A finished run's later stages stay recorded when the same collection is asked for again.
+    let mut previous_stages = Default::default();
     if let Ok(old) = run.read_manifest() {
         if old.model.sha256 != model_record.sha256
             || old.corpus.sha256 != corpus_record.sha256
@@ -290,6 +292,7 @@ pub fn collect(
                 run.root.display()
             );
         }
+        previous_stages = old.stages;
     }
     // Tokenize once; sentences too long for the context are skipped and counted.
     let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
@@ -318,7 +321,7 @@ pub fn collect(
         seed: opts.seed,
         options,
         counts: Default::default(),
-        stages: Default::default(),
+        stages: previous_stages,
     };
     run.write_manifest(&manifest)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_add(1));

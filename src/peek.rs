@@ -62,17 +62,26 @@ pub fn peek(lm: &LoadedModel, maps: Option<&MapSet>, text: &str, mask_word: Opti
         for l in 0..s {
             let h = st.hidden_states.get(l)?.to_device(device)?;
             let probs = candle_nn::ops::softmax(&lm.model.readout(&lens.cast(l, s - 1, &h)?)?, D::Minus1)?;
-            layers.push(top5(&probs, |id| tok.decode_one(id))?);
+            layers.push(top5(&probs, |id| visible(&tok.decode_one(id)))?);
         }
         out.insert(name.clone(), layers);
     }
-    let tokens = st.input_ids.iter().map(|&id| tok.decode_one(id)).collect();
+    let tokens = st.input_ids.iter().map(|&id| visible(&tok.decode_one(id))).collect();
     Ok(Peek {
         text: text.into(),
         tokens,
         masked: mask_position,
         lenses: out,
     })
+}
+
+/// Whitespace tokens drawn as visible marks (a newline as ↵, spaces as ␣), others unchanged.
+fn visible(t: &str) -> String {
+    if t.trim().is_empty() {
+        t.replace('\n', "↵").replace(' ', "␣").replace('\t', "⇥")
+    } else {
+        t.replace('\n', "↵")
+    }
 }
 
 fn top5(probs: &Tensor, name: impl Fn(u32) -> String) -> Result<Vec<Cell>> {

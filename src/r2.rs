@@ -158,15 +158,10 @@ pub fn r2_all_pairs_with(val: &Tensor, maps: &Maps, opts: &R2Options) -> Result<
     };
     let rows = if opts.chunk_rows == 0 { 512 } else { opts.chunk_rows };
     let (sse_mat, sse_id, sst) = with_states(val, |st| {
-        let sse_mat = match precision {
+        let (sse_mat, sse_id) = match precision {
             GramPrecision::F64 => sse_maps::<f64>(&st, maps, rows)?,
             _ => sse_maps::<f32>(&st, maps, rows)?,
         };
-        let sse_id: Vec<Vec<f64>> = maps
-            .pairs
-            .par_iter()
-            .map(|p| sse_identity(&st, p.source, p.target))
-            .collect();
         let mut targets: Vec<usize> = maps.pairs.iter().map(|p| p.target).collect();
         targets.sort_unstable();
         targets.dedup();
@@ -221,20 +216,11 @@ fn sst_of(st: &States<'_>, t: usize) -> Vec<f64> {
     sst
 }
 
-/// Per-coordinate sum of (h_t - h_l)^2.
-fn sse_identity(st: &States<'_>, l: usize, t: usize) -> Vec<f64> {
-    let mut sse = vec![0f64; st.d];
-    for i in 0..st.n {
-        for ((e, &x), &y) in sse.iter_mut().zip(st.row(l, i)).zip(st.row(t, i)) {
-            let v = y as f64 - x as f64;
-            *e += v * v;
-        }
-    }
-    sse
-}
+/// Per-coordinate sums of squared errors.
+type Sse = Vec<Vec<f64>>;
 
-/// Per pair of `maps` (same order), the per-coordinate SSE of `A x + b`.
-fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<Vec<Vec<f64>>> {
+/// Per pair of `maps` (same order), the per-coordinate SSE of `A x + b` and of `x` (identity).
+fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<(Sse, Sse)> {
     let d = st.d;
     // Tasks: up to TARGETS_PER_TASK consecutive pairs of one source.
     let mut tasks: Vec<Vec<usize>> = Vec::new();
@@ -244,9 +230,9 @@ fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<Vec<Ve
             _ => tasks.push(vec![k]),
         }
     }
-    let out: Vec<Vec<Vec<f64>>> = tasks
+    let out: Vec<(Sse, Sse)> = tasks
         .par_iter()
-        .map(|task| -> Result<Vec<Vec<f64>>> {
+        .map(|task| -> Result<(Sse, Sse)> {
             let g = task.len();
             let l = maps.pairs[task[0]].source;
             let mut a = vec![T::of(0.0); g * d * d];
@@ -276,6 +262,7 @@ fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<Vec<Ve
             }
             let a_ref = MatRef::from_row_major_slice(&a, g * d, d);
             let mut sse = vec![vec![0f64; d]; g];
+            let mut sse_id = vec![vec![0f64; d]; g];
             let b = rows.clamp(1, st.n);
             let mut xbuf = vec![T::of(0.0); d * b];
             let mut pt = vec![T::of(0.0); g * d * b];
@@ -299,6 +286,7 @@ fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<Vec<Ve
                 );
                 for i in 0..r {
                     let col = &pt[i * g * d..(i + 1) * g * d];
+                    let x = st.row(l, start + i);
                     for (j, &k) in task.iter().enumerate() {
                         let y = st.row(maps.pairs[k].target, start + i);
                         let pred = &col[j * d..(j + 1) * d];
@@ -307,12 +295,21 @@ fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<Vec<Ve
                             let v = yv as f64 - pv.f64() - bv;
                             *e += v * v;
                         }
+                        for ((e, &yv), &xv) in sse_id[j].iter_mut().zip(y).zip(x) {
+                            let v = yv as f64 - xv as f64;
+                            *e += v * v;
+                        }
                     }
                 }
                 start = end;
             }
-            Ok(sse)
+            Ok((sse, sse_id))
         })
         .collect::<Result<_>>()?;
-    Ok(out.into_iter().flatten().collect())
+    let (mut mat, mut id) = (Vec::new(), Vec::new());
+    for (m, i) in out {
+        mat.extend(m);
+        id.extend(i);
+    }
+    Ok((mat, id))
 }

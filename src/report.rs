@@ -82,6 +82,8 @@ pub struct ReportOptions {
     pub batch_tokens: usize,
     /// Stage lines and progress bars on stderr.
     pub progress: bool,
+    /// Where the model runs (`Device::Cpu` unless set).
+    pub device: Device,
 }
 
 impl ReportOptions {
@@ -105,6 +107,7 @@ impl ReportOptions {
             submodule_train,
             batch_tokens: CollectOptions::default().batch_tokens,
             progress: true,
+            device: Device::Cpu,
         }
     }
 
@@ -262,7 +265,7 @@ pub fn run_report(opts: &ReportOptions) -> Result<PathBuf> {
         }
     };
     say(&format!("loading {}", opts.model));
-    let lm = load_model(&opts.model, &Device::Cpu)?;
+    let lm = load_model(&opts.model, &opts.device)?;
     let collect_opts = collect_options_value(opts)?;
     let total = STAGES.len() + 1;
     // Which stages ran in this call (their dependants must run again).
@@ -276,25 +279,28 @@ pub fn run_report(opts: &ReportOptions) -> Result<PathBuf> {
             continue;
         }
         say(&format!("{head} ..."));
+        let before = run.read_manifest().ok().and_then(|m| m.stages.get(stage).cloned());
         let started = Instant::now();
         run_stage(stage, &run, opts, &lm)?;
         let wall = started.elapsed().as_secs_f64();
-        record_stage(&run, stage, opts, wall)?;
+        record_stage(&run, stage, opts, wall, before.as_ref())?;
         ran.insert(stage);
         say(&format!("{head} done in {}", fmt_secs(wall)));
     }
     say(&format!("[{total}/{total}] report.html ..."));
     let started = Instant::now();
-    let path = write_report_html(&run, Some(&lm))?;
+    // The preset goes into the manifest first: the page shows it.
+    let mut record = json!({
+        "quick": opts.quick, "n_train": opts.n_train, "n_val": opts.n_val,
+        "submodule_eval": opts.submodule_eval, "submodule_train": limit_value(opts.submodule_train),
+    });
     let mut m = run.read_manifest()?;
-    m.set_stage(
-        "report",
-        json!({
-            "wall_s": started.elapsed().as_secs_f64(), "quick": opts.quick, "n_train": opts.n_train,
-            "n_val": opts.n_val, "submodule_eval": opts.submodule_eval,
-            "submodule_train": limit_value(opts.submodule_train),
-        }),
-    );
+    m.set_stage("report", record.clone());
+    run.write_manifest(&m)?;
+    let path = write_report_html(&run, Some(&lm))?;
+    record["wall_s"] = json!(started.elapsed().as_secs_f64());
+    let mut m = run.read_manifest()?;
+    m.set_stage("report", record);
     run.write_manifest(&m)?;
     say(&format!("[{total}/{total}] report.html done: {}", path.display()));
     Ok(path)
@@ -440,10 +446,15 @@ fn run_stage(stage: &str, run: &RunDir, opts: &ReportOptions, lm: &LoadedModel) 
 }
 
 /// Adds this call's wall time and options to the stage's manifest record, keeping what the
-/// stage function recorded itself (fit and r2 record their own `wall_s`).
-fn record_stage(run: &RunDir, stage: &str, opts: &ReportOptions, wall: f64) -> Result<()> {
+/// stage function recorded itself (fit and r2 record their own `wall_s`). `before` is the
+/// record as it was before the stage ran: when the stage left it unchanged, it is an older
+/// run's and is replaced.
+fn record_stage(run: &RunDir, stage: &str, opts: &ReportOptions, wall: f64, before: Option<&Value>) -> Result<()> {
     let mut m = run.read_manifest()?;
-    let mut record = m.stages.get(stage).cloned().unwrap_or_else(|| json!({}));
+    let mut record = match m.stages.get(stage) {
+        Some(r) if Some(r) != before => r.clone(),
+        _ => json!({}),
+    };
     let obj = record
         .as_object_mut()
         .ok_or_else(|| anyhow!("manifest: stages.{stage} is not an object"))?;
@@ -539,7 +550,9 @@ fn esc(s: &str) -> String {
 }
 
 fn fmt_secs(s: f64) -> String {
-    if s < 60.0 {
+    if s < 1.0 {
+        format!("{s:.2} s")
+    } else if s < 60.0 {
         format!("{s:.1} s")
     } else if s < 3600.0 {
         format!("{} min {:02.0} s", (s / 60.0).floor(), s % 60.0)
@@ -551,6 +564,26 @@ fn fmt_secs(s: f64) -> String {
 fn fmt_pct(v: Option<f64>) -> String {
     v.filter(|x| x.is_finite())
         .map_or("—".into(), |x| format!("{:.1}%", 100.0 * x))
+}
+
+/// FLOPs as MFLOP with three significant digits.
+fn fmt_mflop(v: Option<f64>) -> String {
+    match v.filter(|x| x.is_finite()) {
+        None => "—".into(),
+        Some(x) => {
+            let m = x / 1e6;
+            let digits = if m >= 100.0 {
+                0
+            } else if m >= 10.0 {
+                1
+            } else if m >= 1.0 {
+                2
+            } else {
+                3
+            };
+            format!("{m:.digits$} MFLOP")
+        }
+    }
 }
 
 fn fmt_num(v: Option<f64>, digits: usize) -> String {
@@ -732,7 +765,7 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
         esc(&corpus_name)
     );
     h.push_str(&metadata_section(&m));
-    h.push_str(&r2_section(run, &mut figs)?);
+    h.push_str(&r2_section(run, &m, &mut figs)?);
     h.push_str(&predict_section(run, &m, &mut figs)?);
     h.push_str(&early_exit_section(run, &m, &mut figs)?);
     h.push_str(&submodules_section(run, &mut figs)?);
@@ -872,7 +905,7 @@ fn not_run(what: &str, file: &str, cmd: &str) -> String {
     )
 }
 
-fn r2_section(run: &RunDir, figs: &mut Figures) -> Result<String> {
+fn r2_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<String> {
     let mut h = String::from("<h2 id=\"r2\">From one layer's state to a later one: r²</h2>\n");
     let Some(r2) = read_json(run, "r2.json")? else {
         h.push_str(&not_run(
@@ -920,6 +953,28 @@ fn r2_section(run: &RunDir, figs: &mut Figures) -> Result<String> {
             h,
             "</table><p class=\"tcap\">r² of the jump from layer ℓ straight to the last layer L = {last} (the last column of \
              the heatmaps).</p>"
+        );
+    }
+    // Few training examples per coordinate: least squares overfits, most visibly from early layers.
+    let n_train = m
+        .counts
+        .get("train")
+        .and_then(|c| c.get("examples"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let d = m.model.d_model as u64;
+    if n_train > 0 && n_train < 10 * d {
+        let _ = writeln!(
+            h,
+            "<p class=\"note\">Each map has d = {d} inputs per output coordinate and was fitted on {n_train} training \
+             examples ({:.1} per input), so least squares can overfit: validation r² may fall well below what more \
+             data would give, even below 0.{}</p>",
+            n_train as f64 / d as f64,
+            if n_train < 9000 {
+                " The paper fits on 9000 sentences (<code>jumplens report</code> without <code>--quick</code>)."
+            } else {
+                ""
+            }
         );
     }
     Ok(h)
@@ -1067,12 +1122,12 @@ fn early_exit_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<
         );
     }
     if let Some(f) = e.get("flops") {
-        let g = |k: &str| f.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN) / 1e6;
+        let g = |k: &str| fmt_mflop(f.get(k).and_then(Value::as_f64));
         let _ = write!(
             h,
             "<p><b>FLOPs.</b> Layers saved count blocks only. Each cast tried on the way also costs a readout (final \
-             norm and unembedding: {:.1} MFLOP per example), plus {:.1} MFLOP for mat's d×d map, against {:.1} MFLOP \
-             per block (estimated from the model's shape).",
+             norm and unembedding: {} per example), plus {} for mat's d×d map, against {} per block (estimated \
+             from the model's shape).",
             g("per_cast_readout"),
             g("per_map"),
             g("per_block")
@@ -1177,7 +1232,7 @@ fn peek_section(run: &RunDir, m: &Manifest, lm: Option<&LoadedModel>) -> String 
             let _ = writeln!(
                 h,
                 "<p class=\"note\">No peek grids: {}</p>",
-                esc(&format!("{e:#}").lines().next().unwrap_or_default())
+                esc(format!("{e:#}").lines().next().unwrap_or_default())
             );
         }
     }
@@ -1212,7 +1267,7 @@ fn sample_sentences(run: &RunDir, n: usize) -> Result<Vec<Vec<u32>>> {
         .map(|w| tokens[w[0] as usize..w[1] as usize].iter().map(|&t| t as u32).collect())
         .collect();
     let mut candidates: Vec<usize> = (0..sentences.len())
-        .filter(|&i| (8..=22).contains(&sentences[i].len()))
+        .filter(|&i| (7..=14).contains(&sentences[i].len()))
         .collect();
     if candidates.len() < n {
         candidates = (0..sentences.len()).collect();
@@ -1256,11 +1311,11 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
     let tok = lm.tokenizer()?;
     let masked = info.attention == AttentionKind::Bidirectional;
     let mut h = String::new();
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<p>Three validation sentences read through every layer. Rows = layers (the model's output on top), \
          columns = input tokens; each cell is the lens's top-1 {} at that layer, darker = more probable; hover \
-         a cell for the top-5.{}{}</p>\n",
+         a cell for the top-5.{}{}</p>",
         if masked {
             "token for that position (the highlighted column is masked)"
         } else {

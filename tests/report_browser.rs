@@ -47,8 +47,11 @@ fn asset(rel: &str) -> Option<PathBuf> {
 }
 
 fn chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("JUMPLENS_CHROMIUM") {
-        return Some(PathBuf::from(p));
+    if let Some(p) = std::env::var_os("JUMPLENS_CHROMIUM").map(PathBuf::from) {
+        if p.is_file() {
+            return Some(p);
+        }
+        return missing(&format!("JUMPLENS_CHROMIUM={} is not a file", p.display()));
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for name in ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"] {
@@ -281,7 +284,6 @@ fn report_renders_in_headless_chromium() {
     opts.progress = false;
     let page = run_report(&opts).unwrap();
     eprintln!("run_report: {:.1} s", started.elapsed().as_secs_f64());
-    let html = std::fs::read_to_string(&page).unwrap();
 
     // Every stage recorded its wall time.
     let m = jumplens::run::RunDir::new(&opts.out).read_manifest().unwrap();
@@ -301,6 +303,18 @@ fn report_renders_in_headless_chromium() {
         "second run_report (all skipped): {:.1} s",
         again.elapsed().as_secs_f64()
     );
+    // Other sub-module sizes: only that stage runs again, and its record says so.
+    let mut other = opts.clone();
+    other.submodule_eval = 12;
+    run_report(&other).unwrap();
+    let m3 = jumplens::run::RunDir::new(&opts.out).read_manifest().unwrap();
+    let rec = |m: &jumplens::run::Manifest, s: &str, k: &str| m.stages.get(s).and_then(|r| r.get(k)).cloned();
+    assert_eq!(rec(&m3, "predict", "wall_s"), rec(&m, "predict", "wall_s"));
+    assert_ne!(rec(&m3, "submodules", "wall_s"), rec(&m, "submodules", "wall_s"));
+    assert_eq!(rec(&m3, "submodules", "n_eval"), Some(serde_json::json!(12)));
+    // Back to the first sizes for the page checked below.
+    run_report(&opts).unwrap();
+    let html = std::fs::read_to_string(&page).unwrap();
 
     // Self-contained: nothing to fetch, no script of its own.
     let lower = html.to_lowercase();

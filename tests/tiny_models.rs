@@ -253,7 +253,7 @@ fn whole_sentence_states_equal_truncated_prefix_states() {
             .unwrap();
         let whole = model::hidden_states(
             c.model.as_ref(),
-            &Batch::from_sequences(&[ids.clone()], 0, &Device::Cpu).unwrap(),
+            &Batch::from_sequences(std::slice::from_ref(&ids), 0, &Device::Cpu).unwrap(),
         )
         .unwrap();
         for p in 0..len {
