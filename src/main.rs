@@ -100,7 +100,8 @@ enum Command {
         /// Validation examples to score on.
         #[arg(long, default_value_t = 300)]
         n_eval: usize,
-        /// Training examples to fit the sub-module maps on (default: all).
+        /// Training examples to fit the sub-module maps on (default 3000: five per input dimension of
+        /// SmolLM2; all would re-run the model over the whole training set).
         #[arg(long)]
         n_train: Option<usize>,
         #[command(flatten)]
@@ -339,7 +340,7 @@ fn run(cli: Cli) -> Result<()> {
             let lm = load_model(&model, &device)?;
             let opts = SubmoduleOptions {
                 n_eval,
-                n_train: n_train.unwrap_or(usize::MAX),
+                n_train: n_train.unwrap_or(3000),
                 progress: !common.quiet,
                 ..Default::default()
             };

@@ -93,7 +93,7 @@ impl ReportOptions {
         let (n_train, n_val, submodule_eval, submodule_train) = if quick {
             (1200, 300, 40, 200)
         } else {
-            (9000, 3000, 300, usize::MAX)
+            (9000, 3000, 300, 3000)
         };
         Self {
             model: model.into(),

@@ -39,7 +39,7 @@ pub struct SubmoduleOptions {
 impl Default for SubmoduleOptions {
     fn default() -> Self {
         Self {
-            n_train: usize::MAX,
+            n_train: 3000,
             n_eval: 300,
             batch_tokens: 1024,
             progress: true,
