@@ -273,7 +273,8 @@ fn cosine_confidence(val: &Activations, lens: &Lens) -> Result<Vec<Vec<f32>>> {
 
 /// Runs the early-exit stage from the run's `predict_traces.safetensors` (and activations).
 pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExitReport> {
-    let manifest = run.read_manifest()?;
+    let started = std::time::Instant::now();
+    let mut manifest = run.read_manifest()?;
     let traces_path = crate::run::require(&run.file("predict_traces.safetensors"), "predict")?;
     let traces = crate::io::read_safetensors(&traces_path)?;
     let get = |name: &str| -> Result<Tensor> {
@@ -384,6 +385,11 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         "at_p@1_0.95": flops_rows,
     });
     crate::io::write_json(&run.file("early_exit.json"), &report)?;
+    manifest.set_stage(
+        "early_exit",
+        serde_json::json!({"wall_s": started.elapsed().as_secs_f64()}),
+    );
+    run.write_manifest(&manifest)?;
     plot_early_exit(
         &run.file("early_exit"),
         &format!("{} — early exit ({:?} rule)", manifest.model.arch, opts.rule),

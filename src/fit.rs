@@ -109,6 +109,13 @@ pub enum GramPrecision {
 }
 
 /// Options of [`fit_all_pairs`].
+///
+/// ```
+/// use jumplens::fit::FitOptions;
+/// // The paper's OLS is the default; an intercept and a ridge penalty are opt-in.
+/// let opts = FitOptions { intercept: true, ridge: 1e-3, ..FitOptions::default() };
+/// assert!(opts.intercept && FitOptions::default().ridge == 0.0);
+/// ```
 #[derive(Clone, Debug)]
 pub struct FitOptions {
     /// Fit an intercept (scikit-learn `fit_intercept=True`: centre x and y, solve, then
@@ -188,7 +195,8 @@ pub struct FitStats {
     /// Whole call.
     pub seconds_total: f64,
     /// Flops the needed Gram blocks require (a multiply-add = 2): `d^2 N` per diagonal block
-    /// (symmetric), `2 d^2 N` per off-diagonal block; all pairs: `(S d)^2 N`.
+    /// (symmetric), `2 d^2 N` per off-diagonal block; all pairs: `(S^2 - 1) d^2 N`, the
+    /// `(S d)^2 N` of the whole triangle less the last state's unused diagonal block.
     pub model_flops: f64,
     /// Flops the Gram GEMMs performed (`model_flops` plus the diagonals of the symmetric
     /// blocks).
@@ -203,6 +211,17 @@ impl FitStats {
 }
 
 /// All fitted maps of one call, sorted by (source, target).
+///
+/// ```
+/// use jumplens::fit::{fit_all_pairs, synthetic_states, FitOptions};
+/// let h = synthetic_states(3, 200, 8, 1)?;
+/// let maps = fit_all_pairs(&h, &[(0, 2), (1, 2)], &FitOptions::default())?;
+/// let pred = maps.predict(1, 2, &h.get(1)?)?; // [200, 8], approximates h_2
+/// assert_eq!(pred.dims(), &[200, 8]);
+/// assert!(maps.get(0, 1).is_none());
+/// assert_eq!(maps.named_tensors()[0].0, "a.0.2");
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct Maps {
     /// Number of states S of the input.
@@ -280,6 +299,14 @@ pub fn pairs_to_final(n_states: usize) -> Vec<(usize, usize)> {
 }
 
 /// Flops of the Gram blocks `pairs` need, as counted in [`FitStats::model_flops`].
+///
+/// ```
+/// use jumplens::fit::{model_flops, pairs_all};
+/// // All pairs of 31 states of width 576 over 9,000 examples: 30 diagonal blocks and 465
+/// // off-diagonal ones, (S^2 - 1) d^2 N, i.e. (S d)^2 N less the unused last diagonal block.
+/// let f = model_flops(9000, 576, &pairs_all(31));
+/// assert_eq!(f, (31.0 * 31.0 - 1.0) * 576.0 * 576.0 * 9000.0);
+/// ```
 pub fn model_flops(n: usize, d: usize, pairs: &[(usize, usize)]) -> f64 {
     let mut sources: Vec<usize> = pairs.iter().map(|p| p.0).collect();
     sources.sort_unstable();

@@ -536,7 +536,8 @@ pub fn run_predict(
     run: &crate::run::RunDir,
     opts: &PredictOptions,
 ) -> Result<PredictReport> {
-    let manifest = run.read_manifest()?;
+    let started = std::time::Instant::now();
+    let mut manifest = run.read_manifest()?;
     let val_path = crate::run::require(&run.activations("val"), "collect")?;
     let maps_path = match &opts.maps {
         Some(p) => p.clone(),
@@ -595,6 +596,11 @@ pub fn run_predict(
             manifest.model.arch, report.n_val
         );
         plot_predict(&run.file("predict"), &title, &report.lenses)?;
+        manifest.set_stage(
+            "predict",
+            serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_val": report.n_val}),
+        );
+        run.write_manifest(&manifest)?;
     }
     Ok(report)
 }

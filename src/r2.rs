@@ -137,6 +137,17 @@ pub fn r2_all_pairs(val: &Tensor, maps: &Maps) -> Result<R2Table> {
 }
 
 /// [`r2_all_pairs`] with explicit options.
+///
+/// ```
+/// use jumplens::fit::{fit_all_pairs, synthetic_states, FitOptions, GramPrecision};
+/// use jumplens::r2::{r2_all_pairs_with, R2Options};
+/// let h = synthetic_states(2, 300, 8, 2)?;
+/// let maps = fit_all_pairs(&h, &[(0, 1)], &FitOptions::default())?;
+/// let opts = R2Options { precision: GramPrecision::F32, ..R2Options::default() };
+/// let r2 = r2_all_pairs_with(&h, &maps, &opts)?; // training-set r^2 here
+/// assert!(r2.mat[0][1].unwrap() > r2.id[0][1].unwrap());
+/// # Ok::<(), anyhow::Error>(())
+/// ```
 pub fn r2_all_pairs_with(val: &Tensor, maps: &Maps, opts: &R2Options) -> Result<R2Table> {
     let t0 = Instant::now();
     let (s, nv, d) = val.dims3().context("r2: expected validation states [S, N, d]")?;

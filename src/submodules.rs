@@ -289,7 +289,8 @@ pub fn run_submodules(
     run: &RunDir,
     opts: &SubmoduleOptions,
 ) -> Result<(SubmoduleReport, AlternationReport)> {
-    let manifest = run.read_manifest()?;
+    let started = std::time::Instant::now();
+    let mut manifest = run.read_manifest()?;
     let info = lm.model.info().clone();
     if manifest.model.n_layers != info.n_layers || manifest.model.d_model != info.d_model {
         bail!("{}: the run was collected with another model", run.root.display());
@@ -445,6 +446,11 @@ pub fn run_submodules(
     };
     crate::io::write_json(&run.file("alternation.json"), &alt)?;
     plot_alternation(&run.file("alternation"), &manifest.model.arch, &alt)?;
+    manifest.set_stage(
+        "submodules",
+        serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_eval": n_eval, "n_train": opts.n_train.min(train.len())}),
+    );
+    run.write_manifest(&manifest)?;
     Ok((sub_report, alt))
 }
 
