@@ -333,11 +333,7 @@ fn run(cli: Cli) -> Result<()> {
             common,
         } => {
             let run = RunDir::new(&run);
-            let model = match model {
-                Some(m) => m,
-                None => run.read_manifest()?.model.path,
-            };
-            let lm = load_model(&model, &device)?;
+            let lm = run_model(&run, model, &device)?;
             let opts = SubmoduleOptions {
                 n_eval,
                 n_train: n_train.unwrap_or(3000),
@@ -393,11 +389,7 @@ fn run(cli: Cli) -> Result<()> {
             common,
         } => {
             let run = RunDir::new(&run);
-            let model = match model {
-                Some(m) => m,
-                None => run.read_manifest()?.model.path,
-            };
-            let lm = load_model(&model, &device)?;
+            let lm = run_model(&run, model, &device)?;
             let opts = PredictOptions {
                 maps,
                 batch,
@@ -510,4 +502,13 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model given on the command line, else the one recorded in the run's manifest.
+fn run_model(run: &RunDir, model: Option<String>, device: &Device) -> Result<jumplens::model::LoadedModel> {
+    let model = match model {
+        Some(m) => m,
+        None => run.read_manifest()?.model.path,
+    };
+    load_model(&model, device)
 }

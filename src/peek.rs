@@ -141,13 +141,6 @@ pub fn render_terminal(p: &Peek) -> String {
     s
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
 /// One HTML fragment (a table per lens) with cells coloured by probability and the top-5 on
 /// hover; self-contained, to embed in the report or wrap in a page.
 pub fn render_html_fragment(p: &Peek) -> String {
@@ -156,11 +149,11 @@ pub fn render_html_fragment(p: &Peek) -> String {
         let _ = write!(
             s,
             "<table class=\"peek\"><caption>{} lens</caption><tr><th>layer</th>",
-            escape(name)
+            crate::io::escape_markup(name)
         );
         for (i, t) in p.tokens.iter().enumerate() {
             let mark = if Some(i) == p.masked { " class=\"masked\"" } else { "" };
-            let _ = write!(s, "<th{mark}>{}</th>", escape(t));
+            let _ = write!(s, "<th{mark}>{}</th>", crate::io::escape_markup(t));
         }
         s.push_str("</tr>");
         for (l, row) in layers.iter().enumerate().rev() {
@@ -174,8 +167,8 @@ pub fn render_html_fragment(p: &Peek) -> String {
                 let _ = write!(
                     s,
                     "<td style=\"background:hsl(215,70%,{light:.0}%);color:{fg}\" title=\"{}\">{}</td>",
-                    escape(&hover.join("\n")),
-                    escape(top)
+                    crate::io::escape_markup(&hover.join("\n")),
+                    crate::io::escape_markup(top)
                 );
             }
             s.push_str("</tr>");
@@ -194,7 +187,7 @@ table.peek caption{font-weight:bold;text-align:left}th.masked{background:#fd8}";
 pub fn render_html_page(p: &Peek) -> String {
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>jumplens peek</title><style>body{{font-family:sans-serif}}{PEEK_CSS}</style></head><body><h1>jumplens peek</h1><p>{}</p>{}</body></html>\n",
-        escape(&p.text),
+        crate::io::escape_markup(&p.text),
         render_html_fragment(p)
     )
 }

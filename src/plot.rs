@@ -230,22 +230,6 @@ fn n(v: f64) -> String {
     }
 }
 
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c if (c as u32) < 0x20 && c != '\t' && c != '\n' => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[derive(Clone, Copy)]
 enum Anchor {
     Start,
@@ -301,7 +285,7 @@ fn text(out: &mut String, x: f64, y: f64, s: &str, f: Font) {
     if f.vertical {
         let _ = write!(out, r#" transform="rotate(-90 {} {})""#, n(x), n(y));
     }
-    let _ = writeln!(out, ">{}</text>", esc(s));
+    let _ = writeln!(out, ">{}</text>", crate::io::escape_markup(s));
 }
 
 /// Text vertically centred on `y` (baseline shifted by about a third of the size).

@@ -534,21 +534,6 @@ p.note{color:#6b7079;font-style:italic}\
 footer{margin-top:3em;color:#8a8f98;font-size:.85em}\
 ";
 
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 fn fmt_secs(s: f64) -> String {
     if s < 1.0 {
         format!("{s:.2} s")
@@ -630,7 +615,11 @@ impl Figures {
             };
             self.ids.extend(svg_ids(&svg));
             // Label the graphic for screen readers; the caption says the rest.
-            let svg = svg.replacen("<svg", &format!("<svg role=\"img\" aria-label=\"{}\"", esc(alt)), 1);
+            let svg = svg.replacen(
+                "<svg",
+                &format!("<svg role=\"img\" aria-label=\"{}\"", crate::io::escape_markup(alt)),
+                1,
+            );
             return Ok(Some(svg.trim().to_string()));
         }
         let png_path = run.file(&format!("{stem}.png"));
@@ -638,7 +627,7 @@ impl Figures {
             let bytes = std::fs::read(&png_path).with_context(|| format!("{}: cannot read", png_path.display()))?;
             return Ok(Some(format!(
                 "<img alt=\"{}\" src=\"data:image/png;base64,{}\">",
-                esc(alt),
+                crate::io::escape_markup(alt),
                 base64(&bytes)
             )));
         }
@@ -737,7 +726,7 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
         ids: HashSet::new(),
         count: 0,
     };
-    let arch = esc(&m.model.arch);
+    let arch = crate::io::escape_markup(&m.model.arch);
     let model_name = Path::new(&m.model.path)
         .file_name()
         .map_or(m.model.path.clone(), |n| n.to_string_lossy().into_owned());
@@ -751,8 +740,8 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
          <title>jumplens report — {} on {}</title><style>{CSS}{}</style></head>\n<body><main>\n",
-        esc(&model_name),
-        esc(&corpus_name),
+        crate::io::escape_markup(&model_name),
+        crate::io::escape_markup(&corpus_name),
         peek::PEEK_CSS
     );
     let _ = write!(
@@ -761,8 +750,8 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
          <p class=\"lead\">How well a linear map <i>A</i> fitted from layer ℓ to a later layer predicts the later \
          hidden state and the model's final prediction, compared with using the state as it is (the logit \
          lens) — after Yom Din et al., <i>Jump to Conclusions</i> (LREC-COLING 2024). Corpus: {}.</p>\n",
-        esc(&model_name),
-        esc(&corpus_name)
+        crate::io::escape_markup(&model_name),
+        crate::io::escape_markup(&corpus_name)
     );
     h.push_str(&metadata_section(&m));
     h.push_str(&r2_section(run, &m, &mut figs)?);
@@ -775,7 +764,7 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
         "<footer>Written by jumplens {} from <span class=\"mono\">{}</span>. Self-contained: no scripts, \
          fonts or images are loaded from anywhere.</footer>\n</main></body></html>\n",
         env!("CARGO_PKG_VERSION"),
-        esc(&run.root.display().to_string())
+        crate::io::escape_markup(&run.root.display().to_string())
     );
     let path = run.file("report.html");
     crate::io::write_atomic(&path, h.as_bytes())?;
@@ -788,31 +777,41 @@ fn metadata_section(m: &Manifest) -> String {
         let _ = writeln!(h, "<tr><th>{k}</th><td>{v}</td></tr>");
     };
     let md = &m.model;
-    row("model", format!("<span class=\"mono\">{}</span>", esc(&md.path)));
+    row(
+        "model",
+        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&md.path)),
+    );
     row(
         "model sha256",
-        format!("<span class=\"mono\">{}</span>", esc(&md.sha256)),
+        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&md.sha256)),
     );
     row(
         "architecture",
         format!(
             "{}, {} layers, d = {}, vocabulary {}, {} attention",
-            esc(&md.arch),
+            crate::io::escape_markup(&md.arch),
             md.n_layers,
             md.d_model,
             md.vocab_size,
-            esc(&md.attention)
+            crate::io::escape_markup(&md.attention)
         ),
     );
     let c = &m.corpus;
-    row("corpus", format!("<span class=\"mono\">{}</span>", esc(&c.path)));
+    row(
+        "corpus",
+        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&c.path)),
+    );
     row(
         "corpus sha256",
-        format!("<span class=\"mono\">{}</span>", esc(&c.sha256)),
+        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&c.sha256)),
     );
     row(
         "corpus format",
-        format!("{} ({} articles)", esc(&c.format.replace('_', " ")), c.articles),
+        format!(
+            "{} ({} articles)",
+            crate::io::escape_markup(&c.format.replace('_', " ")),
+            c.articles
+        ),
     );
     row("seed", m.seed.to_string());
     let positions = m
@@ -827,7 +826,7 @@ fn metadata_section(m: &Manifest) -> String {
                 )
             }
             Value::String(s) if s == "all" => "every token position".into(),
-            other => esc(&other.to_string()),
+            other => crate::io::escape_markup(&other.to_string()),
         })
         .unwrap_or_default();
     let count = |split: &str| -> String {
@@ -860,8 +859,8 @@ fn metadata_section(m: &Manifest) -> String {
         "tool",
         format!(
             "{} {} (run); page written by jumplens {}",
-            esc(&m.tool),
-            esc(&m.version),
+            crate::io::escape_markup(&m.tool),
+            crate::io::escape_markup(&m.version),
             env!("CARGO_PKG_VERSION")
         ),
     );
@@ -874,7 +873,7 @@ fn metadata_section(m: &Manifest) -> String {
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{}</td></tr>",
-            esc(&stage.replace('_', "-")),
+            crate::io::escape_markup(&stage.replace('_', "-")),
             t.map_or("not run".into(), fmt_secs)
         );
     }
@@ -893,7 +892,7 @@ fn figure(figs: &mut Figures, run: &RunDir, stem: &str, alt: &str, caption: &str
         Some(markup) => format!("<figure>\n{markup}\n<figcaption>{caption}</figcaption></figure>\n"),
         None => format!(
             "<p class=\"note\">Figure {} is missing (neither {stem}.svg nor {stem}.png is in the run folder).</p>\n",
-            esc(stem)
+            crate::io::escape_markup(stem)
         ),
     })
 }
@@ -1038,7 +1037,7 @@ fn predict_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<Str
     let last = p.get("layers").and_then(Value::as_u64).unwrap_or(0) as usize;
     h.push_str("<table class=\"data\"><tr><th>layer ℓ</th>");
     for n in &names {
-        let _ = write!(h, "<th>P@1 {}</th>", esc(n));
+        let _ = write!(h, "<th>P@1 {}</th>", crate::io::escape_markup(n));
     }
     let both = lenses.contains_key("mat") && lenses.contains_key("id");
     if both {
@@ -1109,7 +1108,7 @@ fn early_exit_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<
             let _ = writeln!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(target),
+                crate::io::escape_markup(target),
                 fmt_pct(get("mat")),
                 fmt_pct(get("id")),
                 diff.unwrap_or_else(|| "—".into())
@@ -1144,7 +1143,7 @@ fn early_exit_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<
                     };
                     format!(
                         "{} runs {} blocks and tries {} casts per example, {cost}",
-                        esc(lens),
+                        crate::io::escape_markup(lens),
                         fmt_num(v("mean_layers"), 2),
                         fmt_num(v("mean_casts"), 2),
                     )
@@ -1232,7 +1231,7 @@ fn peek_section(run: &RunDir, m: &Manifest, lm: Option<&LoadedModel>) -> String 
             let _ = writeln!(
                 h,
                 "<p class=\"note\">No peek grids: {}</p>",
-                esc(format!("{e:#}").lines().next().unwrap_or_default())
+                crate::io::escape_markup(format!("{e:#}").lines().next().unwrap_or_default())
             );
         }
     }
@@ -1355,11 +1354,11 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
                 let _ = write!(
                     h,
                     "<p class=\"peek-text\">“{}”{}</p>\n<div class=\"scroll\">{}</div>\n",
-                    esc(&text),
+                    crate::io::escape_markup(&text),
                     p.masked
                         .map(|i| format!(
                             " — token {i} (“{}”) masked",
-                            esc(p.tokens.get(i).map_or("", |s| s.trim()))
+                            crate::io::escape_markup(p.tokens.get(i).map_or("", |s| s.trim()))
                         ))
                         .unwrap_or_default(),
                     peek::render_html_fragment(&p)
@@ -1369,8 +1368,8 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
                 let _ = writeln!(
                     h,
                     "<p class=\"note\">Cannot peek at “{}”: {}</p>",
-                    esc(&text),
-                    esc(&format!("{e:#}"))
+                    crate::io::escape_markup(&text),
+                    crate::io::escape_markup(&format!("{e:#}"))
                 );
             }
         }
