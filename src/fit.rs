@@ -1032,19 +1032,25 @@ fn factor_source<T: Elem>(
 /// float64 inverse of `X_l^T X_l`). The product must be float64: `P` has entries of size
 /// `1/lambda_min`, and rounding it (or the products) to float32 puts errors into the maps
 /// that are not damped like those of the Gram (measured: ~100x larger prediction errors).
-fn product<T: Elem>(c: MatRef<'_, T>, p: MatRef<'_, f64>) -> Vec<f32> {
+fn product<T: Elem>(c: MatRef<'_, T>, p: MatRef<'_, f64>, scratch: &mut (Mat<f64>, Vec<f64>)) -> Vec<f32> {
     let d = c.nrows();
-    let c64 = Mat::<f64>::from_fn(d, d, |i, j| c[(i, j)].f64());
-    let mut buf = vec![0f64; d * d];
+    let (ct, buf) = scratch;
+    // C^T in float64, column-major; then A^T = P C^T (P symmetric) into a column-major buffer,
+    // which is A row-major (faer's GEMM is fastest with column-major operands and output).
+    for j in 0..d {
+        for (i, x) in c.col(j).iter().enumerate() {
+            ct[(j, i)] = x.f64();
+        }
+    }
     matmul(
-        MatMut::from_row_major_slice_mut(&mut buf, d, d),
+        MatMut::from_column_major_slice_mut(buf, d, d),
         Accum::Replace,
-        c64.as_ref(),
         p,
+        ct.as_ref(),
         1.0,
         Par::Seq,
     );
-    buf.into_iter().map(|x| x as f32).collect()
+    buf.iter().map(|&x| x as f32).collect()
 }
 
 fn fit_impl<T: Elem>(
@@ -1116,41 +1122,44 @@ fn fit_impl<T: Elem>(
     let mut results: Vec<PairMap> = cross
         .into_par_iter()
         .zip(cross_of.into_par_iter())
-        .map(|(block, (lc, tc))| -> Result<PairMap> {
-            let (l, t) = (plan.states[lc], plan.states[tc]);
-            let f = &factors[factor_of[&l]];
-            let a = match &f.cross64 {
-                None => product(block.as_ref(), f.p.as_ref()),
-                Some(c64) => {
-                    let j = f.targets.binary_search(&t).expect("target");
-                    product(c64[j].as_ref(), f.p.as_ref())
-                }
-            };
-            drop(block);
-            ensure!(
-                a.iter().all(|x| x.is_finite()),
-                "fit: map ({l}, {t}) is not finite (non-finite values in state {t}?)"
-            );
-            let b = match (&means[l], &means[t]) {
-                (Some(mx), Some(my)) => {
-                    let b: Vec<f32> = (0..d)
-                        .map(|i| {
-                            let row = &a[i * d..(i + 1) * d];
-                            let ax: f64 = row.iter().zip(mx).map(|(&w, &m)| w as f64 * m).sum();
-                            (my[i] - ax) as f32
-                        })
-                        .collect();
-                    Some(Tensor::from_vec(b, d, &Device::Cpu)?)
-                }
-                _ => None,
-            };
-            Ok(PairMap {
-                source: l,
-                target: t,
-                a: Tensor::from_vec(a, (d, d), &Device::Cpu)?,
-                intercept: b,
-            })
-        })
+        .map_init(
+            || (Mat::<f64>::zeros(d, d), vec![0f64; d * d]),
+            |scratch, (block, (lc, tc))| -> Result<PairMap> {
+                let (l, t) = (plan.states[lc], plan.states[tc]);
+                let f = &factors[factor_of[&l]];
+                let a = match &f.cross64 {
+                    None => product(block.as_ref(), f.p.as_ref(), scratch),
+                    Some(c64) => {
+                        let j = f.targets.binary_search(&t).expect("target");
+                        product(c64[j].as_ref(), f.p.as_ref(), scratch)
+                    }
+                };
+                drop(block);
+                ensure!(
+                    a.iter().all(|x| x.is_finite()),
+                    "fit: map ({l}, {t}) is not finite (non-finite values in state {t}?)"
+                );
+                let b = match (&means[l], &means[t]) {
+                    (Some(mx), Some(my)) => {
+                        let b: Vec<f32> = (0..d)
+                            .map(|i| {
+                                let row = &a[i * d..(i + 1) * d];
+                                let ax: f64 = row.iter().zip(mx).map(|(&w, &m)| w as f64 * m).sum();
+                                (my[i] - ax) as f32
+                            })
+                            .collect();
+                        Some(Tensor::from_vec(b, d, &Device::Cpu)?)
+                    }
+                    _ => None,
+                };
+                Ok(PairMap {
+                    source: l,
+                    target: t,
+                    a: Tensor::from_vec(a, (d, d), &Device::Cpu)?,
+                    intercept: b,
+                })
+            },
+        )
         .collect::<Result<_>>()?;
     results.sort_by_key(|p| (p.source, p.target));
     let maps_pairs = results;
