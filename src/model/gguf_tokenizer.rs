@@ -113,7 +113,9 @@ impl<'a> Meta<'a> {
         }
     }
 
-    fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+    /// The array under `key`, each element converted by `convert` (None = wrong type, reported
+    /// as "is not a {what}").
+    fn array<T>(&self, key: &str, what: &str, convert: impl Fn(&'a Value) -> Option<T>) -> Result<Option<Vec<T>>> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -123,48 +125,28 @@ impl<'a> Meta<'a> {
         items
             .iter()
             .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) => Ok(s.as_str()),
-                v => Err(anyhow!("{key}[{i}] is not a string ({:?})", v.value_type())),
-            })
+            .map(|(i, v)| convert(v).ok_or_else(|| anyhow!("{key}[{i}] is not {what} ({:?})", v.value_type())))
             .collect::<Result<Vec<_>>>()
             .map(Some)
+    }
+
+    fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>> {
+        self.array(key, "a string", |v| match v {
+            Value::String(s) => Some(s.as_str()),
+            _ => None,
+        })
     }
 
     fn ints(&self, key: &str) -> Result<Option<Vec<i64>>> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let Value::Array(items) = v else {
-            bail!("{key} is not an array ({:?})", v.value_type())
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| as_int(v).ok_or_else(|| anyhow!("{key}[{i}] is not an integer ({:?})", v.value_type())))
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.array(key, "an integer", as_int)
     }
 
     fn floats(&self, key: &str) -> Result<Option<Vec<f64>>> {
-        let Some(v) = self.get(key) else {
-            return Ok(None);
-        };
-        let Value::Array(items) = v else {
-            bail!("{key} is not an array ({:?})", v.value_type())
-        };
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::F32(x) => Ok(*x as f64),
-                Value::F64(x) => Ok(*x),
-                v => as_int(v)
-                    .map(|x| x as f64)
-                    .ok_or_else(|| anyhow!("{key}[{i}] is not a number ({:?})", v.value_type())),
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.array(key, "a number", |v| match v {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            v => as_int(v).map(|x| x as f64),
+        })
     }
 
     fn int(&self, key: &str) -> Result<Option<i64>> {
