@@ -1,8 +1,9 @@
 """PyTorch references for `scripts/bench.sh` (not tests).
 
-  forward MODEL.gguf IDS.safetensors ITERS
-      transformers (float32, 2 threads) forward pass with output_hidden_states=True on the same
-      token ids jumplens used; prints JSON {tokens, seconds (median), tokens_per_s}.
+  forward MODEL IDS.safetensors ITERS [cuda]
+      transformers (float32; 2 CPU threads, or the GPU with `cuda`) forward pass of the base model
+      with output_hidden_states=True on the same token ids jumplens used; prints JSON {tokens,
+      seconds (median), tokens_per_s}. MODEL is a .gguf file or a Hugging Face folder.
   collect MODEL.gguf ACTIVATIONS.safetensors
       the paper's pipeline: one forward pass per example over the sentence cut after its sampled
       position (batch 1, output_hidden_states), timing the whole split; prints the same JSON.
@@ -20,28 +21,37 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 
-def load(model_path):
-    torch.set_num_threads(2)
-    folder, name = os.path.split(os.path.abspath(model_path))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model.eval()
+def load(model_path, device="cpu"):
+    if device == "cpu":
+        torch.set_num_threads(2)
+    if os.path.isdir(model_path):
+        from transformers import AutoConfig, AutoModelForMaskedLM
+
+        config = AutoConfig.from_pretrained(model_path)
+        auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
+        model = auto.from_pretrained(model_path, dtype=torch.float32)
+    else:
+        folder, name = os.path.split(os.path.abspath(model_path))
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.to(device).eval()
     return model
 
 
 @torch.inference_mode()
-def forward(model_path, ids_path, iters):
-    model = load(model_path)
-    ids = load_file(ids_path)["ids"]
+def forward(model_path, ids_path, iters, device="cpu"):
+    model = load(model_path, device)
+    ids = load_file(ids_path)["ids"].to(device)
     times = []
     for i in range(iters + 1):
         t0 = time.perf_counter()
-        out = model.model(input_ids=ids, output_hidden_states=True)
+        out = model.base_model(input_ids=ids, output_hidden_states=True)
         out.hidden_states[-1].sum().item()
         if i > 0:
             times.append(time.perf_counter() - t0)
     s = statistics.median(times)
     n = ids.numel()
-    print(json.dumps({"what": "forward, all hidden states (PyTorch)", "tokens": n, "seconds": s, "tokens_per_s": n / s}))
+    print(json.dumps({"what": "forward, all hidden states (PyTorch)", "tokens": n, "seconds": s, "tokens_per_s": n / s,
+                      "torch": torch.__version__, "device": device}))
 
 
 @torch.inference_mode()
@@ -64,7 +74,7 @@ def collect(model_path, act_path):
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "forward":
-        forward(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        forward(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "cpu")
     elif cmd == "collect":
         collect(sys.argv[2], sys.argv[3])
     else:

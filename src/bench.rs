@@ -93,3 +93,101 @@ pub fn write_ids(path: &Path, ids: &[Vec<u32>]) -> Result<()> {
         None,
     )
 }
+
+/// Synthetic hidden states [S, N, d] made on `device` (a GPU benchmark cannot carry real ones):
+/// the recipe of [`crate::fit::synthetic_states`] (low-rank first state, each next state
+/// `h + 0.5 tanh(h W) + noise`, 4 outlier coordinates around 1000) with the device's own
+/// random numbers.
+pub fn synthetic_states_on(device: &Device, n_states: usize, n: usize, d: usize, seed: u64) -> Result<Tensor> {
+    // (The CPU backend cannot be seeded; the benchmark runs on GPUs.)
+    if !device.is_cpu() {
+        device.set_seed(seed)?;
+    }
+    let factors = (d / 8).max(1);
+    let z = Tensor::randn(0f32, 1.0, (n, factors), device)?;
+    let b = Tensor::randn(0f32, 2.0 / (factors as f32).sqrt(), (factors, d), device)?;
+    let mut r = (z.matmul(&b)? + Tensor::randn(0f32, 0.1, (n, d), device)?)?;
+    let mask: Vec<f32> = (0..d)
+        .map(|c| f32::from([7usize, 63, 300, 511].iter().any(|&k| k % d == c) as u8))
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, d), device)?;
+    let mut out = Vec::with_capacity(n_states);
+    for s in 0..n_states {
+        if s > 0 {
+            let w = Tensor::randn(0f32, 1.5 / (d as f32).sqrt(), (d, d), device)?;
+            let noise = Tensor::randn(0f32, 0.05, (n, d), device)?;
+            r = ((&r + (r.matmul(&w)?.tanh()? * 0.5)?)? + noise)?;
+        }
+        // Outlier columns: 1000 (1 + 0.2 h).
+        let outl = ((&r * 199.0)? + 1000.0)?.broadcast_mul(&mask)?;
+        out.push((&r + outl)?);
+    }
+    Ok(Tensor::stack(&out, 0)?)
+}
+
+/// Timing of one all-pairs fit.
+#[derive(Debug, Serialize)]
+pub struct FitTiming {
+    pub what: String,
+    pub states: usize,
+    pub n: usize,
+    pub d: usize,
+    pub pairs: usize,
+    /// Wall time of the whole fit (maps left on the device).
+    pub seconds: f64,
+    pub seconds_gram: f64,
+    pub seconds_factor: f64,
+    pub seconds_products: f64,
+    /// Model flops (see [`crate::fit::FitStats::model_flops`]) per second, in TFLOP/s.
+    pub tflops: f64,
+    /// Mean training r^2 of the jumps to the last state (a sanity check that the maps fit).
+    pub train_r2_to_last: f64,
+    /// Source layers solved by the minimum-norm (eigendecomposition) path.
+    pub layers_pseudo_inverse: usize,
+    /// Largest condition number of an unscaled Gram block (scikit-learn's cutoff is 1e12).
+    pub max_cond_unscaled: f64,
+}
+
+/// All-pairs fit on synthetic states made on `device`, after a small warm-up fit (library
+/// loading and kernel compilation stay out of the timing).
+pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Result<FitTiming> {
+    let opts = crate::fit::FitOptions::default();
+    let warm = synthetic_states_on(device, 3, 512, d.min(64), 1)?;
+    crate::fit::fit_all_pairs(&warm, &crate::fit::pairs_all(3), &opts)?;
+    let h = synthetic_states_on(device, n_states, n, d, 0)?;
+    device.synchronize()?;
+    let pairs = crate::fit::pairs_all(n_states);
+    let t0 = Instant::now();
+    let maps = crate::fit::fit_all_pairs(&h, &pairs, &opts)?;
+    device.synchronize()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    // Training r^2 of l -> last on the first 4,096 examples.
+    let sub = h.narrow(1, 0, n.min(4096))?;
+    let last = crate::fit::pairs_to_final(n_states);
+    let few = crate::fit::Maps {
+        pairs: maps
+            .pairs
+            .iter()
+            .filter(|p| last.contains(&(p.source, p.target)))
+            .cloned()
+            .collect(),
+        ..maps.clone()
+    };
+    let r2 = crate::r2::r2_all_pairs(&sub, &few)?;
+    let vals: Vec<f64> = (0..n_states - 1).filter_map(|l| r2.mat[l][n_states - 1]).collect();
+    Ok(FitTiming {
+        what: format!("all-pairs fit on {}", if device.is_cpu() { "cpu" } else { "gpu" }),
+        states: n_states,
+        n,
+        d,
+        pairs: pairs.len(),
+        seconds,
+        seconds_gram: maps.stats.seconds_gram,
+        seconds_factor: maps.stats.seconds_factor,
+        seconds_products: maps.stats.seconds_products,
+        tflops: maps.stats.model_flops / seconds / 1e12,
+        train_r2_to_last: vals.iter().sum::<f64>() / vals.len() as f64,
+        layers_pseudo_inverse: maps.layers.iter().filter(|l| l.pseudo_inverse).count(),
+        max_cond_unscaled: maps.layers.iter().map(|l| l.cond_unscaled).fold(0.0, f64::max),
+    })
+}

@@ -42,8 +42,19 @@ pub struct CollectOptions {
     pub positions: Positions,
     /// JSONL field holding the text.
     pub text_field: String,
-    /// Padded tokens per forward batch (batch size x longest sequence).
+    /// Padded tokens per forward batch (batch size x longest sequence); 0 = the device's
+    /// default ([`default_batch_tokens`]).
     pub batch_tokens: usize,
+}
+
+/// Padded tokens per forward batch when none is given: 1,024 on the CPU (larger batches only
+/// add padding there), 16,384 on a GPU, which needs wide batches to be busy.
+pub fn default_batch_tokens(device: &Device) -> usize {
+    if device.is_cpu() {
+        1024
+    } else {
+        16384
+    }
 }
 
 impl Default for CollectOptions {
@@ -54,7 +65,7 @@ impl Default for CollectOptions {
             seed: 0,
             positions: Positions::Random { k: 1 },
             text_field: "text".into(),
-            batch_tokens: 1024,
+            batch_tokens: 0,
         }
     }
 }
@@ -176,8 +187,14 @@ impl UnitBatch {
 }
 
 /// Groups units into batches of similar length (longest first), at most `batch_tokens` padded
-/// tokens each.
+/// tokens each (0 = [`default_batch_tokens`]).
 pub fn unit_batches(units: &[Unit], batch_tokens: usize, pad: u32, device: &Device) -> Result<Vec<UnitBatch>> {
+    let batch_tokens = if batch_tokens == 0 {
+        default_batch_tokens(device)
+    } else {
+        batch_tokens
+    };
+    let max_rows = if device.is_cpu() { 256 } else { 2048 };
     let first = units.first().map_or(0, |u| u.first_example);
     let mut order: Vec<usize> = (0..units.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(units[i].input.len()));
@@ -185,7 +202,7 @@ pub fn unit_batches(units: &[Unit], batch_tokens: usize, pad: u32, device: &Devi
     let mut start = 0;
     while start < order.len() {
         let t = units[order[start]].input.len();
-        let b = (batch_tokens / t.max(1)).clamp(1, 256);
+        let b = (batch_tokens / t.max(1)).clamp(1, max_rows);
         let group = &order[start..(start + b).min(order.len())];
         let seqs: Vec<Vec<u32>> = group.iter().map(|&i| units[i].input.clone()).collect();
         let batch = Batch::from_sequences(&seqs, pad, device)?;
@@ -223,8 +240,14 @@ fn run_part(
     let mut out = vec![0f32; s * n_examples * d];
     for ub in unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, lm.model.device())? {
         let states = model::hidden_states(lm.model.as_ref(), &ub.batch)?;
-        for (layer, h) in states.iter().enumerate() {
-            let rows: Vec<f32> = ub.rows(h)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        // Only the sampled rows leave the device, all layers in one copy.
+        let picked = states.iter().map(|h| ub.rows(h)).collect::<Result<Vec<_>>>()?;
+        let picked: Vec<f32> = Tensor::stack(&picked, 0)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        let per_layer = ub.examples.len() * d;
+        for (layer, rows) in picked.chunks(per_layer).enumerate() {
             for (r, &e) in ub.examples.iter().enumerate() {
                 let src = &rows[r * d..(r + 1) * d];
                 if let Some(bad) = src.iter().position(|x| !x.is_finite()) {

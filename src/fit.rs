@@ -319,7 +319,8 @@ pub fn model_flops(n: usize, d: usize, pairs: &[(usize, usize)]) -> f64 {
 }
 
 /// Fits `h_l' ≈ A h_l` by least squares for every pair of `pairs` on `train` [S, N, d]
-/// (f32, CPU; other dtypes/devices are converted).
+/// (f32; other dtypes are converted). States on a GPU are fitted there
+/// ([`crate::fit_device`]), with the maps left on it.
 ///
 /// With the default options this is scikit-learn's `LinearRegression(fit_intercept=False)`,
 /// including its minimum-norm answer on rank-deficient data (see the module docs).
@@ -337,6 +338,9 @@ pub fn model_flops(n: usize, d: usize, pairs: &[(usize, usize)]) -> f64 {
 /// # Ok::<(), anyhow::Error>(())
 /// ```
 pub fn fit_all_pairs(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions) -> Result<Maps> {
+    if !train.device().is_cpu() {
+        return crate::fit_device::fit_all_pairs_on_device(train, pairs, opts);
+    }
     let t0 = Instant::now();
     let (s, n, d) = train.dims3().context("fit: expected hidden states [S, N, d]")?;
     ensure!(n >= 1 && d >= 1, "fit: empty input [{s}, {n}, {d}]");
@@ -528,17 +532,17 @@ fn fill_chunk<T: Elem>(
 // ---------------------------------------------------------------------------------------------
 // Which blocks are needed
 
-struct Plan {
+pub(crate) struct Plan {
     /// Compact index -> state (sorted).
-    states: Vec<usize>,
+    pub(crate) states: Vec<usize>,
     /// State -> compact index (usize::MAX if absent).
-    compact: Vec<usize>,
+    pub(crate) compact: Vec<usize>,
     /// Source states (sorted) with their targets (sorted).
-    sources: Vec<(usize, Vec<usize>)>,
+    pub(crate) sources: Vec<(usize, Vec<usize>)>,
 }
 
 impl Plan {
-    fn new(s: usize, pairs: &[(usize, usize)]) -> Plan {
+    pub(crate) fn new(s: usize, pairs: &[(usize, usize)]) -> Plan {
         let mut states: Vec<usize> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
         states.sort_unstable();
         states.dedup();
@@ -661,12 +665,12 @@ fn chunk_rows(opts: &FitOptions, n: usize, kd: usize, bytes: usize) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Factorisation of one source layer
 
-enum Method {
+pub(crate) enum Method {
     Cholesky,
     PseudoInverse,
 }
 
-struct Solved {
+pub(crate) struct Solved {
     /// Inverse (or pseudo-inverse) of the *scaled* Gram block, symmetric [d, d].
     p: Mat<f64>,
     rank: usize,
@@ -957,7 +961,12 @@ struct Factor {
 }
 
 /// Scaled copy of a symmetric block, solved; returns the unscaled (pseudo-)inverse.
-fn solve_block(g: &Mat<f64>, n: usize, ridge: f64, trust: Option<f64>) -> Result<Result<(Solved, Mat<f64>), String>> {
+pub(crate) fn solve_block(
+    g: &Mat<f64>,
+    n: usize,
+    ridge: f64,
+    trust: Option<f64>,
+) -> Result<Result<(Solved, Mat<f64>), String>> {
     let (scale, inv) = scales_from_diag(g, n);
     let gs = scale_sym(g.as_ref(), &inv);
     Ok(match analyse(&gs, &scale, &inv, ridge, trust)? {
@@ -996,8 +1005,21 @@ fn factor_source<T: Elem>(
             (s, p, Some(cross), Some(why))
         }
     };
+    let (diag, warning) = layer_outcome(l, d, &solved, reason.as_deref());
+    Ok(Factor {
+        l,
+        targets: targets.to_vec(),
+        p,
+        cross64: f64_cross,
+        diag,
+        warning,
+    })
+}
+
+/// Diagnostics and warning of one solved source layer (`reason`: why float32 was not trusted).
+pub(crate) fn layer_outcome(l: usize, d: usize, solved: &Solved, reason: Option<&str>) -> (LayerDiag, Option<String>) {
     let mut msgs = Vec::new();
-    if let Some(why) = &reason {
+    if let Some(why) = reason {
         msgs.push(format!("{why}; recomputed this layer in float64"));
     }
     if solved.rank < d {
@@ -1016,16 +1038,9 @@ fn factor_source<T: Elem>(
         cond: solved.cond,
         cond_unscaled: solved.cond_unscaled,
         pseudo_inverse: matches!(solved.method, Method::PseudoInverse),
-        recomputed_f64: f64_cross.is_some(),
+        recomputed_f64: reason.is_some(),
     };
-    Ok(Factor {
-        l,
-        targets: targets.to_vec(),
-        p,
-        cross64: f64_cross,
-        diag,
-        warning,
-    })
+    (diag, warning)
 }
 
 /// `A = C P` in float64, returned as row-major f32 (C: [d, d] cross block `X_t^T X_l`, P: the

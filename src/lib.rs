@@ -9,6 +9,7 @@ pub mod corpus;
 pub mod device;
 pub mod early_exit;
 pub mod fit;
+pub mod fit_device;
 pub mod io;
 pub mod maps;
 pub mod model;

@@ -37,6 +37,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also write the model's tokenizer as a Hugging Face tokenizer.json (e.g. the one a
+        /// GGUF file carries in its metadata).
+        #[arg(long)]
+        save_tokenizer: Option<PathBuf>,
     },
     /// Hidden states h_0..h_L and logits of one text, written as safetensors.
     HiddenStates {
@@ -71,8 +75,8 @@ enum Command {
         /// JSONL field with the text.
         #[arg(long, default_value = "text")]
         text_field: String,
-        /// Padded tokens per forward batch.
-        #[arg(long, default_value_t = 1024)]
+        /// Padded tokens per forward batch (0 = 1024 on the CPU, 16384 on a GPU).
+        #[arg(long, default_value_t = 0)]
         batch_tokens: usize,
         #[command(flatten)]
         common: Common,
@@ -107,11 +111,20 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Timings for the benchmark script (scripts/bench.sh): forward throughput or collection.
+    /// Timings for the benchmark scripts (scripts/bench.sh, scripts/device_bench.sh): forward
+    /// throughput, collection, or the all-pairs fit on synthetic states.
     Bench {
-        /// forward or collect
+        /// forward, collect or fit
         what: String,
-        model: String,
+        /// The model (forward, collect).
+        model: Option<String>,
+        /// fit: number of states, examples and width of the synthetic problem.
+        #[arg(long, default_value_t = 31)]
+        states: usize,
+        #[arg(long, default_value_t = 9000)]
+        n: usize,
+        #[arg(long, default_value_t = 576)]
+        d: usize,
         /// forward: batch size and sequence length of the random inputs.
         #[arg(long, default_value_t = 32)]
         batch: usize,
@@ -135,8 +148,8 @@ enum Command {
         /// Model to use instead of the one recorded in the run's manifest.
         #[arg(long)]
         model: Option<String>,
-        /// Examples per readout batch.
-        #[arg(long, default_value_t = 128)]
+        /// Examples per readout batch (0 = 128 on the CPU, 1024 on a GPU).
+        #[arg(long, default_value_t = 0)]
         batch: usize,
         #[command(flatten)]
         common: Common,
@@ -214,8 +227,20 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let device = jumplens::device::parse(&cli.device)?;
     match cli.command {
-        Command::Inspect { model, json } => {
+        Command::Inspect {
+            model,
+            json,
+            save_tokenizer,
+        } => {
             let lm = load_model(&model, &device)?;
+            if let Some(path) = save_tokenizer {
+                let text = lm
+                    .tokenizer()?
+                    .inner()
+                    .to_string(false)
+                    .map_err(|e| anyhow::anyhow!("{}: cannot serialise the tokenizer: {e}", path.display()))?;
+                jumplens::io::write_atomic(&path, text.as_bytes())?;
+            }
             let s = lm.summary();
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -310,14 +335,14 @@ fn run(cli: Cli) -> Result<()> {
                 ridge,
                 ..Default::default()
             };
-            let s = stages::run_fit(&RunDir::new(&run), pairs, &opts)?;
+            let s = stages::run_fit(&RunDir::new(&run), pairs, &opts, &device)?;
             eprintln!(
                 "fitted {} pairs in {:.1} s ({:.0} GFLOP/s) -> {}",
                 s.pairs, s.seconds, s.gflops, s.path
             );
         }
         Command::R2 { run } => {
-            let r = stages::run_r2(&RunDir::new(&run))?;
+            let r = stages::run_r2(&RunDir::new(&run), &device)?;
             let last = r.layers;
             println!("layer  r2(mat, l->L)  r2(id, l->L)");
             for l in 0..last {
@@ -362,7 +387,16 @@ fn run(cli: Cli) -> Result<()> {
             iters,
             ids_out,
             activations,
+            states,
+            n,
+            d,
         } => {
+            if what == "fit" {
+                let t = jumplens::bench::fit_synthetic(&device, states, n, d)?;
+                println!("{}", serde_json::to_string(&t)?);
+                return Ok(());
+            }
+            let model = model.ok_or_else(|| anyhow::anyhow!("bench {what} needs a model"))?;
             let lm = load_model(&model, &device)?;
             let t = match what.as_str() {
                 "forward" => {
@@ -377,7 +411,7 @@ fn run(cli: Cli) -> Result<()> {
                     let act = jumplens::collect::Activations::read(&path)?;
                     jumplens::bench::collect_split(&lm, &act, 1024)?.0
                 }
-                other => anyhow::bail!("bench takes forward or collect, not '{other}'"),
+                other => anyhow::bail!("bench takes forward, collect or fit, not '{other}'"),
             };
             println!("{}", serde_json::to_string(&t)?);
         }

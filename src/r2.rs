@@ -149,6 +149,9 @@ pub fn r2_all_pairs(val: &Tensor, maps: &Maps) -> Result<R2Table> {
 /// # Ok::<(), anyhow::Error>(())
 /// ```
 pub fn r2_all_pairs_with(val: &Tensor, maps: &Maps, opts: &R2Options) -> Result<R2Table> {
+    if !val.device().is_cpu() {
+        return r2_all_pairs_on_device(val, maps);
+    }
     let t0 = Instant::now();
     let (s, nv, d) = val.dims3().context("r2: expected validation states [S, N, d]")?;
     ensure!(d == maps.d, "r2: validation width {d} != maps width {}", maps.d);
@@ -323,4 +326,67 @@ fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<(Sse, 
         id.extend(i);
     }
     Ok((mat, id))
+}
+
+/// [`r2_all_pairs`] on the validation states' own device (a GPU): predictions, residuals and
+/// their column sums in float64 there; only the per-coordinate sums come to the host. Runs on
+/// any candle device (the tests compare it with the CPU path on the CPU device).
+pub fn r2_all_pairs_on_device(val: &Tensor, maps: &Maps) -> Result<R2Table> {
+    let t0 = Instant::now();
+    let dev = val.device().clone();
+    let (s, nv, d) = val.dims3().context("r2: expected validation states [S, N, d]")?;
+    ensure!(d == maps.d, "r2: validation width {d} != maps width {}", maps.d);
+    ensure!(nv >= 2, "r2: needs at least 2 validation examples");
+    let to_host = |t: Tensor| -> Result<Vec<f64>> { Ok(t.to_device(&candle_core::Device::Cpu)?.to_vec1::<f64>()?) };
+    let state = |i: usize| -> Result<Tensor> { Ok(val.get(i)?.to_dtype(candle_core::DType::F64)?) };
+    let mut sst: Vec<Option<Vec<f64>>> = vec![None; s];
+    let mut mat = vec![vec![None; s]; s];
+    let mut id = vec![vec![None; s]; s];
+    let mut cached: Option<(usize, Tensor)> = None;
+    for p in &maps.pairs {
+        ensure!(
+            p.target < s,
+            "r2: pair ({}, {}) outside {s} validation states",
+            p.source,
+            p.target
+        );
+        let x = match &cached {
+            Some((l, x)) if *l == p.source => x.clone(),
+            _ => {
+                let x = state(p.source)?;
+                cached = Some((p.source, x.clone()));
+                x
+            }
+        };
+        let y = state(p.target)?;
+        if sst[p.target].is_none() {
+            let mean = y.mean_keepdim(0)?;
+            let mut v = to_host(y.broadcast_sub(&mean)?.sqr()?.sum(0)?)?;
+            // A column whose values are all equal has SST = 0 exactly (scikit-learn's rule).
+            let spread = to_host((y.max(0)? - y.min(0)?)?)?;
+            for (t, sp) in v.iter_mut().zip(spread) {
+                if sp == 0.0 {
+                    *t = 0.0;
+                }
+            }
+            sst[p.target] = Some(v);
+        }
+        let a = p.a.to_device(&dev)?.to_dtype(candle_core::DType::F64)?;
+        let mut pred = x.matmul(&a.t()?)?;
+        if let Some(b) = &p.intercept {
+            pred = pred.broadcast_add(&b.to_device(&dev)?.to_dtype(candle_core::DType::F64)?)?;
+        }
+        let sse_mat = to_host((&y - pred)?.sqr()?.sum(0)?)?;
+        let sse_id = to_host((&y - &x)?.sqr()?.sum(0)?)?;
+        let sst_t = sst[p.target].as_ref().expect("sst");
+        mat[p.source][p.target] = Some(score(&sse_mat, sst_t));
+        id[p.source][p.target] = Some(score(&sse_id, sst_t));
+    }
+    Ok(R2Table {
+        n_states: s,
+        mat,
+        id,
+        seconds: t0.elapsed().as_secs_f64(),
+        flops: 2.0 * (nv * d * d) as f64 * maps.pairs.len() as f64,
+    })
 }

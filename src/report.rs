@@ -413,13 +413,13 @@ fn run_stage(stage: &str, run: &RunDir, opts: &ReportOptions, lm: &LoadedModel) 
             collect::collect(lm, &opts.corpus, run, &opts.collect_options(), opts.progress)?;
         }
         "fit" => {
-            let s = stages::run_fit(run, Pairs::All, &FitOptions::default())?;
+            let s = stages::run_fit(run, Pairs::All, &FitOptions::default(), &opts.device)?;
             if opts.progress {
                 eprintln!("      {} pairs, {:.0} GFLOP/s", s.pairs, s.gflops);
             }
         }
         "r2" => {
-            stages::run_r2(run)?;
+            stages::run_r2(run, &opts.device)?;
         }
         "predict" => {
             let p = PredictOptions {

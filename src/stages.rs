@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use anyhow::Result;
+use candle_core::Device;
 use serde::Serialize;
 
 use crate::collect::Activations;
@@ -35,7 +36,9 @@ pub struct FitSummary {
 
 /// Fits the maps on the training activations and writes them (`maps.safetensors`, or
 /// `maps_affine.safetensors` with an intercept).
-pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions) -> Result<FitSummary> {
+/// The states go to `device` for the fit ([`crate::fit_device`] on a GPU); the maps come back
+/// to the host to be written.
+pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -> Result<FitSummary> {
     let mut manifest = run.read_manifest()?;
     let started = Instant::now();
     let train = Activations::read(&require(&run.activations("train"), "collect")?)?;
@@ -44,7 +47,7 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions) -> Result<FitSumma
         Pairs::All => fit::pairs_all(s),
         Pairs::ToFinal => fit::pairs_to_final(s),
     };
-    let maps = fit::fit_all_pairs(&train.hidden_states, &pair_list, opts)?;
+    let maps = fit::fit_all_pairs(&train.hidden_states.to_device(device)?, &pair_list, opts)?;
     for w in &maps.warnings {
         eprintln!("warning: {w}");
     }
@@ -69,9 +72,9 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions) -> Result<FitSumma
         path: run.maps(),
     };
     for p in &maps.pairs {
-        set.maps.insert((p.source, p.target), p.a.clone());
+        set.maps.insert((p.source, p.target), p.a.to_device(&Device::Cpu)?);
         if let Some(b) = &p.intercept {
-            set.biases.insert((p.source, p.target), b.clone());
+            set.biases.insert((p.source, p.target), b.to_device(&Device::Cpu)?);
         }
     }
     let path = if opts.intercept {
@@ -142,15 +145,15 @@ pub struct R2Report {
 }
 
 /// Computes r^2 of mat and id for every fitted pair on the validation activations; writes
-/// `r2.json` and `r2.svg`/`.png`.
-pub fn run_r2(run: &RunDir) -> Result<R2Report> {
+/// `r2.json` and `r2.svg`/`.png`. The scores are computed on `device`.
+pub fn run_r2(run: &RunDir, device: &Device) -> Result<R2Report> {
     let mut manifest = run.read_manifest()?;
     let started = Instant::now();
     let val = Activations::read(&require(&run.activations("val"), "collect")?)?;
     let set = MapSet::read(&require(&run.maps(), "fit")?)?;
     set.check_model(&manifest.model)?;
     let (s, n, d) = val.hidden_states.dims3()?;
-    let table = crate::r2::r2_all_pairs(&val.hidden_states, &as_fit_maps(&set, s, d))?;
+    let table = crate::r2::r2_all_pairs(&val.hidden_states.to_device(device)?, &as_fit_maps(&set, s, d))?;
     let report = R2Report {
         layers: s - 1,
         n_val: n,

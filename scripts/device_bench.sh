@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# GPU benchmark and GPU-vs-CPU agreement. Runs ON the GPU machine, from the repository root, with
+# a CUDA build of jumplens (scripts/build_cuda.sh -> dist/jumplens-cuda.xz) and the test data
+# prepared by scripts/prepare_device_data.sh (.device-data/: a 4-block SmolLM2 GGUF, the BERT MLM
+# asset, the Wikipedia summaries). PyTorch + transformers must be installed there (the reference).
+#
+#   scripts/device_bench.sh [SECTION...]      (default: all)
+#
+# Sections:
+#   jit      first CUDA use on a fresh machine (kernel JIT), then a second one
+#   agree    the same small study (collect 2,000/500, fit, r2, predict, early exit) on the CPU and
+#            on the GPU for the truncated SmolLM2 and for BERT, compared number by number; also
+#            the GPU fit of the CPU-collected states (fit alone) and one text's hidden states
+#   fit      all-pairs fit on synthetic states: SmolLM2-shaped (31 x 576, 9,000) and
+#            GPT-2-XL-shaped (49 x 1600, 100,000), float64 sufficient statistics on the GPU
+#   study    the whole study on a random SmolLM2-shaped model (real tokenizer, Wikipedia):
+#            collect 9,000 + 3,000 sentences, fit all pairs, r2, predict, early exit
+#   forward  forward throughput with all hidden states, jumplens vs PyTorch transformers on the
+#            same GPU and token ids: SmolLM2, GPT-2 small/medium/XL, BERT-large shapes
+#            (random weights), batch 32/256/1024 x 24 tokens
+#
+# Results in $OUT (default ./device-out): tables.md (the tables, also printed after each section),
+# log.txt, and raw.tgz with one JSON/text file per measurement (the device tool returns at most 8
+# files, so the raw files are bundled).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/device-out}
+DATA=${JUMPLENS_DEVICE_DATA:-$ROOT/.device-data}
+W=${JUMPLENS_WORK:-/tmp/jumplens-device}
+R_OUT=$W/raw
+mkdir -p "$OUT" "$W" "$R_OUT"
+# shellcheck source=device_env.sh
+source "$ROOT/scripts/device_env.sh"
+BIN=$W/jumplens
+[ -x "$BIN" ] || { xz -dc "$ROOT/dist/jumplens-cuda.xz" >"$BIN" && chmod +x "$BIN"; } || exit 1
+PY=${PYTHON:-python3}
+SECTIONS=${*:-jit agree fit study forward}
+
+log() { echo "== $*" | tee -a "$OUT/log.txt" >&2; }
+# timed NAME CMD...: runs CMD, appends {name, seconds, rc} to $OUT/times.jsonl
+timed() {
+  local name=$1
+  shift
+  local t0 t1 rc
+  t0=$(date +%s.%N)
+  "$@" 2>>"$OUT/log.txt"
+  rc=$?
+  t1=$(date +%s.%N)
+  echo "{\"name\": \"$name\", \"seconds\": $(awk "BEGIN {print $t1 - $t0}"), \"rc\": $rc}" >>"$R_OUT/times.jsonl"
+  [ $rc -eq 0 ] || log "FAILED ($rc): $name"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R_OUT/gpu.txt"
+[ -f "$W/wiki.json" ] || xz -dc "$DATA/wiki/summaries_en-us.json.xz" >"$W/wiki.json"
+
+tables() {
+  $PY - "$R_OUT" >"$OUT/tables.md" <<'PY'
+import glob, json, os, sys
+out = sys.argv[1]
+def j(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return None
+gpu = open(os.path.join(out, "gpu.txt")).read().strip()
+print(f"GPU: {gpu}\n")
+times = [json.loads(l) for l in open(os.path.join(out, "times.jsonl"))] if os.path.exists(os.path.join(out, "times.jsonl")) else []
+if times:
+    print("| step | wall s | rc |\n|---|---|---|")
+    for t in times:
+        print(f"| {t['name']} | {t['seconds']:.2f} | {t['rc']} |")
+    study = [t for t in times if t["name"].startswith("study ")]
+    if study:
+        print(f"\nwhole study (collect, fit, r2, predict, early exit; process wall times): {sum(t['seconds'] for t in study):.1f} s")
+fits = sorted(p for p in glob.glob(os.path.join(out, "fit-*.json")))
+if fits:
+    print("\n| fit (synthetic, all pairs) | states x d | N | pairs | jumplens s | Gram s | factor s | products s | TFLOP/s | train r2 l->L | PyTorch s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in fits:
+        f = j(p)
+        r = j(p.replace("fit-", "fitref-"))
+        if f:
+            ref = f"| {r['seconds']:.2f} | {r['seconds'] / f['seconds']:.2f}x |" if r else "| - | - |"
+            print(f"| {os.path.basename(p)[4:-5]} | {f['states']} x {f['d']} | {f['n']} | {f['pairs']} | {f['seconds']:.2f} | {f['seconds_gram']:.2f} | {f['seconds_factor']:.2f} | {f['seconds_products']:.2f} | {f['tflops']:.1f} | {f['train_r2_to_last']:.4f} {ref}")
+fw = sorted(glob.glob(os.path.join(out, "fwd-*-jumplens.json")))
+if fw:
+    print("\n| forward, all hidden states | batch x 24 | jumplens tok/s | PyTorch tok/s | ratio |\n|---|---|---|---|---|")
+    rows = []
+    for p in fw:
+        name = os.path.basename(p)[4:-len("-jumplens.json")]
+        m, b = name.rsplit("-", 1)
+        a, t = j(p), j(p.replace("-jumplens.json", "-torch.json"))
+        rows.append((m, int(b), a, t))
+    order = ["smollm2", "gpt2", "gpt2-medium", "gpt2-xl", "bert-large"]
+    rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else 99, r[1]))
+    for m, b, a, t in rows:
+        ja = f"{a['tokens_per_s']:.0f}" if a else "failed"
+        jt = f"{t['tokens_per_s']:.0f}" if t else "failed"
+        ratio = f"{a['tokens_per_s'] / t['tokens_per_s']:.2f}x" if a and t else "-"
+        print(f"| {m} | {b} | {ja} | {jt} | {ratio} |")
+for p in sorted(glob.glob(os.path.join(out, "agree-*.json"))):
+    r = j(p)
+    print(f"\n{os.path.basename(p)}:")
+    for k, v in r["tensors"].items():
+        print(f"  {k}: worst rel {v['worst']:.2e} ({v['worst_name']}), median {v['median']:.2e}")
+    for k, v in r["json"].items():
+        print(f"  {k}: max |diff| {v['max_abs_diff']:.2e} at {v['where']}")
+PY
+  tar czf "$OUT/raw.tgz" -C "$R_OUT" .
+}
+
+for section in $SECTIONS; do
+  case $section in
+  jit)
+    log "jit"
+    timed "first CUDA use (JIT)" "$BIN" --device cuda bench fit --states 3 --n 4096 --d 64 >"$R_OUT/jit1.json"
+    timed "second CUDA use" "$BIN" --device cuda bench fit --states 3 --n 4096 --d 64 >"$R_OUT/jit2.json"
+    ;;
+  agree)
+    for name in smollm2-4blk bert_mlm; do
+      case $name in
+      smollm2-4blk) M=$DATA/smollm2-4blk.gguf mask="" ;;
+      bert_mlm) M=$DATA/bert_mlm mask="--mask-position 4" ;;
+      esac
+      log "agree $name"
+      for dev in cpu cuda; do
+        R=$W/agree-$name-$dev
+        rm -rf "$R"
+        # shellcheck disable=SC2086
+        timed "agree $name $dev hidden-states" "$BIN" --device $dev hidden-states "$M" $mask \
+          --text "The quick brown fox jumps over the lazy dog near the river bank." --out "$W/hs-$name-$dev.safetensors"
+        timed "agree $name $dev collect" "$BIN" --device $dev collect "$M" --corpus "$W/wiki.json" --out "$R" \
+          --train 2000 --val 500 --quiet
+        for stage in fit r2 predict early-exit; do
+          timed "agree $name $dev $stage" "$BIN" --device $dev $stage "$R" >/dev/null
+        done
+      done
+      # The GPU fit of the CPU's states: the fit alone, same inputs.
+      F=$W/agree-$name-cpu-states-gpu-fit
+      rm -rf "$F" && mkdir -p "$F" && cp -r "$W/agree-$name-cpu/manifest.json" "$W/agree-$name-cpu/activations" "$F/"
+      timed "agree $name gpu fit of cpu states" "$BIN" --device cuda fit "$F" >/dev/null
+      timed "agree $name gpu r2 of cpu states" "$BIN" --device cuda r2 "$F" >/dev/null
+      $PY "$ROOT/scripts/compare_runs.py" --states "$W/hs-$name-cuda.safetensors" "$W/hs-$name-cpu.safetensors" \
+        >"$R_OUT/agree-$name-hidden.txt"
+      $PY "$ROOT/scripts/compare_runs.py" "$W/agree-$name-cuda" "$W/agree-$name-cpu" --json "$R_OUT/agree-$name.json" \
+        >"$R_OUT/agree-$name.txt"
+      $PY "$ROOT/scripts/compare_runs.py" "$F" "$W/agree-$name-cpu" --json "$R_OUT/agree-$name-fit.json" \
+        >"$R_OUT/agree-$name-fit.txt"
+      cat "$R_OUT/agree-$name-hidden.txt" "$R_OUT/agree-$name.txt" "$R_OUT/agree-$name-fit.txt"
+    done
+    ;;
+  fit)
+    log "fit"
+    timed "fit smollm2-shaped" "$BIN" --device cuda bench fit --states 31 --n 9000 --d 576 >"$R_OUT/fit-smollm2.json"
+    timed "fit gpt2-xl-shaped" "$BIN" --device cuda bench fit --states 49 --n 100000 --d 1600 >"$R_OUT/fit-gpt2xl.json"
+    timed "fit smollm2-shaped (PyTorch)" $PY "$ROOT/scripts/bench_fit_torch.py" 31 9000 576 cuda >"$R_OUT/fitref-smollm2.json"
+    timed "fit gpt2-xl-shaped (PyTorch)" $PY "$ROOT/scripts/bench_fit_torch.py" 49 100000 1600 cuda >"$R_OUT/fitref-gpt2xl.json"
+    cat "$R_OUT"/fit-*.json "$R_OUT"/fitref-*.json
+    ;;
+  study)
+    log "study"
+    [ -f "$W/models/smollm2/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" "$W/models" smollm2
+    "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$W/models/smollm2/tokenizer.json" >/dev/null
+    R=$W/study
+    rm -rf "$R"
+    timed "study collect 9000+3000" "$BIN" --device cuda collect "$W/models/smollm2" --corpus "$W/wiki.json" \
+      --out "$R" --train 9000 --val 3000 --quiet
+    for stage in fit r2 predict early-exit; do
+      timed "study $stage" "$BIN" --device cuda $stage "$R" >/dev/null
+    done
+    cp "$R/manifest.json" "$R_OUT/study-manifest.json"
+    ;;
+  forward)
+    log "forward"
+    for m in smollm2 gpt2 gpt2-medium gpt2-xl bert-large; do
+      [ -f "$W/models/$m/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" "$W/models" $m >>"$OUT/log.txt"
+      for b in 32 256 1024; do
+        "$BIN" --device cuda bench forward "$W/models/$m" --batch $b --seq 24 --iters 10 \
+          --ids-out "$W/ids.safetensors" >"$R_OUT/fwd-$m-$b-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens forward $m $b"
+        $PY "$ROOT/scripts/bench_torch.py" forward "$W/models/$m" "$W/ids.safetensors" 10 cuda \
+          >"$R_OUT/fwd-$m-$b-torch.json" 2>>"$OUT/log.txt" || log "FAILED torch forward $m $b"
+      done
+      rm -rf "${W:?}/models/$m"
+    done
+    ;;
+  *) log "unknown section $section" ;;
+  esac
+  tables
+done
+cat "$OUT/tables.md"
+

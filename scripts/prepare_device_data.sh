@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Prepares .device-data/ (git-ignored) for scripts/device_bench.sh: what travels to the GPU
+# machine must fit in 64 MiB with the repository and the binary, so it holds a 4-block cut of the
+# SmolLM2 GGUF (embeddings re-quantized to Q4_0, scripts/truncate_gguf.py), the BERT MLM asset
+# and the Wikipedia summaries xz-compressed (about 45 MB in all). Needs the assets
+# (scripts/fetch_assets.sh smollm2 bert_mlm wiki) and `pip install gguf`.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+A=${JUMPLENS_ASSETS:-$ROOT/assets}
+D=$ROOT/.device-data
+mkdir -p "$D/wiki"
+python3 "$ROOT/scripts/truncate_gguf.py" "$A/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$D/smollm2-4blk.gguf" 4 --q4-embeddings
+rm -rf "$D/bert_mlm" && cp -r "$A/bert_mlm" "$D/bert_mlm"
+xz -9 -c "$A/wiki/summaries_en-us.json" >"$D/wiki/summaries_en-us.json.xz"
+du -sh "$D"

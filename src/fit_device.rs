@@ -1,0 +1,446 @@
+//! The all-pairs fit of [`crate::fit`] with the sufficient statistics accumulated on the
+//! device that holds the hidden states (a GPU): what crosses to the host is one `d x d` block
+//! per source layer, never the states.
+//!
+//! # Why it is built this way
+//!
+//! On the CPU the Gram blocks are float32 GEMMs with a float64 recomputation of troubled layers
+//! ([`crate::fit`]). On a GPU float64 GEMM runs at the rate of float32 (an H200 measured 54.5
+//! TFLOP/s float64 against 39.9 float32 for a 100k x 1600 Gram), so everything is float64 and
+//! no layer needs a second pass. Per chunk of examples the needed states are laid out as
+//! `Z^T` [K d, rows] (one row per coordinate), so the states `l..` of a source are a
+//! contiguous band of rows and its block row of the Gram, `[X_l; X_t...]^T X_l`, is a single
+//! GEMM (one per maximal run of consecutive target states). Then, per source layer, the
+//! diagonal block goes to the host and is factorised there exactly as on the CPU path (column
+//! equilibration, condition estimates, scikit-learn's minimum-norm cutoff, ridge), and the
+//! float64 inverse `P` comes back for one GEMM `A = C P` over all targets of that source. The
+//! maps stay on the device as float32 (views of one buffer per source layer).
+//!
+//! The same code runs on any candle device; the tests run it on the CPU against
+//! [`crate::fit::fit_all_pairs`].
+//!
+//! Every device operation works on one state `[N, d]` (or less) at a time: candle's CUDA
+//! kernels compute strided offsets in 32 bits, which a view across all states of a large
+//! problem overflows (seen: garbage maps for 49 x 100,000 x 1,600 states).
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use faer::Mat;
+use rayon::prelude::*;
+
+use crate::fit::{
+    layer_outcome, model_flops, solve_block, FitOptions, FitStats, GramPrecision, LayerDiag, Maps, PairMap, Plan,
+};
+
+/// Bytes of one float64 chunk `Z^T` [K d, rows] (the rows per chunk follow from it).
+const CHUNK_BYTES: usize = 4 << 30;
+
+/// Waits for the device's queued work, so that wall-clock timings mean something.
+fn sync(device: &Device) -> Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+/// Maximal runs of consecutive compact indices, as (first, length).
+fn runs(idx: &[usize]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for &i in idx {
+        match out.last_mut() {
+            Some((a, len)) if *a + *len == i => *len += 1,
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+/// One source layer's solve: the unscaled (pseudo-)inverse of `X_l^T X_l`, its diagnostics
+/// and warning.
+type Solution = (Mat<f64>, LayerDiag, Option<String>);
+
+/// One source layer's accumulated Gram blocks: `X_c^T X_l` for the compact states `c` of each
+/// run, stacked [run_len d, d], float64 on the device.
+struct BlockRow {
+    source: usize,
+    /// (first compact state, length, accumulator).
+    runs: Vec<(usize, usize, Tensor)>,
+}
+
+/// Fits every pair of `pairs` on `train` [S, N, d] (float32) on the tensor's own device. Same
+/// model and options as [`crate::fit::fit_all_pairs`] (which calls this for non-CPU tensors);
+/// the maps are returned on that device.
+pub fn fit_all_pairs_on_device(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions) -> Result<Maps> {
+    let t0 = Instant::now();
+    let device = train.device().clone();
+    let (s, n, d) = train.dims3().context("fit: expected hidden states [S, N, d]")?;
+    ensure!(n >= 1 && d >= 1, "fit: empty input [{s}, {n}, {d}]");
+    ensure!(opts.ridge >= 0.0 && opts.ridge.is_finite(), "fit: ridge must be >= 0");
+    let mut pairs = pairs.to_vec();
+    pairs.sort_unstable();
+    pairs.dedup();
+    ensure!(!pairs.is_empty(), "fit: no pairs given");
+    for &(l, t) in &pairs {
+        ensure!(
+            l < t && t < s,
+            "fit: pair ({l}, {t}) invalid for {s} states (need l < l' < S)"
+        );
+    }
+    let plan = Plan::new(s, &pairs);
+    let k = plan.states.len();
+    let kd = k * d;
+    let rows = if opts.chunk_rows > 0 {
+        opts.chunk_rows
+    } else {
+        CHUNK_BYTES / (kd * 8)
+    }
+    .clamp(1, n);
+    // `Z^T` of examples start..start+len, centred by `means` ([K d, 1] float64) if given.
+    // Built state by state: candle's CUDA kernels index strided tensors with 32-bit offsets, so
+    // no strided view may span the whole [S, N, d] input (7.8e9 values for GPT-2-XL at N=1e5).
+    let chunk = |start: usize, len: usize, means: Option<&Tensor>| -> Result<Tensor> {
+        let parts = plan
+            .states
+            .iter()
+            .map(|&st| train.get(st)?.narrow(0, start, len)?.t()?.to_dtype(DType::F64))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let zt = Tensor::cat(&parts, 0)?;
+        debug_assert_eq!(zt.dims(), &[kd, len]);
+        Ok(match means {
+            Some(m) => zt.broadcast_sub(m)?,
+            None => zt,
+        })
+    };
+
+    // Column means (float64) for an intercept: scikit-learn centres before solving.
+    let means = if opts.intercept {
+        let mut sum = Tensor::zeros((kd, 1), DType::F64, &device)?;
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
+            sum = (sum + chunk(start, len, None)?.sum_keepdim(1)?)?;
+        }
+        Some((sum / n as f64)?)
+    } else {
+        None
+    };
+    sync(&device)?;
+    let t_stats = t0.elapsed().as_secs_f64();
+
+    // Pass 1: the diagonal block of every source (S d^2 N flops, a few percent of the Gram).
+    let mut gram_flops = 0f64;
+    let mut diag_acc: Vec<Tensor> = plan
+        .sources
+        .iter()
+        .map(|_| Tensor::zeros((d, d), DType::F64, &device))
+        .collect::<candle_core::Result<_>>()?;
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let zt = chunk(start, len, means.as_ref())?;
+        for ((l, _), acc) in plan.sources.iter().zip(diag_acc.iter_mut()) {
+            let x = zt.narrow(0, plan.compact[*l] * d, d)?;
+            *acc = (&*acc + x.matmul(&x.t()?)?)?;
+            gram_flops += 2.0 * (d * d * len) as f64;
+        }
+    }
+    let diags: Vec<Mat<f64>> = diag_acc
+        .iter()
+        .map(|acc| {
+            let g = acc.to_device(&Device::Cpu)?.to_vec2::<f64>()?;
+            Ok(Mat::from_fn(d, d, |i, j| 0.5 * (g[i][j] + g[j][i])))
+        })
+        .collect::<Result<_>>()?;
+    drop(diag_acc);
+    let t_diag = t0.elapsed().as_secs_f64();
+
+    // The host factorises the diagonal blocks (float64, exactly as on the CPU path: this is
+    // where scikit-learn's rank decision is made, an eigendecomposition for ill-conditioned
+    // layers) while the device accumulates pass 2, the cross blocks `X_t^T X_l` of every pair,
+    // one GEMM per source and run of consecutive targets.
+    let sources = &plan.sources;
+    let factorise = || -> Result<(Vec<Solution>, f64)> {
+        let t = Instant::now();
+        let solved = diags
+            .par_iter()
+            .zip(sources.par_iter())
+            .map(|(g, (l, _))| {
+                let l = *l;
+                ensure!(
+                    (0..d).all(|i| g[(i, i)].is_finite()),
+                    "fit: state {l} contains non-finite values"
+                );
+                let (sol, p) =
+                    solve_block(g, n, opts.ridge, None)?.map_err(|why| anyhow::anyhow!("fit: layer {l}: {why}"))?;
+                let (diag, warning) = layer_outcome(l, d, &sol, None);
+                Ok((p, diag, warning))
+            })
+            .collect::<Result<_>>()?;
+        Ok((solved, t.elapsed().as_secs_f64()))
+    };
+    let accumulate = || -> Result<(Vec<BlockRow>, f64, f64)> {
+        let t = Instant::now();
+        let mut flops = 0f64;
+        let mut block_rows: Vec<BlockRow> = sources
+            .iter()
+            .map(|(l, ts)| {
+                let idx: Vec<usize> = ts.iter().map(|t| plan.compact[*t]).collect();
+                let runs = runs(&idx)
+                    .into_iter()
+                    .map(|(a, len)| Ok((a, len, Tensor::zeros((len * d, d), DType::F64, &device)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(BlockRow { source: *l, runs })
+            })
+            .collect::<Result<_>>()?;
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
+            let zt = chunk(start, len, means.as_ref())?;
+            for br in &mut block_rows {
+                let xl = zt.narrow(0, plan.compact[br.source] * d, d)?.t()?; // [rows, d]
+                for (a, rl, acc) in &mut br.runs {
+                    let band = zt.narrow(0, *a * d, *rl * d)?; // [run d, rows]
+                    *acc = (&*acc + band.matmul(&xl)?)?;
+                    flops += 2.0 * (*rl * d * d * len) as f64;
+                }
+            }
+        }
+        sync(&device)?;
+        Ok((block_rows, flops, t.elapsed().as_secs_f64()))
+    };
+    let (factored, accumulated) = std::thread::scope(|scope| {
+        let host = scope.spawn(factorise);
+        let device_side = accumulate();
+        (host.join().expect("factorisation thread panicked"), device_side)
+    });
+    let (block_rows, cross_flops, seconds_cross) = accumulated?;
+    let (solved, seconds_factor) = factored?;
+    gram_flops += cross_flops;
+    let t_factor = t0.elapsed().as_secs_f64();
+
+    // A = C P for all targets of a source in one GEMM; maps as float32 views.
+    let mut maps_pairs = Vec::with_capacity(pairs.len());
+    let mut layers = Vec::with_capacity(solved.len());
+    let mut warnings = Vec::new();
+    for (br, (p, diag, warning)) in block_rows.into_iter().zip(solved) {
+        let l = br.source;
+        let lc = plan.compact[l];
+        let p = Tensor::from_vec(
+            (0..d * d).map(|x| p[(x / d, x % d)]).collect::<Vec<f64>>(),
+            (d, d),
+            &device,
+        )?;
+        let mu_l = means.as_ref().map(|m| m.narrow(0, lc * d, d)).transpose()?;
+        for (a0, m, c) in br.runs {
+            let a64 = c.matmul(&p)?; // [m d, d] = stacked A_t (out x in)
+            drop(c);
+            let worst = a64.abs()?.max_keepdim(0)?.max_keepdim(1)?.to_device(&Device::Cpu)?;
+            let worst = worst.flatten_all()?.to_vec1::<f64>()?[0];
+            let first_t = plan.states[a0];
+            ensure!(
+                worst.is_finite(),
+                "fit: maps from state {l} are not finite (non-finite values in states {first_t}..?)"
+            );
+            let biases = match (&means, &mu_l) {
+                (Some(mu), Some(mu_l)) => {
+                    let mu_t = mu.narrow(0, a0 * d, m * d)?;
+                    Some((mu_t - a64.matmul(mu_l)?)?.to_dtype(DType::F32)?.flatten_all()?)
+                }
+                _ => None,
+            };
+            let a32 = a64.to_dtype(DType::F32)?;
+            for j in 0..m {
+                maps_pairs.push(PairMap {
+                    source: l,
+                    target: plan.states[a0 + j],
+                    a: a32.narrow(0, j * d, d)?,
+                    intercept: biases.as_ref().map(|b| b.narrow(0, j * d, d)).transpose()?,
+                });
+            }
+        }
+        layers.push(diag);
+        warnings.extend(warning);
+    }
+    maps_pairs.sort_by_key(|p| (p.source, p.target));
+    sync(&device)?;
+    let t_end = t0.elapsed().as_secs_f64();
+    Ok(Maps {
+        n_states: s,
+        d,
+        intercept: opts.intercept,
+        ridge: opts.ridge,
+        pairs: maps_pairs,
+        layers,
+        warnings,
+        stats: FitStats {
+            precision: GramPrecision::F64,
+            chunk_rows: rows,
+            gram_blocks: pairs.len() + plan.sources.len(),
+            seconds_stats: t_stats,
+            // On the device the factorisations overlap the second Gram pass.
+            seconds_gram: t_diag - t_stats + seconds_cross,
+            seconds_factor,
+            seconds_products: t_end - t_factor,
+            seconds_total: t_end,
+            model_flops: model_flops(n, d, &pairs),
+            gram_flops,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fit::{fit_all_pairs, pairs_all, pairs_to_final, synthetic_states};
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let norm = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        (diff / norm).sqrt()
+    }
+
+    /// The device algorithm (run here on the CPU device) gives the CPU path's maps.
+    #[test]
+    fn device_path_matches_cpu_fit() {
+        let h = synthetic_states(6, 900, 24, 3).unwrap();
+        for (pairs, intercept, ridge) in [
+            (pairs_all(6), false, 0.0),
+            (pairs_to_final(6), false, 0.0),
+            (vec![(0, 2), (0, 3), (0, 5), (2, 4)], true, 0.0),
+            (pairs_all(6), false, 1e-2),
+        ] {
+            let opts = FitOptions {
+                intercept,
+                ridge,
+                precision: GramPrecision::F64,
+                // Several chunks of examples, the last one short.
+                chunk_rows: 250,
+            };
+            let cpu = fit_all_pairs(&h, &pairs, &opts).unwrap();
+            let dev = fit_all_pairs_on_device(&h, &pairs, &opts).unwrap();
+            assert_eq!(cpu.pairs.len(), dev.pairs.len());
+            for (c, g) in cpu.pairs.iter().zip(&dev.pairs) {
+                assert_eq!((c.source, c.target), (g.source, g.target));
+                let e = max_rel(&g.a, &c.a);
+                assert!(e < 1e-5, "pair ({}, {}): {e}", c.source, c.target);
+                match (&c.intercept, &g.intercept) {
+                    (Some(bc), Some(bg)) => assert!(max_rel(bg, bc) < 1e-4),
+                    (None, None) => {}
+                    _ => panic!("intercepts differ in presence"),
+                }
+            }
+            assert_eq!(cpu.layers.len(), dev.layers.len());
+            for (c, g) in cpu.layers.iter().zip(&dev.layers) {
+                assert_eq!((c.layer, c.rank), (g.layer, g.rank));
+            }
+        }
+    }
+
+    /// Rank-deficient data: the minimum-norm answer and the warning, as on the CPU path.
+    #[test]
+    fn device_path_handles_collinear_columns() {
+        let h = synthetic_states(3, 400, 8, 5).unwrap();
+        let h0 = h.get(0).unwrap();
+        // Column 7 of state 0 duplicates column 0.
+        let dup = Tensor::cat(&[h0.narrow(1, 0, 7).unwrap(), h0.narrow(1, 0, 1).unwrap()], 1).unwrap();
+        let h = Tensor::stack(&[dup, h.get(1).unwrap(), h.get(2).unwrap()], 0).unwrap();
+        let opts = FitOptions::default();
+        let cpu = fit_all_pairs(&h, &pairs_all(3), &opts).unwrap();
+        let dev = fit_all_pairs_on_device(&h, &pairs_all(3), &opts).unwrap();
+        assert_eq!(dev.layers[0].rank, 7);
+        assert!(dev
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("layer 0") && w.contains("singular")));
+        for (c, g) in cpu.pairs.iter().zip(&dev.pairs) {
+            assert!(max_rel(&g.a, &c.a) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn device_path_refuses_nan() {
+        let h = synthetic_states(3, 100, 4, 1).unwrap();
+        let bad = (h.get(1).unwrap() * f64::NAN).unwrap();
+        let h = Tensor::stack(&[h.get(0).unwrap(), bad, h.get(2).unwrap()], 0).unwrap();
+        let err = fit_all_pairs_on_device(&h, &pairs_all(3), &FitOptions::default()).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+    }
+
+    /// r^2 computed on the device path equals the CPU path's (both float64 at this size).
+    #[test]
+    fn device_r2_matches_cpu_r2() {
+        let h = synthetic_states(5, 700, 16, 9).unwrap();
+        let (train, val) = (h.narrow(1, 0, 500).unwrap(), h.narrow(1, 500, 200).unwrap());
+        // A constant column in the validation targets exercises scikit-learn's SST = 0 rule.
+        let v4 = val.get(4).unwrap();
+        let v4 = Tensor::cat(
+            &[
+                v4.narrow(1, 0, 15).unwrap(),
+                Tensor::ones((200, 1), DType::F32, &Device::Cpu).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let parts: Vec<Tensor> = (0..4).map(|i| val.get(i).unwrap()).chain([v4]).collect();
+        let val = Tensor::stack(&parts, 0).unwrap();
+        for intercept in [false, true] {
+            let opts = FitOptions {
+                intercept,
+                ..FitOptions::default()
+            };
+            let maps = fit_all_pairs(&train, &pairs_all(5), &opts).unwrap();
+            let cpu = crate::r2::r2_all_pairs(&val, &maps).unwrap();
+            let dev = crate::r2::r2_all_pairs_on_device(&val, &maps).unwrap();
+            for l in 0..5 {
+                for t in 0..5 {
+                    match (cpu.mat[l][t], dev.mat[l][t], cpu.id[l][t], dev.id[l][t]) {
+                        (Some(a), Some(b), Some(c), Some(e)) => {
+                            assert!(
+                                (a - b).abs() < 1e-9 && (c - e).abs() < 1e-9,
+                                "({l}, {t}): {a} {b} {c} {e}"
+                            )
+                        }
+                        (None, None, None, None) => {}
+                        other => panic!("({l}, {t}): {other:?}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Diagnostic (run by hand): the GPU benchmark's synthetic recipe at a size the CPU handles.
+    #[test]
+    #[ignore]
+    fn benchmark_recipe_fits() {
+        let h = crate::bench::synthetic_states_on(&Device::Cpu, 13, 20000, 400, 0).unwrap();
+        let pairs = pairs_all(13);
+        let opts = FitOptions::default();
+        let cpu = fit_all_pairs(&h, &pairs, &opts).unwrap();
+        let dev = fit_all_pairs_on_device(
+            &h,
+            &pairs,
+            &FitOptions {
+                chunk_rows: 3000,
+                ..opts
+            },
+        )
+        .unwrap();
+        println!("cpu warnings {:?}\ndev warnings {:?}", cpu.warnings, dev.warnings);
+        for l in &dev.layers {
+            println!("{l:?}");
+        }
+        let r_cpu = crate::r2::r2_all_pairs(&h.narrow(1, 0, 4096).unwrap(), &cpu).unwrap();
+        let r_dev = crate::r2::r2_all_pairs(&h.narrow(1, 0, 4096).unwrap(), &dev).unwrap();
+        for l in 0..12 {
+            println!(
+                "{l}: cpu {:.4} dev {:.4}",
+                r_cpu.mat[l][12].unwrap(),
+                r_dev.mat[l][12].unwrap()
+            );
+        }
+    }
+}
