@@ -239,7 +239,14 @@ fn run_part(
     let (s, d) = (info.n_layers + 1, info.d_model);
     let mut out = vec![0f32; s * n_examples * d];
     for ub in unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, lm.model.device())? {
-        let states = model::hidden_states(lm.model.as_ref(), &ub.batch)?;
+        let states = model::hidden_states(lm.model.as_ref(), &ub.batch).map_err(|e| {
+            let what = format!(
+                "running a batch of {} x {} tokens",
+                ub.batch.batch_size(),
+                ub.batch.seq_len()
+            );
+            crate::device::explain_oom(e, &what, "lower --batch-tokens")
+        })?;
         // Only the sampled rows leave the device, all layers in one copy.
         let picked = states.iter().map(|h| ub.rows(h)).collect::<Result<Vec<_>>>()?;
         let picked: Vec<f32> = Tensor::stack(&picked, 0)?

@@ -27,3 +27,44 @@ pub fn parse(name: &str) -> Result<Device> {
         )
     })
 }
+
+/// Turns an out-of-memory error from the device into one saying what to change (there is never
+/// an automatic fall back to the CPU); other errors pass through unchanged.
+pub fn explain_oom(err: anyhow::Error, what: &str, remedy: &str) -> anyhow::Error {
+    let text = format!("{err:#}");
+    if text.contains("OUT_OF_MEMORY") || text.to_ascii_lowercase().contains("out of memory") {
+        anyhow::anyhow!("out of device memory {what}: {remedy}")
+    } else {
+        err
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_errors_name_the_option() {
+        let e = explain_oom(
+            anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"),
+            "running a batch of 512 x 32 tokens",
+            "lower --batch-tokens",
+        );
+        assert_eq!(
+            e.to_string(),
+            "out of device memory running a batch of 512 x 32 tokens: lower --batch-tokens"
+        );
+        let other = explain_oom(anyhow::anyhow!("shape mismatch"), "x", "--y");
+        assert_eq!(other.to_string(), "shape mismatch");
+    }
+
+    #[test]
+    fn device_names() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        assert!(parse("gpu").unwrap_err().to_string().contains("cpu or cuda[:N]"));
+        assert!(parse("cuda:x").unwrap_err().to_string().contains("cpu or cuda[:N]"));
+        if !cfg!(feature = "cuda") {
+            assert!(parse("cuda").unwrap_err().to_string().contains("without CUDA support"));
+        }
+    }
+}

@@ -10,6 +10,16 @@ use candle_core::{DType, Tensor};
 
 /// Writes `bytes` to `path` atomically (temp file + fsync + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        let mut f = std::fs::File::create(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("{}: cannot write", tmp.display()))
+    })
+}
+
+/// Runs `write` on a temporary file beside `path`, then fsyncs it and renames it into place;
+/// the temporary file is removed if `write` fails.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -19,11 +29,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    f.sync_all().ok();
-    drop(f);
+    if let Err(e) = write(&tmp) {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e);
+    }
+    if let Ok(f) = std::fs::File::open(&tmp) {
+        f.sync_all().ok();
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))?;
     Ok(())
 }
@@ -36,6 +48,8 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 }
 
 /// Writes named tensors as a safetensors file (with string metadata in its header), atomically.
+/// The tensors' bytes are streamed to the file from one host copy each (no whole-file buffer):
+/// the all-pairs maps of a 30-layer model are 0.6 GB.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -43,61 +57,68 @@ pub fn write_safetensors(
 ) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.to_device(&candle_core::Device::Cpu)?.contiguous()?;
-        let (dtype, bytes) = tensor_bytes(&t)?;
-        owned.push((name.clone(), dtype, t.dims().to_vec(), bytes));
+        owned.push((name.clone(), t.dims().to_vec(), HostData::of(t)?));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = owned
         .iter()
-        .map(|(n, dt, shape, bytes)| {
+        .map(|(n, shape, data)| {
+            let (dtype, bytes) = data.bytes();
             Ok((
                 n.clone(),
-                safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)?,
+                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)?,
             ))
         })
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    write_atomic(path, &bytes)
+    write_atomic_with(path, |tmp| {
+        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        // safetensors writes through a private (0600) temporary file; give the output the
+        // permissions of every other file jumplens writes.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))
+                .with_context(|| format!("{}: cannot set permissions", tmp.display()))?;
+        }
+        Ok(())
+    })
 }
 
-fn tensor_bytes(t: &Tensor) -> Result<(safetensors::Dtype, Vec<u8>)> {
-    Ok(match t.dtype() {
-        DType::F32 => (
-            safetensors::Dtype::F32,
-            t.flatten_all()?
-                .to_vec1::<f32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::F64 => (
-            safetensors::Dtype::F64,
-            t.flatten_all()?
-                .to_vec1::<f64>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::I64 => (
-            safetensors::Dtype::I64,
-            t.flatten_all()?
-                .to_vec1::<i64>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::U32 => (
-            safetensors::Dtype::U32,
-            t.flatten_all()?
-                .to_vec1::<u32>()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
-        ),
-        DType::U8 => (safetensors::Dtype::U8, t.flatten_all()?.to_vec1::<u8>()?),
-        other => anyhow::bail!("cannot write tensors of dtype {other:?}"),
-    })
+// safetensors stores little-endian values; the host copies below are written as they are.
+#[cfg(target_endian = "big")]
+compile_error!("jumplens writes safetensors from host memory and needs a little-endian target");
+
+/// A tensor's values on the host, in one typed buffer.
+enum HostData {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    I64(Vec<i64>),
+    U32(Vec<u32>),
+    U8(Vec<u8>),
+}
+
+impl HostData {
+    fn of(t: &Tensor) -> Result<Self> {
+        let t = t.flatten_all()?;
+        Ok(match t.dtype() {
+            DType::F32 => HostData::F32(t.to_vec1()?),
+            DType::F64 => HostData::F64(t.to_vec1()?),
+            DType::I64 => HostData::I64(t.to_vec1()?),
+            DType::U32 => HostData::U32(t.to_vec1()?),
+            DType::U8 => HostData::U8(t.to_vec1()?),
+            other => anyhow::bail!("cannot write tensors of dtype {other:?}"),
+        })
+    }
+
+    fn bytes(&self) -> (safetensors::Dtype, &[u8]) {
+        match self {
+            HostData::F32(v) => (safetensors::Dtype::F32, bytemuck::cast_slice(v)),
+            HostData::F64(v) => (safetensors::Dtype::F64, bytemuck::cast_slice(v)),
+            HostData::I64(v) => (safetensors::Dtype::I64, bytemuck::cast_slice(v)),
+            HostData::U32(v) => (safetensors::Dtype::U32, bytemuck::cast_slice(v)),
+            HostData::U8(v) => (safetensors::Dtype::U8, v),
+        }
+    }
 }
 
 /// Reads every tensor of a safetensors file (CPU), with errors naming the file.
@@ -153,4 +174,31 @@ pub fn escape_markup(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_round_trip_is_readable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::new(&[[1f32, -2.5], [3.0, 4.0]], &dev).unwrap();
+        let b = Tensor::new(&[7i64, 8, 9], &dev).unwrap();
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        write_safetensors(&path, &[("a".into(), a.clone()), ("b".into(), b.clone())], Some(meta)).unwrap();
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back["a"].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(back["b"].to_vec1::<i64>().unwrap(), vec![7, 8, 9]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644);
+        }
+        // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 
 use crate::run::ModelRecord;
@@ -48,7 +48,10 @@ impl MapSet {
         if !path.exists() {
             bail!("{}: no such maps file (run `jumplens fit` first)", path.display());
         }
-        let bytes = std::fs::read(path)?;
+        // Only the header is needed here; the tensors are read once, below.
+        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        // SAFETY: read-only map of a file this process does not modify while it is mapped.
+        let bytes = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
         let metadata = header.metadata().clone().unwrap_or_default();
@@ -135,6 +138,14 @@ impl MapSet {
             }
         }
         Ok(())
+    }
+
+    /// Keeps only the maps (and biases) into state `target`: the jumps to the last layer are
+    /// all that predict and early exit use of an all-pairs fit.
+    pub fn into_target(mut self, target: usize) -> Self {
+        self.maps.retain(|k, _| k.1 == target);
+        self.biases.retain(|k, _| k.1 == target);
+        self
     }
 
     /// Copies every map to `device` (for applying them next to the model).

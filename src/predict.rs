@@ -163,7 +163,9 @@ pub fn evaluate(
                     .get(layer)?
                     .narrow(0, start, rows)?
                     .to_device(&device)?;
-                let logits = model.readout(&lens.cast(layer, last, &h)?)?;
+                let logits = model
+                    .readout(&lens.cast(layer, last, &h)?)
+                    .map_err(|e| crate::device::explain_oom(e, &format!("casting {rows} examples"), "lower --batch"))?;
                 let cell = reference.score(&logits)?;
                 cell_acc.add(&cell, &gold[start..start + rows]);
                 tr.top1[layer][start..start + rows].copy_from_slice(&cell.top1);
@@ -547,12 +549,13 @@ pub fn run_predict(
     let device = lm.model.device().clone();
     let maps = MapSet::read(&maps_path)?;
     maps.check_model(&manifest.model)?;
-    let maps = maps.to_device(&device)?;
+    let last = lm.model.info().n_layers;
+    let maps = maps.into_target(last).to_device(&device)?;
     let affine_path = run.file("maps_affine.safetensors");
     let affine = if opts.maps.is_none() && affine_path.exists() {
         let a = MapSet::read(&affine_path)?;
         a.check_model(&manifest.model)?;
-        Some(a.to_device(&device)?)
+        Some(a.into_target(last).to_device(&device)?)
     } else {
         None
     };

@@ -47,7 +47,13 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
         Pairs::All => fit::pairs_all(s),
         Pairs::ToFinal => fit::pairs_to_final(s),
     };
-    let maps = fit::fit_all_pairs(&train.hidden_states.to_device(device)?, &pair_list, opts)?;
+    let maps = fit::fit_all_pairs(&train.hidden_states.to_device(device)?, &pair_list, opts).map_err(|e| {
+        crate::device::explain_oom(
+            e,
+            "fitting all pairs (the states and the Gram blocks are kept there)",
+            "fit with --pairs to-final, or on the CPU with --device cpu",
+        )
+    })?;
     for w in &maps.warnings {
         eprintln!("warning: {w}");
     }
