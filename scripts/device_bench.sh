@@ -142,11 +142,11 @@ for section in $SECTIONS; do
       timed "agree $name gpu fit of cpu states" "$BIN" --device cuda fit "$F" >/dev/null
       timed "agree $name gpu r2 of cpu states" "$BIN" --device cuda r2 "$F" >/dev/null
       $PY "$ROOT/scripts/compare_runs.py" --states "$W/hs-$name-cuda.safetensors" "$W/hs-$name-cpu.safetensors" \
-        >"$R_OUT/agree-$name-hidden.txt"
+        >"$R_OUT/agree-$name-hidden.txt" || log "AGREEMENT FAILED: $name hidden states"
       $PY "$ROOT/scripts/compare_runs.py" "$W/agree-$name-cuda" "$W/agree-$name-cpu" --json "$R_OUT/agree-$name.json" \
-        >"$R_OUT/agree-$name.txt"
-      $PY "$ROOT/scripts/compare_runs.py" "$F" "$W/agree-$name-cpu" --json "$R_OUT/agree-$name-fit.json" \
-        >"$R_OUT/agree-$name-fit.txt"
+        >"$R_OUT/agree-$name.txt" || log "AGREEMENT FAILED: $name study"
+      $PY "$ROOT/scripts/compare_runs.py" "$F" "$W/agree-$name-cpu" --same-states --json "$R_OUT/agree-$name-fit.json" \
+        >"$R_OUT/agree-$name-fit.txt" || log "AGREEMENT FAILED: $name fit of the same states"
       cat "$R_OUT/agree-$name-hidden.txt" "$R_OUT/agree-$name.txt" "$R_OUT/agree-$name-fit.txt"
     done
     ;;
