@@ -28,6 +28,15 @@ pub fn parse(name: &str) -> Result<Device> {
     })
 }
 
+/// The `--device` name of a device (`cpu`, `cuda:N`, ...), for run records.
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Turns an out-of-memory error from the device into one saying what to change (there is never
 /// an automatic fall back to the CPU); other errors pass through unchanged.
 pub fn explain_oom(err: anyhow::Error, what: &str, remedy: &str) -> anyhow::Error {

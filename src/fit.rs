@@ -127,8 +127,13 @@ pub struct FitOptions {
     /// Precision of the Gram accumulation.
     pub precision: GramPrecision,
     /// Rows per chunk when the data must be copied (intercept or float64); 0 = about 256 MiB
-    /// of chunk buffer. The default path reads the input in place and ignores it.
+    /// of chunk buffer. The default path reads the input in place and ignores it. On a GPU
+    /// ([`crate::fit_device`]): examples per chunk, 0 = about 4 GiB of float64.
     pub chunk_rows: usize,
+    /// Largest scaled condition number of a float32 Gram block that is trusted; above it the
+    /// layer is recomputed in float64 ([`F32_GRAM_MAX_COND`] by default; infinity never
+    /// recomputes).
+    pub f32_max_cond: f64,
 }
 
 impl Default for FitOptions {
@@ -138,6 +143,7 @@ impl Default for FitOptions {
             ridge: 0.0,
             precision: GramPrecision::Auto,
             chunk_rows: 0,
+            f32_max_cond: F32_GRAM_MAX_COND,
         }
     }
 }
@@ -996,7 +1002,7 @@ fn factor_source<T: Elem>(
         (0..d).all(|i| g[(i, i)].is_finite()),
         "fit: state {l} contains non-finite values"
     );
-    let trust = is_f32.then_some(F32_GRAM_MAX_COND);
+    let trust = is_f32.then_some(opts.f32_max_cond);
     let (solved, p, f64_cross, reason) = match solve_block(&g, st.n, opts.ridge, trust)? {
         Ok((s, p)) => (s, p, None, None),
         Err(why) => {

@@ -319,6 +319,7 @@ mod tests {
                 precision: GramPrecision::F64,
                 // Several chunks of examples, the last one short.
                 chunk_rows: 250,
+                ..FitOptions::default()
             };
             let cpu = fit_all_pairs(&h, &pairs, &opts).unwrap();
             let dev = fit_all_pairs_on_device(&h, &pairs, &opts).unwrap();

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 use jumplens::collect::{self, CollectOptions, Positions};
 use jumplens::early_exit::{self, EarlyExitOptions, Measure, Rule};
-use jumplens::fit::FitOptions;
+use jumplens::fit::{FitOptions, GramPrecision};
 use jumplens::model::load_model;
 use jumplens::peek;
 use jumplens::predict::{self, PredictOptions};
@@ -93,6 +93,10 @@ enum Command {
         /// Ridge penalty (0 = ordinary least squares).
         #[arg(long, default_value_t = 0.0)]
         ridge: f64,
+        /// Gram precision on the CPU: auto (float32 with float64 recomputation of
+        /// ill-conditioned layers; float64 for small problems), f32 or f64. GPUs always use f64.
+        #[arg(long, default_value = "auto")]
+        precision: String,
     },
     /// r^2 of mat and id for every fitted pair on the validation set, and the heatmaps.
     R2 { run: PathBuf },
@@ -324,7 +328,14 @@ fn run(cli: Cli) -> Result<()> {
             pairs,
             intercept,
             ridge,
+            precision,
         } => {
+            let precision = match precision.as_str() {
+                "auto" => GramPrecision::Auto,
+                "f32" => GramPrecision::F32,
+                "f64" => GramPrecision::F64,
+                other => anyhow::bail!("--precision takes auto, f32 or f64, not '{other}'"),
+            };
             let pairs = match pairs.as_str() {
                 "all" => Pairs::All,
                 "to-final" => Pairs::ToFinal,
@@ -333,6 +344,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = FitOptions {
                 intercept,
                 ridge,
+                precision,
                 ..Default::default()
             };
             let s = stages::run_fit(&RunDir::new(&run), pairs, &opts, &device)?;

@@ -100,7 +100,8 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
     manifest.set_stage(
         stage,
         serde_json::json!({"pairs": pairs, "intercept": opts.intercept, "ridge": opts.ridge, "wall_s": summary.seconds,
-            "fit_s": maps.stats.seconds_total, "gflops": summary.gflops, "warnings": summary.warnings}),
+            "fit_s": maps.stats.seconds_total, "gflops": summary.gflops, "warnings": summary.warnings,
+            "gram_precision": maps.stats.precision, "device": crate::device::name(device)}),
     );
     run.write_manifest(&manifest)?;
     Ok(summary)

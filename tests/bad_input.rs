@@ -189,3 +189,25 @@ fn empty_corpus() {
         &["empty.txt", "only 1 usable training sentences"],
     );
 }
+
+#[test]
+fn unusable_device() {
+    let model = tiny("llama");
+    let m = model.to_str().unwrap();
+    fails_with(
+        &["--device", "gpu", "inspect", m],
+        &["--device", "cpu or cuda[:N]", "'gpu'"],
+    );
+    if cfg!(feature = "cuda") {
+        // A CUDA build on a machine without this GPU says so (never falls back to the CPU).
+        fails_with(
+            &["--device", "cuda:99", "inspect", m],
+            &["--device cuda:99", "no usable GPU"],
+        );
+    } else {
+        fails_with(
+            &["--device", "cuda", "inspect", m],
+            &["--device cuda", "without CUDA support"],
+        );
+    }
+}
