@@ -97,6 +97,10 @@ enum Command {
         /// ill-conditioned layers; float64 for small problems), f32 or f64. GPUs always use f64.
         #[arg(long, default_value = "auto")]
         precision: String,
+        /// float32 Gram blocks whose (equilibrated) condition number exceeds this are recomputed
+        /// in float64 (CPU; `inf` never recomputes).
+        #[arg(long, default_value_t = jumplens::fit::F32_GRAM_MAX_COND)]
+        f32_max_cond: f64,
     },
     /// r^2 of mat and id for every fitted pair on the validation set, and the heatmaps.
     R2 { run: PathBuf },
@@ -329,6 +333,7 @@ fn run(cli: Cli) -> Result<()> {
             intercept,
             ridge,
             precision,
+            f32_max_cond,
         } => {
             let precision = match precision.as_str() {
                 "auto" => GramPrecision::Auto,
@@ -345,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
                 intercept,
                 ridge,
                 precision,
+                f32_max_cond,
                 ..Default::default()
             };
             let s = stages::run_fit(&RunDir::new(&run), pairs, &opts, &device)?;

@@ -101,7 +101,9 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
         stage,
         serde_json::json!({"pairs": pairs, "intercept": opts.intercept, "ridge": opts.ridge, "wall_s": summary.seconds,
             "fit_s": maps.stats.seconds_total, "gflops": summary.gflops, "warnings": summary.warnings,
-            "gram_precision": maps.stats.precision, "device": crate::device::name(device)}),
+            "gram_precision": maps.stats.precision, "f32_max_cond": opts.f32_max_cond,
+            "recomputed_f64": maps.layers.iter().filter(|l| l.recomputed_f64).count(),
+            "device": crate::device::name(device)}),
     );
     run.write_manifest(&manifest)?;
     Ok(summary)

@@ -19,8 +19,12 @@ impl Linear {
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((rows, inner))?;
         // One 2-D GEMM against the transposed (strided, not copied) weight is the fast path.
-        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let y = match cpu_matmul_wt(&x2, &self.weight)? {
+            Some(y) => y,
+            None => x2.matmul(&self.weight.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -30,6 +34,40 @@ impl Linear {
         out_dims[last] = self.weight.dims()[0];
         y.reshape(out_dims)
     }
+}
+
+/// `x @ w^T` for float32 CPU tensors x [m, k] and w [n, k], with faer's GEMM: on CPUs with
+/// AVX-512 it runs about twice as fast as candle's CPU matmul (whose `gemm` kernels stop at AVX2
+/// on a stable toolchain; measured: 75% of a SmolLM2 forward pass in its AVX2 microkernel).
+/// `None` for other devices and dtypes.
+fn cpu_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    use candle_core::DType;
+    use faer::{Accum, MatMut, MatRef, Par};
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let (n, k_w) = w.dims2()?;
+    if k != k_w {
+        return Ok(None); // let candle report the shape mismatch
+    }
+    let mut out = vec![0f32; m * n];
+    let msg = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+    crate::fit::with_f32_slice(x, |xs| {
+        crate::fit::with_f32_slice(w, |ws| {
+            faer::linalg::matmul::matmul(
+                MatMut::from_row_major_slice_mut(&mut out, m, n),
+                Accum::Replace,
+                MatRef::from_row_major_slice(xs, m, k),
+                MatRef::from_row_major_slice(ws, n, k).transpose(),
+                1.0f32,
+                Par::rayon(0),
+            );
+            Ok(())
+        })
+    })
+    .map_err(msg)?;
+    Ok(Some(Tensor::from_vec(out, (m, n), &Device::Cpu)?))
 }
 
 /// LayerNorm over the last dimension (biased variance, as PyTorch).
