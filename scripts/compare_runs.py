@@ -8,7 +8,9 @@ For every safetensors file both runs have (activations, maps) it reports the nor
 difference ||a - b|| / ||b|| per tensor (worst and median over tensors); for every JSON result
 (r2, predict, early exit) the largest absolute difference of any number in it. Exits 1 when a
 file is missing in one run, a tensor's shape differs, or a difference exceeds its tolerance
-(TOLERANCES; `--same-states`: both runs fitted the same states, so the maps must agree to 1e-8).
+(TOLERANCES; `--same-states`: both runs fitted the same states, so the maps must agree to 1e-6:
+float64 rounding of the Gram, amplified only by the minimum-norm solutions of singular layers,
+measured 1e-8 there and 5e-11 elsewhere).
 """
 import json
 import os
@@ -74,7 +76,7 @@ TOLERANCES = {
 
 def tolerance(name, same_states):
     if same_states and name.startswith("maps"):
-        return 1e-8
+        return 1e-6
     for k, v in TOLERANCES.items():
         if name.startswith(k):
             return v
