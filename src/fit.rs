@@ -348,6 +348,25 @@ pub fn fit_all_pairs(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions
         return crate::fit_device::fit_all_pairs_on_device(train, pairs, opts);
     }
     let t0 = Instant::now();
+    let ((s, n, d), pairs) = checked_inputs(train, pairs, opts)?;
+    let plan = Plan::new(s, &pairs);
+    let mflops = model_flops(n, d, &pairs);
+    let precision = match opts.precision {
+        GramPrecision::Auto if mflops < AUTO_F64_FLOPS => GramPrecision::F64,
+        GramPrecision::Auto => GramPrecision::F32,
+        p => p,
+    };
+    with_states(train, |st| match precision {
+        GramPrecision::F64 => fit_impl::<f64>(&st, &plan, opts, precision, mflops, t0),
+        _ => fit_impl::<f32>(&st, &plan, opts, precision, mflops, t0),
+    })
+}
+
+/// `(S, N, d)` of a fit's input and its pairs, sorted and deduplicated.
+pub(crate) type CheckedInputs = ((usize, usize, usize), Vec<(usize, usize)>);
+
+/// Checks the input of a fit (shape, ridge, pairs); shared by the CPU and device paths.
+pub(crate) fn checked_inputs(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions) -> Result<CheckedInputs> {
     let (s, n, d) = train.dims3().context("fit: expected hidden states [S, N, d]")?;
     ensure!(n >= 1 && d >= 1, "fit: empty input [{s}, {n}, {d}]");
     ensure!(opts.ridge >= 0.0 && opts.ridge.is_finite(), "fit: ridge must be >= 0");
@@ -361,17 +380,7 @@ pub fn fit_all_pairs(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions
             "fit: pair ({l}, {t}) invalid for {s} states (need l < l' < S)"
         );
     }
-    let plan = Plan::new(s, &pairs);
-    let mflops = model_flops(n, d, &pairs);
-    let precision = match opts.precision {
-        GramPrecision::Auto if mflops < AUTO_F64_FLOPS => GramPrecision::F64,
-        GramPrecision::Auto => GramPrecision::F32,
-        p => p,
-    };
-    with_states(train, |st| match precision {
-        GramPrecision::F64 => fit_impl::<f64>(&st, &plan, opts, precision, mflops, t0),
-        _ => fit_impl::<f32>(&st, &plan, opts, precision, mflops, t0),
-    })
+    Ok(((s, n, d), pairs))
 }
 
 // ---------------------------------------------------------------------------------------------

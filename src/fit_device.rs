@@ -25,13 +25,14 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 use rayon::prelude::*;
 
 use crate::fit::{
-    layer_outcome, model_flops, solve_block, FitOptions, FitStats, GramPrecision, LayerDiag, Maps, PairMap, Plan,
+    checked_inputs, layer_outcome, model_flops, solve_block, FitOptions, FitStats, GramPrecision, LayerDiag, Maps,
+    PairMap, Plan,
 };
 
 /// Bytes of one float64 chunk `Z^T` [K d, rows] (the rows per chunk follow from it).
@@ -73,19 +74,7 @@ struct BlockRow {
 pub fn fit_all_pairs_on_device(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions) -> Result<Maps> {
     let t0 = Instant::now();
     let device = train.device().clone();
-    let (s, n, d) = train.dims3().context("fit: expected hidden states [S, N, d]")?;
-    ensure!(n >= 1 && d >= 1, "fit: empty input [{s}, {n}, {d}]");
-    ensure!(opts.ridge >= 0.0 && opts.ridge.is_finite(), "fit: ridge must be >= 0");
-    let mut pairs = pairs.to_vec();
-    pairs.sort_unstable();
-    pairs.dedup();
-    ensure!(!pairs.is_empty(), "fit: no pairs given");
-    for &(l, t) in &pairs {
-        ensure!(
-            l < t && t < s,
-            "fit: pair ({l}, {t}) invalid for {s} states (need l < l' < S)"
-        );
-    }
+    let ((s, n, d), pairs) = checked_inputs(train, pairs, opts)?;
     let plan = Plan::new(s, &pairs);
     let k = plan.states.len();
     let kd = k * d;

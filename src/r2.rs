@@ -59,6 +59,22 @@ pub struct R2Table {
     pub flops: f64,
 }
 
+/// Checks validation states [S, N, d] against the maps; returns (S, N, d).
+fn checked_inputs(val: &Tensor, maps: &Maps) -> Result<(usize, usize, usize)> {
+    let (s, nv, d) = val.dims3().context("r2: expected validation states [S, N, d]")?;
+    ensure!(d == maps.d, "r2: validation width {d} != maps width {}", maps.d);
+    ensure!(nv >= 2, "r2: needs at least 2 validation examples");
+    for p in &maps.pairs {
+        ensure!(
+            p.target < s,
+            "r2: pair ({}, {}) outside {s} validation states",
+            p.source,
+            p.target
+        );
+    }
+    Ok((s, nv, d))
+}
+
 /// scikit-learn's per-coordinate rule (`force_finite=True`), averaged uniformly.
 fn score(sse: &[f64], sst: &[f64]) -> f64 {
     let sum: f64 = sse
@@ -153,17 +169,7 @@ pub fn r2_all_pairs_with(val: &Tensor, maps: &Maps, opts: &R2Options) -> Result<
         return r2_all_pairs_on_device(val, maps);
     }
     let t0 = Instant::now();
-    let (s, nv, d) = val.dims3().context("r2: expected validation states [S, N, d]")?;
-    ensure!(d == maps.d, "r2: validation width {d} != maps width {}", maps.d);
-    ensure!(nv >= 2, "r2: needs at least 2 validation examples");
-    for p in &maps.pairs {
-        ensure!(
-            p.target < s,
-            "r2: pair ({}, {}) outside {s} validation states",
-            p.source,
-            p.target
-        );
-    }
+    let (s, nv, d) = checked_inputs(val, maps)?;
     let flops = 2.0 * (nv * d * d) as f64 * maps.pairs.len() as f64;
     let precision = match opts.precision {
         GramPrecision::Auto if flops < AUTO_F64_FLOPS => GramPrecision::F64,
@@ -334,9 +340,7 @@ fn sse_maps<T: Elem>(st: &States<'_>, maps: &Maps, rows: usize) -> Result<(Sse, 
 pub fn r2_all_pairs_on_device(val: &Tensor, maps: &Maps) -> Result<R2Table> {
     let t0 = Instant::now();
     let dev = val.device().clone();
-    let (s, nv, d) = val.dims3().context("r2: expected validation states [S, N, d]")?;
-    ensure!(d == maps.d, "r2: validation width {d} != maps width {}", maps.d);
-    ensure!(nv >= 2, "r2: needs at least 2 validation examples");
+    let (s, nv, d) = checked_inputs(val, maps)?;
     let to_host = |t: Tensor| -> Result<Vec<f64>> { Ok(t.to_device(&candle_core::Device::Cpu)?.to_vec1::<f64>()?) };
     let state = |i: usize| -> Result<Tensor> { Ok(val.get(i)?.to_dtype(candle_core::DType::F64)?) };
     let mut sst: Vec<Option<Vec<f64>>> = vec![None; s];
@@ -344,12 +348,6 @@ pub fn r2_all_pairs_on_device(val: &Tensor, maps: &Maps) -> Result<R2Table> {
     let mut id = vec![vec![None; s]; s];
     let mut cached: Option<(usize, Tensor)> = None;
     for p in &maps.pairs {
-        ensure!(
-            p.target < s,
-            "r2: pair ({}, {}) outside {s} validation states",
-            p.source,
-            p.target
-        );
         let x = match &cached {
             Some((l, x)) if *l == p.source => x.clone(),
             _ => {
