@@ -410,6 +410,7 @@ pub fn plot_early_exit(stem: &std::path::Path, title: &str, r: &EarlyExitReport)
             name: format!("{name} dynamic"),
             points: pts,
             markers: true,
+            colour_key: Some(name.clone()),
             ..Default::default()
         });
     }
@@ -419,6 +420,7 @@ pub fn plot_early_exit(stem: &std::path::Path, title: &str, r: &EarlyExitReport)
             name: format!("{name} fixed"),
             points: pts,
             dashed: true,
+            colour_key: Some(name.clone()),
             ..Default::default()
         });
     }

@@ -55,6 +55,9 @@ pub struct Series {
     pub dashed: bool,
     /// Draw a dot at every point.
     pub markers: bool,
+    /// Series with the same key share a colour (e.g. one lens drawn solid and dashed); the
+    /// default key is the name.
+    pub colour_key: Option<String>,
 }
 
 /// Draws the r² heatmaps of a shortcut family, as the paper's Figure 2, into `stem.svg` and
@@ -587,15 +590,12 @@ fn line_panels_svg(pfx: &str, title: &str, panels: &[Panel]) -> Result<String> {
                 s.points.len()
             );
         }
-        match color_of.get(s.name.as_str()) {
-            Some(_) => {
-                if let Some(e) = legend.iter_mut().find(|e| e.name == s.name) {
-                    e.band |= s.band.is_some();
-                }
-            }
+        match legend.iter_mut().find(|e| e.name == s.name) {
+            Some(e) => e.band |= s.band.is_some(),
             None => {
-                let color = PALETTE[legend.len() % PALETTE.len()];
-                color_of.insert(&s.name, color);
+                let key = s.colour_key.as_deref().unwrap_or(&s.name);
+                let next = PALETTE[color_of.len() % PALETTE.len()];
+                let color = *color_of.entry(key).or_insert(next);
                 legend.push(LegendEntry {
                     name: &s.name,
                     color,
@@ -792,7 +792,7 @@ fn draw_panel(
     let _ = writeln!(out, r#"<g clip-path="url(#{pfx}-band)">"#);
     for s in &p.series {
         let Some(band) = &s.band else { continue };
-        let color = color_of[s.name.as_str()];
+        let color = color_of[s.colour_key.as_deref().unwrap_or(&s.name)];
         for run in runs(s.points.len(), |i| {
             finite(s.points[i].0, band[i].0) && band[i].1.is_finite()
         }) {
@@ -816,7 +816,7 @@ fn draw_panel(
     out.push_str("</g>\n");
     let _ = writeln!(out, r#"<g clip-path="url(#{pfx}-line)">"#);
     for s in &p.series {
-        let color = color_of[s.name.as_str()];
+        let color = color_of[s.colour_key.as_deref().unwrap_or(&s.name)];
         let dash = if s.dashed {
             format!(r#" stroke-dasharray="{DASH}""#)
         } else {
@@ -936,6 +936,7 @@ mod tests {
             points,
             dashed,
             markers: !dashed,
+            colour_key: None,
         }
     }
 
@@ -1050,6 +1051,36 @@ mod tests {
         }
         // Same name, same colour across panels: two colours only.
         let svg = fs::read_to_string(with_suffix(&stem, ".svg")).unwrap();
+        assert!(svg.contains(PALETTE[0]) && svg.contains(PALETTE[1]));
+        assert!(!svg.contains(PALETTE[2]));
+    }
+
+    #[test]
+    fn colour_key_shares_a_colour_across_names() {
+        let series = |name: &str, key: &str, dashed: bool| Series {
+            name: name.into(),
+            points: vec![(0.0, 0.1), (1.0, 0.5)],
+            dashed,
+            colour_key: Some(key.into()),
+            ..Default::default()
+        };
+        let panel = Panel {
+            title: "p".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            series: vec![
+                series("mat dynamic", "mat", false),
+                series("mat fixed", "mat", true),
+                series("id dynamic", "id", false),
+                series("id fixed", "id", true),
+            ],
+            y_range: None,
+        };
+        let svg = line_panels_svg("k", "", &[panel]).unwrap();
+        // Four legend entries, two colours.
+        for name in ["mat dynamic", "mat fixed", "id dynamic", "id fixed"] {
+            assert!(svg.contains(name), "{name} missing");
+        }
         assert!(svg.contains(PALETTE[0]) && svg.contains(PALETTE[1]));
         assert!(!svg.contains(PALETTE[2]));
     }

@@ -627,7 +627,7 @@ pub fn plot_predict(stem: &std::path::Path, title: &str, lenses: &BTreeMap<Strin
                 points: by_layer(f(m)),
                 band: band.then(|| m.surprisal_ci95.iter().map(|c| (c[0], c[1])).collect()),
                 dashed: name == "id",
-                markers: false,
+                ..Default::default()
             })
             .collect()
     };
