@@ -7,14 +7,20 @@
 //! On the CPU the Gram blocks are float32 GEMMs with a float64 recomputation of troubled layers
 //! ([`crate::fit`]). On a GPU float64 GEMM runs at the rate of float32 (an H200 measured 54.5
 //! TFLOP/s float64 against 39.9 float32 for a 100k x 1600 Gram), so everything is float64 and
-//! no layer needs a second pass. Per chunk of examples the needed states are laid out as
-//! `Z^T` [K d, rows] (one row per coordinate), so the states `l..` of a source are a
-//! contiguous band of rows and its block row of the Gram, `[X_l; X_t...]^T X_l`, is a single
-//! GEMM (one per maximal run of consecutive target states). Then, per source layer, the
-//! diagonal block goes to the host and is factorised there exactly as on the CPU path (column
-//! equilibration, condition estimates, scikit-learn's minimum-norm cutoff, ridge), and the
-//! float64 inverse `P` comes back for one GEMM `A = C P` over all targets of that source. The
-//! maps stay on the device as float32 (views of one buffer per source layer).
+//! no layer is recomputed. Per chunk of examples the needed states are laid out as
+//! `Z^T` [K d, rows] (one row per coordinate), so any run of consecutive states is a
+//! contiguous band of rows. Two passes over the examples:
+//!
+//! 1. the diagonal block `X_l^T X_l` of every source (a few percent of the flops). These go to
+//!    the host and are factorised there exactly as on the CPU path (column equilibration,
+//!    condition estimates, scikit-learn's minimum-norm cutoff, ridge) in a thread, while
+//! 2. the device accumulates the cross blocks `X_t^T X_l`, one GEMM per source and run of
+//!    consecutive targets. Converting each chunk to float64 twice is memory-bound device work,
+//!    small beside the GEMMs; it lets the host's factorisations (eigendecompositions on
+//!    ill-conditioned layers) overlap the bulk of the Gram.
+//!
+//! The float64 inverse `P` of each source then goes back for one GEMM `A = C P` over all its
+//! targets. The maps stay on the device as float32 (views of one buffer per source layer).
 //!
 //! The same code runs on any candle device; the tests run it on the CPU against
 //! [`crate::fit::fit_all_pairs`].
