@@ -10,7 +10,8 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::collect::{unit_batches, units_from_activations, Activations};
+use crate::collect::{unit_batches, units_from_activations};
+use crate::data::Activations;
 use crate::model::{self, AttentionKind, Batch, LoadedModel};
 
 /// Deterministic token ids [batch, seq] in the vocabulary's ordinary range (ids 100..vocab/2,
@@ -87,7 +88,7 @@ pub fn collect_split(lm: &LoadedModel, act: &Activations, batch_tokens: usize) -
 pub fn write_ids(path: &Path, ids: &[Vec<u32>]) -> Result<()> {
     let (b, t) = (ids.len(), ids[0].len());
     let flat: Vec<i64> = ids.iter().flatten().map(|&x| x as i64).collect();
-    crate::io::write_safetensors(
+    crate::data::io::write_safetensors(
         path,
         &[("ids".into(), Tensor::from_vec(flat, (b, t), &Device::Cpu)?)],
         None,
@@ -95,7 +96,7 @@ pub fn write_ids(path: &Path, ids: &[Vec<u32>]) -> Result<()> {
 }
 
 /// Synthetic hidden states [S, N, d] made on `device` (a GPU benchmark cannot carry real ones):
-/// the recipe of [`crate::fit::synthetic_states`] (low-rank first state, each next state
+/// the recipe of [`crate::lens::fit::synthetic_states`] (low-rank first state, each next state
 /// `h + 0.5 tanh(h W) + noise`, 4 outlier coordinates around 1000) with the device's own
 /// random numbers.
 pub fn synthetic_states_on(device: &Device, n_states: usize, n: usize, d: usize, seed: u64) -> Result<Tensor> {
@@ -138,7 +139,7 @@ pub struct FitTiming {
     pub seconds_gram: f64,
     pub seconds_factor: f64,
     pub seconds_products: f64,
-    /// Model flops (see [`crate::fit::FitStats::model_flops`]) per second, in TFLOP/s.
+    /// Model flops (see [`crate::lens::fit::FitStats::model_flops`]) per second, in TFLOP/s.
     pub tflops: f64,
     /// Mean training r^2 of the jumps to the last state (a sanity check that the maps fit).
     pub train_r2_to_last: f64,
@@ -151,20 +152,20 @@ pub struct FitTiming {
 /// All-pairs fit on synthetic states made on `device`, after a small warm-up fit (library
 /// loading and kernel compilation stay out of the timing).
 pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Result<FitTiming> {
-    let opts = crate::fit::FitOptions::default();
+    let opts = crate::lens::fit::FitOptions::default();
     let warm = synthetic_states_on(device, 3, 512, d.min(64), 1)?;
-    crate::fit::fit_all_pairs(&warm, &crate::fit::pairs_all(3), &opts)?;
+    crate::lens::fit::fit_all_pairs(&warm, &crate::lens::fit::pairs_all(3), &opts)?;
     let h = synthetic_states_on(device, n_states, n, d, 0)?;
     device.synchronize()?;
-    let pairs = crate::fit::pairs_all(n_states);
+    let pairs = crate::lens::fit::pairs_all(n_states);
     let t0 = Instant::now();
-    let maps = crate::fit::fit_all_pairs(&h, &pairs, &opts)?;
+    let maps = crate::lens::fit::fit_all_pairs(&h, &pairs, &opts)?;
     device.synchronize()?;
     let seconds = t0.elapsed().as_secs_f64();
     // Training r^2 of l -> last on the first 4,096 examples.
     let sub = h.narrow(1, 0, n.min(4096))?;
-    let last = crate::fit::pairs_to_final(n_states);
-    let few = crate::fit::Maps {
+    let last = crate::lens::fit::pairs_to_final(n_states);
+    let few = crate::lens::fit::Maps {
         pairs: maps
             .pairs
             .iter()
@@ -173,7 +174,7 @@ pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Re
             .collect(),
         ..maps.clone()
     };
-    let r2 = crate::r2::r2_all_pairs(&sub, &few)?;
+    let r2 = crate::lens::r2::r2_all_pairs(&sub, &few)?;
     let vals: Vec<f64> = (0..n_states - 1).filter_map(|l| r2.mat[l][n_states - 1]).collect();
     Ok(FitTiming {
         what: format!("all-pairs fit on {}", if device.is_cpu() { "cpu" } else { "gpu" }),

@@ -19,9 +19,10 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::corpus::{self, SampledSentence};
+use crate::data::corpus::{self, SampledSentence};
+use crate::data::run::{CorpusRecord, Manifest, ModelRecord, RunDir};
+use crate::data::Activations;
 use crate::model::{self, AttentionKind, Batch, LoadedModel};
-use crate::run::{CorpusRecord, Manifest, ModelRecord, RunDir};
 
 /// Which token positions of a sentence become examples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,7 +296,7 @@ pub fn collect(
     let (format, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
     let model_record = ModelRecord {
         path: lm.path.display().to_string(),
-        sha256: crate::io::sha256_path(&lm.path)?,
+        sha256: crate::data::io::sha256_path(&lm.path)?,
         arch: info.arch.clone(),
         n_layers: info.n_layers,
         d_model: info.d_model,
@@ -305,7 +306,7 @@ pub fn collect(
     };
     let corpus_record = CorpusRecord {
         path: corpus_path.display().to_string(),
-        sha256: crate::io::sha256_path(corpus_path)?,
+        sha256: crate::data::io::sha256_path(corpus_path)?,
         format: serde_json::to_value(format)?.as_str().unwrap_or_default().to_string(),
         articles: articles.len(),
     };
@@ -408,7 +409,7 @@ fn write_split(
         } else {
             let states = run_part(lm, units, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
                 .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
-            crate::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
+            crate::data::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
         }
         offset += n;
         parts.push(part_path);
@@ -417,7 +418,7 @@ fn write_split(
     // Merge the parts into one file [S, N, d] with the per-example metadata.
     let mut states = Vec::with_capacity(parts.len());
     for p in &parts {
-        let t = crate::io::read_safetensors(p)?;
+        let t = crate::data::io::read_safetensors(p)?;
         states.push(
             t.get("hidden_states")
                 .cloned()
@@ -455,64 +456,10 @@ fn write_split(
             "hidden_states[l] = h_l at positions[i] of example i; h_L is before the final norm".to_string(),
         ),
     ]);
-    crate::io::write_safetensors(&out_path, &tensors, Some(meta))?;
+    crate::data::io::write_safetensors(&out_path, &tensors, Some(meta))?;
     for p in &parts {
         std::fs::remove_file(p).ok();
     }
     std::fs::remove_dir(run.parts_dir()).ok();
     Ok(n_examples)
-}
-
-/// Collected activations of one split, as read back by the later stages.
-pub struct Activations {
-    /// [S, N, d] f32.
-    pub hidden_states: Tensor,
-    pub positions: Vec<usize>,
-    pub tokens: Vec<u32>,
-    pub offsets: Vec<usize>,
-}
-
-impl Activations {
-    pub fn read(path: &Path) -> Result<Self> {
-        let t = crate::io::read_safetensors(path)?;
-        let get = |n: &str| {
-            t.get(n)
-                .cloned()
-                .with_context(|| format!("{}: no tensor '{n}'", path.display()))
-        };
-        let as_usize =
-            |x: Tensor| -> Result<Vec<usize>> { Ok(x.to_vec1::<i64>()?.into_iter().map(|v| v as usize).collect()) };
-        let hidden_states = get("hidden_states")?;
-        let positions = as_usize(get("positions")?)?;
-        let tokens = get("tokens")?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect();
-        let offsets = as_usize(get("offsets")?)?;
-        if hidden_states.dim(1)? != positions.len() || offsets.len() != positions.len() + 1 {
-            bail!("{}: inconsistent example counts", path.display());
-        }
-        let tokens: Vec<u32> = tokens;
-        let ordered = offsets.windows(2).all(|w| w[0] <= w[1]) && offsets.last().is_some_and(|&o| o == tokens.len());
-        let inside = ordered && (0..positions.len()).all(|i| positions[i] < offsets[i + 1] - offsets[i]);
-        if !ordered || !inside {
-            bail!("{}: offsets or positions do not fit the token list", path.display());
-        }
-        Ok(Self {
-            hidden_states,
-            positions,
-            tokens,
-            offsets,
-        })
-    }
-
-    pub fn len(&self) -> usize {
-        self.positions.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.positions.is_empty()
-    }
-
-    /// Token ids of example i's sentence.
-    pub fn sentence(&self, i: usize) -> &[u32] {
-        &self.tokens[self.offsets[i]..self.offsets[i + 1]]
-    }
 }

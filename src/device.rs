@@ -20,12 +20,8 @@ pub fn parse(name: &str) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         bail!("--device {name}: this jumplens was built without CUDA support (rebuild with `--features cuda`)");
     }
-    Device::new_cuda(ordinal).map_err(|e| {
-        anyhow::anyhow!(
-            "--device {name}: no usable GPU ({})",
-            crate::model::weights::one_line(&e)
-        )
-    })
+    Device::new_cuda(ordinal)
+        .map_err(|e| anyhow::anyhow!("--device {name}: no usable GPU ({})", crate::error::one_line(&e)))
 }
 
 /// The `--device` name of a device (`cpu`, `cuda:N`, ...), for run records.

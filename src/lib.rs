@@ -1,24 +1,28 @@
 //! jumplens: linear shortcuts through transformer layers.
 //!
-//! Data flows one way: corpus -> model (hooked forward) -> activations -> fit -> evaluate ->
-//! report. Each stage is a module with a small public surface.
+//! Data flows one way, and the modules are laid out in that order (none imports from a later
+//! stage):
+//!
+//! corpus ([`data`]) -> model, hooked forward ([`model`], [`tokenizer`]) -> activations
+//! ([`collect`], [`data`]) -> fit ([`lens`]) -> evaluate ([`eval`]) -> report ([`pipeline`],
+//! [`render`]). [`cli`] is a thin layer over the same calls. `docs/architecture.md` has the map.
 
-pub mod bench;
-pub mod collect;
-pub mod corpus;
+// Shared infrastructure.
 pub mod device;
-pub mod early_exit;
-pub mod fit;
-pub mod fit_device;
-pub mod io;
-pub mod maps;
-pub mod model;
-pub mod peek;
-pub mod plot;
-pub mod predict;
+pub mod error;
+pub mod host;
 pub mod progress;
-pub mod r2;
-pub mod report;
-pub mod run;
-pub mod stages;
-pub mod submodules;
+
+// The pipeline, in order.
+pub mod collect;
+pub mod data;
+pub mod eval;
+pub mod lens;
+pub mod model;
+pub mod pipeline;
+pub mod render;
+pub mod tokenizer;
+
+// Front ends and tools.
+pub mod bench;
+pub mod cli;

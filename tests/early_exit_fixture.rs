@@ -17,11 +17,11 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, IndexOp, Tensor};
-use jumplens::collect::Activations;
-use jumplens::early_exit::{simulate_one, sweep, ExitInputs, Rule};
-use jumplens::maps::MapSet;
+use jumplens::data::Activations;
+use jumplens::eval::early_exit::{simulate_one, sweep, ExitInputs, Rule};
+use jumplens::eval::predict::{evaluate, Lens};
+use jumplens::lens::maps::MapSet;
 use jumplens::model::{Batch, NoHooks, Transformer};
-use jumplens::predict::{evaluate, Lens};
 
 /// The paper's points, plus small lambdas where some but not all examples exit.
 const LAMBDAS: [f64; 10] = [-1.112, 0.0, 0.05, 0.1, 0.15, 0.3, 0.6, 0.9, 1.0, 1.112];
@@ -119,14 +119,14 @@ fn run_literal(
 
 #[test]
 fn sweep_equals_literal_early_exit_on_tiny_llama() {
-    let t = jumplens::io::read_safetensors(&root().join("tests/fixtures/lens/llama.safetensors")).unwrap();
+    let t = jumplens::data::io::read_safetensors(&root().join("tests/fixtures/lens/llama.safetensors")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let act_path = dir.path().join("val.safetensors");
     let act: Vec<(String, Tensor)> = ["hidden_states", "positions", "tokens", "offsets", "article"]
         .iter()
         .map(|n| (n.to_string(), t[*n].clone()))
         .collect();
-    jumplens::io::write_safetensors(&act_path, &act, None).unwrap();
+    jumplens::data::io::write_safetensors(&act_path, &act, None).unwrap();
     let val = Activations::read(&act_path).unwrap();
     let lm =
         jumplens::model::load_model(root().join("tests/fixtures/tiny/llama").to_str().unwrap(), &Device::Cpu).unwrap();
@@ -139,7 +139,7 @@ fn sweep_equals_literal_early_exit_on_tiny_llama() {
         .enumerate()
         .map(|(l, m)| (format!("mat.{l}.{last}"), m.clone()))
         .collect();
-    jumplens::io::write_safetensors(&maps_path, &named, None).unwrap();
+    jumplens::data::io::write_safetensors(&maps_path, &named, None).unwrap();
     let maps = MapSet::read(&maps_path).unwrap();
 
     let n = val.len();

@@ -1,4 +1,4 @@
-//! `jumplens::fit` and `jumplens::r2` against scikit-learn (tests/fixtures/lstsq, see its
+//! `jumplens::lens::fit` and `jumplens::lens::r2` against scikit-learn (tests/fixtures/lstsq, see its
 //! README): `LinearRegression(fit_intercept=False / True)` coefficients, intercepts,
 //! predictions and `r2_score` on five least-squares cases, including three rank-deficient ones
 //! where the answer is the minimum-norm solution.
@@ -25,8 +25,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use jumplens::fit::{fit_all_pairs, FitOptions, GramPrecision, Maps};
-use jumplens::r2::{r2_all_pairs, r2_all_pairs_with, r2_score, R2Options};
+use jumplens::lens::fit::{fit_all_pairs, FitOptions, GramPrecision, Maps};
+use jumplens::lens::r2::{r2_all_pairs, r2_all_pairs_with, r2_score, R2Options};
 
 const CASES: [(&str, usize); 5] = [
     ("well", 16),

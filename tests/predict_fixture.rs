@@ -15,9 +15,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use jumplens::collect::Activations;
-use jumplens::maps::MapSet;
-use jumplens::predict::{evaluate, Evaluation, Lens, LensMetrics};
+use jumplens::data::Activations;
+use jumplens::eval::predict::{evaluate, Evaluation, Lens, LensMetrics};
+use jumplens::lens::maps::MapSet;
 
 const REL_TOL: f64 = 1e-5;
 const MARGIN_TOL: f64 = 1e-5;
@@ -37,14 +37,15 @@ struct Fixture {
 }
 
 fn load(name: &str) -> Fixture {
-    let t = jumplens::io::read_safetensors(&root().join(format!("tests/fixtures/lens/{name}.safetensors"))).unwrap();
+    let t =
+        jumplens::data::io::read_safetensors(&root().join(format!("tests/fixtures/lens/{name}.safetensors"))).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let act_path = dir.path().join("val.safetensors");
     let act: Vec<(String, Tensor)> = ["hidden_states", "positions", "tokens", "offsets", "article"]
         .iter()
         .map(|n| (n.to_string(), t[*n].clone()))
         .collect();
-    jumplens::io::write_safetensors(&act_path, &act, None).unwrap();
+    jumplens::data::io::write_safetensors(&act_path, &act, None).unwrap();
     let val = Activations::read(&act_path).unwrap();
     let maps_path = dir.path().join("maps.safetensors");
     let maps: Vec<(String, Tensor)> = t
@@ -56,7 +57,7 @@ fn load(name: &str) -> Fixture {
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    jumplens::io::write_safetensors(&maps_path, &maps, None).unwrap();
+    jumplens::data::io::write_safetensors(&maps_path, &maps, None).unwrap();
     let maps = MapSet::read(&maps_path).unwrap();
     let model = jumplens::model::load_model(
         root().join("tests/fixtures/tiny").join(name).to_str().unwrap(),
@@ -175,7 +176,7 @@ fn bert_mlm_predictions_match_numpy_reference() {
 fn fixture_gold_tokens_are_as_documented() {
     // Causal: the next token (none at the sentence's end); masked: the original token.
     let f = load("llama");
-    let gold = jumplens::predict::gold_tokens(&f.val, jumplens::model::AttentionKind::Causal);
+    let gold = jumplens::eval::predict::gold_tokens(&f.val, jumplens::model::AttentionKind::Causal);
     let with_gold = gold.iter().filter(|g| g.is_some()).count();
     assert!(
         with_gold > 0 && with_gold < f.val.len(),
@@ -186,7 +187,7 @@ fn fixture_gold_tokens_are_as_documented() {
         assert_eq!(*g, s.get(f.val.positions[i] + 1).copied());
     }
     let f = load("bert_mlm");
-    let gold = jumplens::predict::gold_tokens(&f.val, jumplens::model::AttentionKind::Bidirectional);
+    let gold = jumplens::eval::predict::gold_tokens(&f.val, jumplens::model::AttentionKind::Bidirectional);
     for (i, g) in gold.iter().enumerate() {
         assert_eq!(*g, Some(f.val.sentence(i)[f.val.positions[i]]));
         assert_ne!(*g, Some(3), "id 3 is the tiny BERT's [MASK] and never a real token");

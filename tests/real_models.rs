@@ -40,7 +40,7 @@ fn sentences() -> Vec<String> {
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    jumplens::io::read_safetensors(&root().join(format!("tests/fixtures/real/{name}.safetensors"))).unwrap()
+    jumplens::data::io::read_safetensors(&root().join(format!("tests/fixtures/real/{name}.safetensors"))).unwrap()
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {

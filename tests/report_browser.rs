@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use jumplens::report::{run_report, ReportOptions};
+use jumplens::pipeline::report::{run_report, ReportOptions};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -286,14 +286,14 @@ fn report_renders_in_headless_chromium() {
     eprintln!("run_report: {:.1} s", started.elapsed().as_secs_f64());
 
     // Every stage recorded its wall time.
-    let m = jumplens::run::RunDir::new(&opts.out).read_manifest().unwrap();
-    for (stage, t) in jumplens::report::stage_wall_times(&m) {
+    let m = jumplens::data::run::RunDir::new(&opts.out).read_manifest().unwrap();
+    for (stage, t) in jumplens::pipeline::report::stage_wall_times(&m) {
         assert!(t.is_some_and(|t| t >= 0.0), "no wall time for {stage}");
     }
     // A second call finds everything up to date and only rewrites the page.
     let again = Instant::now();
     run_report(&opts).unwrap();
-    let m2 = jumplens::run::RunDir::new(&opts.out).read_manifest().unwrap();
+    let m2 = jumplens::data::run::RunDir::new(&opts.out).read_manifest().unwrap();
     assert_eq!(
         m.stages.get("predict").and_then(|r| r.get("wall_s")),
         m2.stages.get("predict").and_then(|r| r.get("wall_s")),
@@ -307,8 +307,8 @@ fn report_renders_in_headless_chromium() {
     let mut other = opts.clone();
     other.submodule_eval = 12;
     run_report(&other).unwrap();
-    let m3 = jumplens::run::RunDir::new(&opts.out).read_manifest().unwrap();
-    let rec = |m: &jumplens::run::Manifest, s: &str, k: &str| m.stages.get(s).and_then(|r| r.get(k)).cloned();
+    let m3 = jumplens::data::run::RunDir::new(&opts.out).read_manifest().unwrap();
+    let rec = |m: &jumplens::data::run::Manifest, s: &str, k: &str| m.stages.get(s).and_then(|r| r.get(k)).cloned();
     assert_eq!(rec(&m3, "predict", "wall_s"), rec(&m, "predict", "wall_s"));
     assert_ne!(rec(&m3, "submodules", "wall_s"), rec(&m, "submodules", "wall_s"));
     assert_eq!(rec(&m3, "submodules", "n_eval"), Some(serde_json::json!(12)));

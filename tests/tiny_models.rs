@@ -28,7 +28,7 @@ struct Case {
 fn load(name: &str) -> Case {
     let dir = fixture(name);
     let lm = model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
-    let expected = jumplens::io::read_safetensors(&dir.join("expected.safetensors")).unwrap();
+    let expected = jumplens::data::io::read_safetensors(&dir.join("expected.safetensors")).unwrap();
     let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
     let lengths: Vec<usize> = expected["attention_mask"]
         .sum(1)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use super::ops::RopeScaling;
+use super::layers::RopeScaling;
 
 /// A parsed config.json.
 #[derive(Debug, Clone)]

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, Tensor};
 
+use crate::error::one_line;
+
 /// All tensors of a checkpoint, converted to f32, under their Hugging Face names.
 pub struct Weights {
     tensors: HashMap<String, Tensor>,
@@ -36,7 +38,7 @@ impl Weights {
                 *dtypes.entry(format!("{:?}", view.dtype())).or_default() += 1;
                 let t = st
                     .load(&name, device)
-                    .and_then(super::f32)
+                    .and_then(super::layers::f32)
                     .map_err(|e| anyhow!("{}: tensor {name}: {}", path.display(), one_line(&e)))?;
                 tensors.insert(name, t);
             }
@@ -113,9 +115,4 @@ impl Weights {
             Ok(None)
         }
     }
-}
-
-/// candle errors can carry backtraces and nested context over several lines; keep the first.
-pub(crate) fn one_line(e: &dyn std::fmt::Display) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }

@@ -10,9 +10,11 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
 
-use super::config::Config;
-use super::weights::Weights;
-use super::{bert::Bert, gemma3::Gemma3, gpt2::Gpt2, llama::Llama, Tokenizer, Transformer};
+use crate::model::arch::{bert::Bert, gemma3::Gemma3, gpt2::Gpt2, llama::Llama};
+use crate::model::config::Config;
+use crate::model::weights::Weights;
+use crate::model::Transformer;
+use crate::tokenizer::Tokenizer;
 
 /// A model ready to run, with its tokenizer and where it came from.
 pub struct LoadedModel {
@@ -205,7 +207,8 @@ fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
     let (tensors, storage) = gguf_tensors(&content, &mut file, &arch, &cfg, path, device)?;
     let weights = Weights::new(tensors, path.to_path_buf(), storage.clone());
     let model = build(&cfg, &weights, device)?;
-    let inner = super::gguf_tokenizer::tokenizer_from_gguf(&content).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let inner =
+        crate::tokenizer::gguf::tokenizer_from_gguf(&content).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let model_kind = meta_str(&content, "tokenizer.ggml.model").unwrap_or_default();
     let tokenizer = Tokenizer::wrap(inner, format!("gguf:{model_kind}"));
     tokenizer.check_fits(model.info().vocab_size, path)?;

@@ -26,7 +26,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::fit::{with_f32_slice, with_states, Elem, GramPrecision, Maps, States};
+use crate::host::with_f32_slice;
+use crate::lens::fit::{with_states, Elem, GramPrecision, Maps, States};
 
 /// Below this many prediction flops, [`GramPrecision::Auto`] uses float64.
 const AUTO_F64_FLOPS: f64 = 2e10;
@@ -98,7 +99,7 @@ fn score(sse: &[f64], sst: &[f64]) -> f64 {
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let y = Tensor::new(&[[1f32, 2.0], [3.0, 4.0], [5.0, 7.0]], &Device::Cpu)?;
-/// let r2 = jumplens::r2::r2_score(&y, &y)?;
+/// let r2 = jumplens::lens::r2::r2_score(&y, &y)?;
 /// assert_eq!(r2, 1.0);
 /// # Ok::<(), anyhow::Error>(())
 /// ```
@@ -139,11 +140,11 @@ pub fn r2_score(y: &Tensor, y_hat: &Tensor) -> Result<f64> {
 /// r^2 on `val` [S, N, d] of every pair in `maps` and of the identity, with default options.
 ///
 /// ```
-/// use jumplens::fit::{fit_all_pairs, pairs_all, synthetic_states, FitOptions};
+/// use jumplens::lens::fit::{fit_all_pairs, pairs_all, synthetic_states, FitOptions};
 /// let h = synthetic_states(3, 200, 8, 0)?;
 /// let (train, val) = (h.narrow(1, 0, 150)?, h.narrow(1, 150, 50)?);
 /// let maps = fit_all_pairs(&train, &pairs_all(3), &FitOptions::default())?;
-/// let r2 = jumplens::r2::r2_all_pairs(&val, &maps)?;
+/// let r2 = jumplens::lens::r2::r2_all_pairs(&val, &maps)?;
 /// assert!(r2.mat[0][1].unwrap() > r2.id[0][1].unwrap());
 /// assert!(r2.mat[1][0].is_none());
 /// # Ok::<(), anyhow::Error>(())
@@ -155,8 +156,8 @@ pub fn r2_all_pairs(val: &Tensor, maps: &Maps) -> Result<R2Table> {
 /// [`r2_all_pairs`] with explicit options.
 ///
 /// ```
-/// use jumplens::fit::{fit_all_pairs, synthetic_states, FitOptions, GramPrecision};
-/// use jumplens::r2::{r2_all_pairs_with, R2Options};
+/// use jumplens::lens::fit::{fit_all_pairs, synthetic_states, FitOptions, GramPrecision};
+/// use jumplens::lens::r2::{r2_all_pairs_with, R2Options};
 /// let h = synthetic_states(2, 300, 8, 2)?;
 /// let maps = fit_all_pairs(&h, &[(0, 1)], &FitOptions::default())?;
 /// let opts = R2Options { precision: GramPrecision::F32, ..R2Options::default() };

@@ -18,12 +18,13 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::collect::{unit_batches, units_from_activations, Activations, UnitBatch};
-use crate::fit::{fit_all_pairs, FitOptions};
-use crate::maps::MapSet;
+use crate::collect::{unit_batches, units_from_activations, UnitBatch};
+use crate::data::run::RunDir;
+use crate::data::Activations;
+use crate::eval::predict::{gold_tokens, Acc, LensMetrics, Reference};
+use crate::lens::fit::{fit_all_pairs, FitOptions};
+use crate::lens::maps::MapSet;
 use crate::model::{self, AttentionKind, Hooks, LinearReplacement, LoadedModel, SubModule};
-use crate::predict::{gold_tokens, Acc, LensMetrics, Reference};
-use crate::run::RunDir;
 
 /// Options of `jumplens submodules`.
 #[derive(Debug, Clone)]
@@ -250,7 +251,7 @@ pub fn r2_informed_schedule(r2: &[Vec<Option<f64>>], n_layers: usize, k: usize) 
 
 /// Applies a map to every position of a [B, T, d] state.
 fn jump_all_positions(h: &Tensor, a: &Tensor) -> Result<Tensor> {
-    Ok(crate::model::ops::Linear::new(a.clone(), None).forward(h)?)
+    Ok(crate::model::layers::Linear::new(a.clone(), None).forward(h)?)
 }
 
 /// Evaluation batches of the validation examples, with their exact states and the reference.
@@ -296,9 +297,9 @@ pub fn run_submodules(
         bail!("{}: the run was collected with another model", run.root.display());
     }
     let n_layers = info.n_layers;
-    let train = Activations::read(&crate::run::require(&run.activations("train"), "collect")?)?;
-    let val = Activations::read(&crate::run::require(&run.activations("val"), "collect")?)?;
-    let maps = MapSet::read(&crate::run::require(&run.maps(), "fit")?)?;
+    let train = Activations::read(&crate::data::run::require(&run.activations("train"), "collect")?)?;
+    let val = Activations::read(&crate::data::run::require(&run.activations("val"), "collect")?)?;
+    let maps = MapSet::read(&crate::data::run::require(&run.maps(), "fit")?)?;
     maps.check_model(&manifest.model)?;
     let maps = maps.to_device(lm.model.device())?;
     let sub_maps = fit_submodules(lm, &train, opts)?;
@@ -360,7 +361,7 @@ pub fn run_submodules(
             .into(),
         variants,
     };
-    crate::io::write_json(&run.file("submodules.json"), &sub_report)?;
+    crate::data::io::write_json(&run.file("submodules.json"), &sub_report)?;
     plot_submodules(&run.file("submodules"), &manifest.model.arch, &sub_report)?;
 
     // Alternation.
@@ -444,7 +445,7 @@ pub fn run_submodules(
         r2_informed,
         single_jump,
     };
-    crate::io::write_json(&run.file("alternation.json"), &alt)?;
+    crate::data::io::write_json(&run.file("alternation.json"), &alt)?;
     plot_alternation(&run.file("alternation"), &manifest.model.arch, &alt)?;
     manifest.set_stage(
         "submodules",
@@ -456,7 +457,7 @@ pub fn run_submodules(
 
 /// The mat r^2 table from `r2.json`.
 fn read_r2(run: &RunDir) -> Result<Vec<Vec<Option<f64>>>> {
-    let p = crate::run::require(&run.file("r2.json"), "r2")?;
+    let p = crate::data::run::require(&run.file("r2.json"), "r2")?;
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
     let mat = v
         .get("mat")
@@ -465,7 +466,7 @@ fn read_r2(run: &RunDir) -> Result<Vec<Vec<Option<f64>>>> {
 }
 
 fn plot_submodules(stem: &std::path::Path, arch: &str, r: &SubmoduleReport) -> Result<()> {
-    use crate::plot::{Panel, Series};
+    use crate::render::plot::{Panel, Series};
     let series = |f: &dyn Fn(&LensMetrics) -> &Vec<f64>| -> Vec<Series> {
         r.variants
             .iter()
@@ -500,7 +501,7 @@ fn plot_submodules(stem: &std::path::Path, arch: &str, r: &SubmoduleReport) -> R
             y_range: None,
         },
     ];
-    crate::plot::line_panels(
+    crate::render::plot::line_panels(
         stem,
         &format!(
             "{arch} — sub-modules replaced by linear maps from layer ℓ on ({} examples)",
@@ -511,7 +512,7 @@ fn plot_submodules(stem: &std::path::Path, arch: &str, r: &SubmoduleReport) -> R
 }
 
 fn plot_alternation(stem: &std::path::Path, arch: &str, r: &AlternationReport) -> Result<()> {
-    use crate::plot::{Panel, Series};
+    use crate::render::plot::{Panel, Series};
     let pts = |v: &[ScheduleResult]| {
         let mut p: Vec<(f64, f64)> = v.iter().map(|s| (s.executed_blocks as f64, s.p_at_1)).collect();
         p.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -543,7 +544,7 @@ fn plot_alternation(stem: &std::path::Path, arch: &str, r: &AlternationReport) -
         ],
         y_range: Some((0.0, 1.0)),
     };
-    crate::plot::line_panels(stem, &format!("{arch} — alternating blocks and linear jumps"), &[panel])
+    crate::render::plot::line_panels(stem, &format!("{arch} — alternating blocks and linear jumps"), &[panel])
 }
 
 #[cfg(test)]

@@ -1,11 +1,11 @@
-//! The all-pairs fit of [`crate::fit`] with the sufficient statistics accumulated on the
+//! The all-pairs fit of [`crate::lens::fit`] with the sufficient statistics accumulated on the
 //! device that holds the hidden states (a GPU): what crosses to the host is one `d x d` block
 //! per source layer, never the states.
 //!
 //! # Why it is built this way
 //!
 //! On the CPU the Gram blocks are float32 GEMMs with a float64 recomputation of troubled layers
-//! ([`crate::fit`]). On a GPU float64 GEMM runs at the rate of float32 (an H200 measured 54.5
+//! ([`crate::lens::fit`]). On a GPU float64 GEMM runs at the rate of float32 (an H200 measured 54.5
 //! TFLOP/s float64 against 39.9 float32 for a 100k x 1600 Gram), so everything is float64 and
 //! no layer is recomputed. Per chunk of examples the needed states are laid out as
 //! `Z^T` [K d, rows] (one row per coordinate), so any run of consecutive states is a
@@ -23,7 +23,7 @@
 //! targets. The maps stay on the device as float32 (views of one buffer per source layer).
 //!
 //! The same code runs on any candle device; the tests run it on the CPU against
-//! [`crate::fit::fit_all_pairs`].
+//! [`crate::lens::fit::fit_all_pairs`].
 //!
 //! Every device operation works on one state `[N, d]` (or less) at a time: candle's CUDA
 //! kernels compute strided offsets in 32 bits, which a view across all states of a large
@@ -36,7 +36,7 @@ use candle_core::{DType, Device, Tensor};
 use faer::Mat;
 use rayon::prelude::*;
 
-use crate::fit::{
+use crate::lens::fit::{
     checked_inputs, layer_outcome, model_flops, solve_block, FitOptions, FitStats, GramPrecision, LayerDiag, Maps,
     PairMap, Plan,
 };
@@ -75,7 +75,7 @@ struct BlockRow {
 }
 
 /// Fits every pair of `pairs` on `train` [S, N, d] (float32) on the tensor's own device. Same
-/// model and options as [`crate::fit::fit_all_pairs`] (which calls this for non-CPU tensors);
+/// model and options as [`crate::lens::fit::fit_all_pairs`] (which calls this for non-CPU tensors);
 /// the maps are returned on that device.
 pub fn fit_all_pairs_on_device(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions) -> Result<Maps> {
     let t0 = Instant::now();
@@ -283,7 +283,7 @@ pub fn fit_all_pairs_on_device(train: &Tensor, pairs: &[(usize, usize)], opts: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fit::{fit_all_pairs, pairs_all, pairs_to_final, synthetic_states};
+    use crate::lens::fit::{fit_all_pairs, pairs_all, pairs_to_final, synthetic_states};
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
         let diff = (a - b)
@@ -389,8 +389,8 @@ mod tests {
                 ..FitOptions::default()
             };
             let maps = fit_all_pairs(&train, &pairs_all(5), &opts).unwrap();
-            let cpu = crate::r2::r2_all_pairs(&val, &maps).unwrap();
-            let dev = crate::r2::r2_all_pairs_on_device(&val, &maps).unwrap();
+            let cpu = crate::lens::r2::r2_all_pairs(&val, &maps).unwrap();
+            let dev = crate::lens::r2::r2_all_pairs_on_device(&val, &maps).unwrap();
             for l in 0..5 {
                 for t in 0..5 {
                     match (cpu.mat[l][t], dev.mat[l][t], cpu.id[l][t], dev.id[l][t]) {
@@ -429,8 +429,8 @@ mod tests {
         for l in &dev.layers {
             println!("{l:?}");
         }
-        let r_cpu = crate::r2::r2_all_pairs(&h.narrow(1, 0, 4096).unwrap(), &cpu).unwrap();
-        let r_dev = crate::r2::r2_all_pairs(&h.narrow(1, 0, 4096).unwrap(), &dev).unwrap();
+        let r_cpu = crate::lens::r2::r2_all_pairs(&h.narrow(1, 0, 4096).unwrap(), &cpu).unwrap();
+        let r_dev = crate::lens::r2::r2_all_pairs(&h.narrow(1, 0, 4096).unwrap(), &dev).unwrap();
         for l in 0..12 {
             println!(
                 "{l}: cpu {:.4} dev {:.4}",

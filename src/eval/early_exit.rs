@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-use crate::collect::Activations;
-use crate::maps::MapSet;
-use crate::predict::Lens;
-use crate::run::RunDir;
+use crate::data::run::RunDir;
+use crate::data::Activations;
+use crate::eval::predict::Lens;
+use crate::lens::maps::MapSet;
 use serde::{Deserialize, Serialize};
 
 /// How confident a cast prediction is (CALM's measures).
@@ -275,8 +275,8 @@ fn cosine_confidence(val: &Activations, lens: &Lens) -> Result<Vec<Vec<f32>>> {
 pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExitReport> {
     let started = std::time::Instant::now();
     let mut manifest = run.read_manifest()?;
-    let traces_path = crate::run::require(&run.file("predict_traces.safetensors"), "predict")?;
-    let traces = crate::io::read_safetensors(&traces_path)?;
+    let traces_path = crate::data::run::require(&run.file("predict_traces.safetensors"), "predict")?;
+    let traces = crate::data::io::read_safetensors(&traces_path)?;
     let get = |name: &str| -> Result<Tensor> {
         traces
             .get(name)
@@ -288,7 +288,7 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         .into_iter()
         .map(|x| x as u32)
         .collect();
-    let val = Activations::read(&crate::run::require(&run.activations("val"), "collect")?)?;
+    let val = Activations::read(&crate::data::run::require(&run.activations("val"), "collect")?)?;
     let masked = manifest.model.attention == "bidirectional";
     // The paper fixes t = 3 for BERT; for causal LMs t is the token's position.
     let t: Vec<f64> = val
@@ -299,7 +299,7 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
     let mean_len = val.positions.iter().map(|&p| p as f64 + 1.0).sum::<f64>() / val.len().max(1) as f64;
     let n_layers = manifest.model.n_layers;
     let maps = match opts.measure {
-        Measure::Cosine => Some(MapSet::read(&crate::run::require(&run.maps(), "fit")?)?),
+        Measure::Cosine => Some(MapSet::read(&crate::data::run::require(&run.maps(), "fit")?)?),
         _ => None,
     };
     let mut report = EarlyExitReport {
@@ -384,7 +384,7 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         "note": "per example; the cast at every layer tried is counted (map + final norm + unembedding)",
         "at_p@1_0.95": flops_rows,
     });
-    crate::io::write_json(&run.file("early_exit.json"), &report)?;
+    crate::data::io::write_json(&run.file("early_exit.json"), &report)?;
     manifest.set_stage(
         "early_exit",
         serde_json::json!({"wall_s": started.elapsed().as_secs_f64()}),
@@ -401,7 +401,7 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
 /// Draws `early_exit.svg`/`.png`: Precision@1 against mean blocks run, dynamic (the sweep) and
 /// fixed exit, for mat and id.
 pub fn plot_early_exit(stem: &std::path::Path, title: &str, r: &EarlyExitReport) -> Result<()> {
-    use crate::plot::{Panel, Series};
+    use crate::render::plot::{Panel, Series};
     let mut series = Vec::new();
     for (name, curve) in &r.curves {
         let mut pts: Vec<(f64, f64)> = curve.iter().map(|p| (p.mean_layers, p.p_at_1)).collect();
@@ -431,7 +431,7 @@ pub fn plot_early_exit(stem: &std::path::Path, title: &str, r: &EarlyExitReport)
         series,
         y_range: Some((0.0, 1.0)),
     };
-    crate::plot::line_panels(stem, title, &[panel])
+    crate::render::plot::line_panels(stem, title, &[panel])
 }
 
 /// FLOP counts derived from the model's shape (per token, multiply-add = 2 FLOPs).
@@ -441,7 +441,7 @@ struct ModelFlops {
     per_map: f64,
 }
 
-fn flops_model(m: &crate::run::Manifest) -> ModelFlops {
+fn flops_model(m: &crate::data::run::Manifest) -> ModelFlops {
     let d = m.model.d_model as f64;
     let v = m.model.vocab_size as f64;
     // Weights (2 FLOPs per parameter) plus attention scores and mixing over a ~24-token context.

@@ -22,15 +22,15 @@ use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::collect::{self, CollectOptions};
-use crate::early_exit::{self, EarlyExitOptions};
-use crate::fit::FitOptions;
-use crate::maps::MapSet;
+use crate::data::run::{Manifest, RunDir};
+use crate::eval::early_exit::{self, EarlyExitOptions};
+use crate::eval::peek;
+use crate::eval::predict::{self, PredictOptions};
+use crate::eval::submodules::{self, SubmoduleOptions};
+use crate::lens::fit::FitOptions;
+use crate::lens::maps::MapSet;
 use crate::model::{load_model, AttentionKind, LoadedModel};
-use crate::peek;
-use crate::predict::{self, PredictOptions};
-use crate::run::{Manifest, RunDir};
-use crate::stages::{self, Pairs};
-use crate::submodules::{self, SubmoduleOptions};
+use crate::pipeline::stages::{self, Pairs};
 
 /// The default model, relative to the assets folder (see [`assets_dir`]).
 pub const DEFAULT_MODEL: &str = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -50,7 +50,7 @@ pub const STAGES: [&str; 6] = ["collect", "fit", "r2", "predict", "early_exit", 
 /// # Example
 ///
 /// ```no_run
-/// use jumplens::report::{run_report, ReportOptions};
+/// use jumplens::pipeline::report::{run_report, ReportOptions};
 ///
 /// let mut opts = ReportOptions::new("assets/bert_mlm", "corpus.txt", "runs/bert-demo", true);
 /// opts.n_train = 200;
@@ -150,7 +150,7 @@ pub fn assets_dir() -> PathBuf {
 ///
 /// ```no_run
 /// // The default model, on a corpus of one's own.
-/// let (model, corpus) = jumplens::report::resolve_assets(None, Some("my_corpus.txt".into()))?;
+/// let (model, corpus) = jumplens::pipeline::report::resolve_assets(None, Some("my_corpus.txt".into()))?;
 /// # Ok::<(), anyhow::Error>(())
 /// ```
 pub fn resolve_assets(model: Option<String>, corpus: Option<PathBuf>) -> Result<(String, PathBuf)> {
@@ -212,7 +212,7 @@ pub fn resolve_assets(model: Option<String>, corpus: Option<PathBuf>) -> Result<
 ///
 /// ```
 /// use std::path::{Path, PathBuf};
-/// let out = jumplens::report::default_out("assets/bert_mlm", Path::new("wiki/summaries.json"), true);
+/// let out = jumplens::pipeline::report::default_out("assets/bert_mlm", Path::new("wiki/summaries.json"), true);
 /// assert_eq!(out, PathBuf::from("runs/bert_mlm-summaries-quick"));
 /// ```
 pub fn default_out(model: &str, corpus: &Path, quick: bool) -> PathBuf {
@@ -246,7 +246,7 @@ pub fn default_out(model: &str, corpus: &Path, quick: bool) -> PathBuf {
 /// # Example
 ///
 /// ```no_run
-/// use jumplens::report::{run_report, ReportOptions};
+/// use jumplens::pipeline::report::{run_report, ReportOptions};
 ///
 /// let opts = ReportOptions::new(
 ///     "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -380,8 +380,8 @@ fn up_to_date(run: &RunDir, stage: &str, opts: &ReportOptions, lm: &LoadedModel,
         return Ok(false);
     };
     if stage == "collect" {
-        let same_inputs = m.model.sha256 == crate::io::sha256_path(&lm.path)?
-            && m.corpus.sha256 == crate::io::sha256_path(&opts.corpus)?
+        let same_inputs = m.model.sha256 == crate::data::io::sha256_path(&lm.path)?
+            && m.corpus.sha256 == crate::data::io::sha256_path(&opts.corpus)?
             && &m.options == collect_opts;
         if !same_inputs {
             bail!(
@@ -479,9 +479,9 @@ fn record_stage(run: &RunDir, stage: &str, opts: &ReportOptions, wall: f64, befo
 /// # Example
 ///
 /// ```no_run
-/// use jumplens::run::RunDir;
+/// use jumplens::data::run::RunDir;
 /// let m = RunDir::new("runs/demo").read_manifest()?;
-/// for (stage, secs) in jumplens::report::stage_wall_times(&m) {
+/// for (stage, secs) in jumplens::pipeline::report::stage_wall_times(&m) {
 ///     println!("{stage}: {secs:?}");
 /// }
 /// # Ok::<(), anyhow::Error>(())
@@ -617,7 +617,10 @@ impl Figures {
             // Label the graphic for screen readers; the caption says the rest.
             let svg = svg.replacen(
                 "<svg",
-                &format!("<svg role=\"img\" aria-label=\"{}\"", crate::io::escape_markup(alt)),
+                &format!(
+                    "<svg role=\"img\" aria-label=\"{}\"",
+                    crate::data::io::escape_markup(alt)
+                ),
                 1,
             );
             return Ok(Some(svg.trim().to_string()));
@@ -627,7 +630,7 @@ impl Figures {
             let bytes = std::fs::read(&png_path).with_context(|| format!("{}: cannot read", png_path.display()))?;
             return Ok(Some(format!(
                 "<img alt=\"{}\" src=\"data:image/png;base64,{}\">",
-                crate::io::escape_markup(alt),
+                crate::data::io::escape_markup(alt),
                 base64(&bytes)
             )));
         }
@@ -712,8 +715,8 @@ fn base64(bytes: &[u8]) -> String {
 /// # Example
 ///
 /// ```no_run
-/// use jumplens::report::write_report_html;
-/// use jumplens::run::RunDir;
+/// use jumplens::pipeline::report::write_report_html;
+/// use jumplens::data::run::RunDir;
 ///
 /// // Regenerate the page of an existing run, without peek grids (no model loaded).
 /// let page = write_report_html(&RunDir::new("runs/smollm2-wiki"), None)?;
@@ -726,7 +729,7 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
         ids: HashSet::new(),
         count: 0,
     };
-    let arch = crate::io::escape_markup(&m.model.arch);
+    let arch = crate::data::io::escape_markup(&m.model.arch);
     let model_name = Path::new(&m.model.path)
         .file_name()
         .map_or(m.model.path.clone(), |n| n.to_string_lossy().into_owned());
@@ -740,8 +743,8 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
          <title>jumplens report — {} on {}</title><style>{CSS}{}</style></head>\n<body><main>\n",
-        crate::io::escape_markup(&model_name),
-        crate::io::escape_markup(&corpus_name),
+        crate::data::io::escape_markup(&model_name),
+        crate::data::io::escape_markup(&corpus_name),
         peek::PEEK_CSS
     );
     let _ = write!(
@@ -750,8 +753,8 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
          <p class=\"lead\">How well a linear map <i>A</i> fitted from layer ℓ to a later layer predicts the later \
          hidden state and the model's final prediction, compared with using the state as it is (the logit \
          lens) — after Yom Din et al., <i>Jump to Conclusions</i> (LREC-COLING 2024). Corpus: {}.</p>\n",
-        crate::io::escape_markup(&model_name),
-        crate::io::escape_markup(&corpus_name)
+        crate::data::io::escape_markup(&model_name),
+        crate::data::io::escape_markup(&corpus_name)
     );
     h.push_str(&metadata_section(&m));
     h.push_str(&r2_section(run, &m, &mut figs)?);
@@ -764,10 +767,10 @@ pub fn write_report_html(run: &RunDir, lm: Option<&LoadedModel>) -> Result<PathB
         "<footer>Written by jumplens {} from <span class=\"mono\">{}</span>. Self-contained: no scripts, \
          fonts or images are loaded from anywhere.</footer>\n</main></body></html>\n",
         env!("CARGO_PKG_VERSION"),
-        crate::io::escape_markup(&run.root.display().to_string())
+        crate::data::io::escape_markup(&run.root.display().to_string())
     );
     let path = run.file("report.html");
-    crate::io::write_atomic(&path, h.as_bytes())?;
+    crate::data::io::write_atomic(&path, h.as_bytes())?;
     Ok(path)
 }
 
@@ -779,37 +782,49 @@ fn metadata_section(m: &Manifest) -> String {
     let md = &m.model;
     row(
         "model",
-        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&md.path)),
+        format!(
+            "<span class=\"mono\">{}</span>",
+            crate::data::io::escape_markup(&md.path)
+        ),
     );
     row(
         "model sha256",
-        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&md.sha256)),
+        format!(
+            "<span class=\"mono\">{}</span>",
+            crate::data::io::escape_markup(&md.sha256)
+        ),
     );
     row(
         "architecture",
         format!(
             "{}, {} layers, d = {}, vocabulary {}, {} attention",
-            crate::io::escape_markup(&md.arch),
+            crate::data::io::escape_markup(&md.arch),
             md.n_layers,
             md.d_model,
             md.vocab_size,
-            crate::io::escape_markup(&md.attention)
+            crate::data::io::escape_markup(&md.attention)
         ),
     );
     let c = &m.corpus;
     row(
         "corpus",
-        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&c.path)),
+        format!(
+            "<span class=\"mono\">{}</span>",
+            crate::data::io::escape_markup(&c.path)
+        ),
     );
     row(
         "corpus sha256",
-        format!("<span class=\"mono\">{}</span>", crate::io::escape_markup(&c.sha256)),
+        format!(
+            "<span class=\"mono\">{}</span>",
+            crate::data::io::escape_markup(&c.sha256)
+        ),
     );
     row(
         "corpus format",
         format!(
             "{} ({} articles)",
-            crate::io::escape_markup(&c.format.replace('_', " ")),
+            crate::data::io::escape_markup(&c.format.replace('_', " ")),
             c.articles
         ),
     );
@@ -826,7 +841,7 @@ fn metadata_section(m: &Manifest) -> String {
                 )
             }
             Value::String(s) if s == "all" => "every token position".into(),
-            other => crate::io::escape_markup(&other.to_string()),
+            other => crate::data::io::escape_markup(&other.to_string()),
         })
         .unwrap_or_default();
     let count = |split: &str| -> String {
@@ -859,8 +874,8 @@ fn metadata_section(m: &Manifest) -> String {
         "tool",
         format!(
             "{} {} (run); page written by jumplens {}",
-            crate::io::escape_markup(&m.tool),
-            crate::io::escape_markup(&m.version),
+            crate::data::io::escape_markup(&m.tool),
+            crate::data::io::escape_markup(&m.version),
             env!("CARGO_PKG_VERSION")
         ),
     );
@@ -873,7 +888,7 @@ fn metadata_section(m: &Manifest) -> String {
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{}</td></tr>",
-            crate::io::escape_markup(&stage.replace('_', "-")),
+            crate::data::io::escape_markup(&stage.replace('_', "-")),
             t.map_or("not run".into(), fmt_secs)
         );
     }
@@ -892,7 +907,7 @@ fn figure(figs: &mut Figures, run: &RunDir, stem: &str, alt: &str, caption: &str
         Some(markup) => format!("<figure>\n{markup}\n<figcaption>{caption}</figcaption></figure>\n"),
         None => format!(
             "<p class=\"note\">Figure {} is missing (neither {stem}.svg nor {stem}.png is in the run folder).</p>\n",
-            crate::io::escape_markup(stem)
+            crate::data::io::escape_markup(stem)
         ),
     })
 }
@@ -1037,7 +1052,7 @@ fn predict_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<Str
     let last = p.get("layers").and_then(Value::as_u64).unwrap_or(0) as usize;
     h.push_str("<table class=\"data\"><tr><th>layer ℓ</th>");
     for n in &names {
-        let _ = write!(h, "<th>P@1 {}</th>", crate::io::escape_markup(n));
+        let _ = write!(h, "<th>P@1 {}</th>", crate::data::io::escape_markup(n));
     }
     let both = lenses.contains_key("mat") && lenses.contains_key("id");
     if both {
@@ -1108,7 +1123,7 @@ fn early_exit_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<
             let _ = writeln!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                crate::io::escape_markup(target),
+                crate::data::io::escape_markup(target),
                 fmt_pct(get("mat")),
                 fmt_pct(get("id")),
                 diff.unwrap_or_else(|| "—".into())
@@ -1143,7 +1158,7 @@ fn early_exit_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<
                     };
                     format!(
                         "{} runs {} blocks and tries {} casts per example, {cost}",
-                        crate::io::escape_markup(lens),
+                        crate::data::io::escape_markup(lens),
                         fmt_num(v("mean_layers"), 2),
                         fmt_num(v("mean_casts"), 2),
                     )
@@ -1231,7 +1246,7 @@ fn peek_section(run: &RunDir, m: &Manifest, lm: Option<&LoadedModel>) -> String 
             let _ = writeln!(
                 h,
                 "<p class=\"note\">No peek grids: {}</p>",
-                crate::io::escape_markup(format!("{e:#}").lines().next().unwrap_or_default())
+                crate::data::io::escape_markup(format!("{e:#}").lines().next().unwrap_or_default())
             );
         }
     }
@@ -1241,7 +1256,7 @@ fn peek_section(run: &RunDir, m: &Manifest, lm: Option<&LoadedModel>) -> String 
 /// Token ids of up to three validation sentences of moderate length, read from the val
 /// activations' `tokens`/`offsets` without loading the hidden states.
 fn sample_sentences(run: &RunDir, n: usize) -> Result<Vec<Vec<u32>>> {
-    let path = crate::run::require(&run.activations("val"), "collect")?;
+    let path = crate::data::run::require(&run.activations("val"), "collect")?;
     let file = std::fs::File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
     // SAFETY: the file is only read; stages write it atomically (rename), never in place.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
@@ -1292,7 +1307,7 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
     if info.n_layers != m.model.n_layers || info.d_model != m.model.d_model {
         bail!("the loaded model is not the run's model");
     }
-    let sha = crate::io::sha256_path(&lm.path)?;
+    let sha = crate::data::io::sha256_path(&lm.path)?;
     if sha != m.model.sha256 {
         bail!("the loaded model's sha256 differs from the run's");
     }
@@ -1354,11 +1369,11 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
                 let _ = write!(
                     h,
                     "<p class=\"peek-text\">“{}”{}</p>\n<div class=\"scroll\">{}</div>\n",
-                    crate::io::escape_markup(&text),
+                    crate::data::io::escape_markup(&text),
                     p.masked
                         .map(|i| format!(
                             " — token {i} (“{}”) masked",
-                            crate::io::escape_markup(p.tokens.get(i).map_or("", |s| s.trim()))
+                            crate::data::io::escape_markup(p.tokens.get(i).map_or("", |s| s.trim()))
                         ))
                         .unwrap_or_default(),
                     peek::render_html_fragment(&p)
@@ -1368,8 +1383,8 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
                 let _ = writeln!(
                     h,
                     "<p class=\"note\">Cannot peek at “{}”: {}</p>",
-                    crate::io::escape_markup(&text),
-                    crate::io::escape_markup(&format!("{e:#}"))
+                    crate::data::io::escape_markup(&text),
+                    crate::data::io::escape_markup(&format!("{e:#}"))
                 );
             }
         }

@@ -12,10 +12,11 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-use super::config::Config;
-use super::ops::{self, LayerNorm, Linear};
-use super::weights::Weights;
-use super::{run_sub, AttentionKind, Batch, BatchContext, Hooks, ModelInfo, SubModule, Tap, Transformer};
+use crate::model::config::Config;
+use crate::model::hooks::run_sub;
+use crate::model::layers::{self, LayerNorm, Linear};
+use crate::model::weights::Weights;
+use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, SubModule, Tap, Transformer};
 
 struct Block {
     q: Linear,
@@ -141,10 +142,17 @@ impl Bert {
 
     fn attention(&self, b: &Block, x: &Tensor, ctx: &BatchContext) -> candle_core::Result<Tensor> {
         let (h, hd) = (self.info.n_heads, self.head_dim);
-        let q = ops::split_heads(&b.q.forward(x)?, h, hd)?;
-        let k = ops::split_heads(&b.k.forward(x)?, h, hd)?;
-        let v = ops::split_heads(&b.v.forward(x)?, h, hd)?;
-        b.o.forward(&ops::attention(&q, &k, &v, &ctx.bias, 1.0 / (hd as f64).sqrt(), None)?)
+        let q = layers::split_heads(&b.q.forward(x)?, h, hd)?;
+        let k = layers::split_heads(&b.k.forward(x)?, h, hd)?;
+        let v = layers::split_heads(&b.v.forward(x)?, h, hd)?;
+        b.o.forward(&layers::attention(
+            &q,
+            &k,
+            &v,
+            &ctx.bias,
+            1.0 / (hd as f64).sqrt(),
+            None,
+        )?)
     }
 }
 
@@ -175,10 +183,10 @@ impl Transformer for Bert {
     }
 
     fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor> {
-        let words = ops::embedding(&self.word, &batch.input_ids)?;
+        let words = layers::embedding(&self.word, &batch.input_ids)?;
         let pos = self.position.narrow(0, 0, ctx.seq_len)?;
         let types = match &ctx.token_type_ids {
-            Some(t) => ops::embedding(&self.token_type, t)?,
+            Some(t) => layers::embedding(&self.token_type, t)?,
             None => self
                 .token_type
                 .narrow(0, 0, 1)?
@@ -199,7 +207,7 @@ impl Transformer for Bert {
         let normed = run_sub(hooks, layer, SubModule::Ln1, &mid, |x| b.ln1.forward(x))?;
         hooks.tap(layer, Tap::Ln1Normalized, &normed)?;
         let mlp_out = run_sub(hooks, layer, SubModule::Mlp, &normed, |x| {
-            b.ff_out.forward(&ops::activation(&self.act, &b.ff_in.forward(x)?)?)
+            b.ff_out.forward(&layers::activation(&self.act, &b.ff_in.forward(x)?)?)
         })?;
         hooks.tap(layer, Tap::MlpOut, &mlp_out)?;
         let post = (normed + mlp_out)?;
@@ -217,7 +225,7 @@ impl Transformer for Bert {
         let head = self.head.as_ref().ok_or_else(|| {
             anyhow::anyhow!("this BERT checkpoint has no masked-LM head (a plain BertModel): it has no logits")
         })?;
-        let t = ops::activation(&self.act, &head.dense.forward(h)?)?;
+        let t = layers::activation(&self.act, &head.dense.forward(h)?)?;
         Ok(head.decoder.forward(&head.ln.forward(&t)?)?)
     }
 

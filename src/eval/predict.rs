@@ -14,8 +14,8 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 use serde::Serialize;
 
-use crate::collect::Activations;
-use crate::maps::MapSet;
+use crate::data::Activations;
+use crate::lens::maps::MapSet;
 use crate::model::{AttentionKind, Transformer};
 
 /// How a state of layer l is carried to the last layer.
@@ -495,7 +495,7 @@ pub fn write_traces(path: &std::path::Path, ev: &Evaluation) -> Result<()> {
         let flat: Vec<f32> = tr.max_prob.iter().flatten().copied().collect();
         tensors.push((format!("{name}.max_prob"), Tensor::from_vec(flat, (s, ev.n_val), &cpu)?));
     }
-    crate::io::write_safetensors(path, &tensors, None)
+    crate::data::io::write_safetensors(path, &tensors, None)
 }
 
 /// Options of `jumplens predict`.
@@ -536,15 +536,15 @@ pub struct PredictReport {
 /// and the plots.
 pub fn run_predict(
     lm: &crate::model::LoadedModel,
-    run: &crate::run::RunDir,
+    run: &crate::data::run::RunDir,
     opts: &PredictOptions,
 ) -> Result<PredictReport> {
     let started = std::time::Instant::now();
     let mut manifest = run.read_manifest()?;
-    let val_path = crate::run::require(&run.activations("val"), "collect")?;
+    let val_path = crate::data::run::require(&run.activations("val"), "collect")?;
     let maps_path = match &opts.maps {
         Some(p) => p.clone(),
-        None => crate::run::require(&run.maps(), "fit")?,
+        None => crate::data::run::require(&run.maps(), "fit")?,
     };
     let device = lm.model.device().clone();
     let maps = MapSet::read(&maps_path)?;
@@ -598,7 +598,7 @@ pub fn run_predict(
         None => run.file("predict.json"),
         Some(_) => run.file(&format!("predict.maps-{}.json", report.maps_run)),
     };
-    crate::io::write_json(&out, &report)?;
+    crate::data::io::write_json(&out, &report)?;
     if opts.maps.is_none() {
         let title = format!(
             "{} — lens predictions vs the full model ({} validation examples)",
@@ -617,7 +617,7 @@ pub fn run_predict(
 /// Draws `predict.svg`/`.png`: Precision@1/5/10 and surprisal (95% CI band) against the source
 /// layer, one line per lens (the paper's Figure 4 layout).
 pub fn plot_predict(stem: &std::path::Path, title: &str, lenses: &BTreeMap<String, LensMetrics>) -> Result<()> {
-    use crate::plot::{Panel, Series};
+    use crate::render::plot::{Panel, Series};
     let by_layer = |v: &[f64]| v.iter().enumerate().map(|(l, &y)| (l as f64, y)).collect::<Vec<_>>();
     let series = |f: &dyn Fn(&LensMetrics) -> &[f64], band: bool| -> Vec<Series> {
         lenses
@@ -664,5 +664,5 @@ pub fn plot_predict(stem: &std::path::Path, title: &str, lenses: &BTreeMap<Strin
             None,
         ),
     ];
-    crate::plot::line_panels(stem, title, &panels)
+    crate::render::plot::line_panels(stem, title, &panels)
 }

@@ -54,7 +54,7 @@
 //! # Example
 //!
 //! ```
-//! use jumplens::fit::{fit_all_pairs, pairs_to_final, synthetic_states, FitOptions};
+//! use jumplens::lens::fit::{fit_all_pairs, pairs_to_final, synthetic_states, FitOptions};
 //! let h = synthetic_states(5, 300, 16, 0)?; // [S = 5, N = 300, d = 16]
 //! let maps = fit_all_pairs(&h, &pairs_to_final(5), &FitOptions::default())?;
 //! assert_eq!(maps.pairs.len(), 4);
@@ -68,7 +68,9 @@ use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
+
+pub(crate) use crate::host::with_f32_slice;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self, BlockStructure};
@@ -111,7 +113,7 @@ pub enum GramPrecision {
 /// Options of [`fit_all_pairs`].
 ///
 /// ```
-/// use jumplens::fit::FitOptions;
+/// use jumplens::lens::fit::FitOptions;
 /// // The paper's OLS is the default; an intercept and a ridge penalty are opt-in.
 /// let opts = FitOptions { intercept: true, ridge: 1e-3, ..FitOptions::default() };
 /// assert!(opts.intercept && FitOptions::default().ridge == 0.0);
@@ -128,7 +130,7 @@ pub struct FitOptions {
     pub precision: GramPrecision,
     /// Rows per chunk when the data must be copied (intercept or float64); 0 = about 256 MiB
     /// of chunk buffer. The default path reads the input in place and ignores it. On a GPU
-    /// ([`crate::fit_device`]): examples per chunk, 0 = about 4 GiB of float64.
+    /// ([`crate::lens::fit::device`]): examples per chunk, 0 = about 4 GiB of float64.
     pub chunk_rows: usize,
     /// Largest scaled condition number of a float32 Gram block that is trusted; above it the
     /// layer is recomputed in float64 ([`F32_GRAM_MAX_COND`] by default; infinity never
@@ -219,7 +221,7 @@ impl FitStats {
 /// All fitted maps of one call, sorted by (source, target).
 ///
 /// ```
-/// use jumplens::fit::{fit_all_pairs, synthetic_states, FitOptions};
+/// use jumplens::lens::fit::{fit_all_pairs, synthetic_states, FitOptions};
 /// let h = synthetic_states(3, 200, 8, 1)?;
 /// let maps = fit_all_pairs(&h, &[(0, 2), (1, 2)], &FitOptions::default())?;
 /// let pred = maps.predict(1, 2, &h.get(1)?)?; // [200, 8], approximates h_2
@@ -286,7 +288,7 @@ impl Maps {
 /// Every pair (l, l') with l < l' < n_states, sorted.
 ///
 /// ```
-/// assert_eq!(jumplens::fit::pairs_all(3), vec![(0, 1), (0, 2), (1, 2)]);
+/// assert_eq!(jumplens::lens::fit::pairs_all(3), vec![(0, 1), (0, 2), (1, 2)]);
 /// ```
 pub fn pairs_all(n_states: usize) -> Vec<(usize, usize)> {
     (0..n_states)
@@ -297,7 +299,7 @@ pub fn pairs_all(n_states: usize) -> Vec<(usize, usize)> {
 /// The jumps to the last state: (l, n_states - 1) for l < n_states - 1.
 ///
 /// ```
-/// assert_eq!(jumplens::fit::pairs_to_final(3), vec![(0, 2), (1, 2)]);
+/// assert_eq!(jumplens::lens::fit::pairs_to_final(3), vec![(0, 2), (1, 2)]);
 /// ```
 pub fn pairs_to_final(n_states: usize) -> Vec<(usize, usize)> {
     let last = n_states.saturating_sub(1);
@@ -307,7 +309,7 @@ pub fn pairs_to_final(n_states: usize) -> Vec<(usize, usize)> {
 /// Flops of the Gram blocks `pairs` need, as counted in [`FitStats::model_flops`].
 ///
 /// ```
-/// use jumplens::fit::{model_flops, pairs_all};
+/// use jumplens::lens::fit::{model_flops, pairs_all};
 /// // All pairs of 31 states of width 576 over 9,000 examples: 30 diagonal blocks and 465
 /// // off-diagonal ones, (S^2 - 1) d^2 N, i.e. (S d)^2 N less the unused last diagonal block.
 /// let f = model_flops(9000, 576, &pairs_all(31));
@@ -326,14 +328,14 @@ pub fn model_flops(n: usize, d: usize, pairs: &[(usize, usize)]) -> f64 {
 
 /// Fits `h_l' ≈ A h_l` by least squares for every pair of `pairs` on `train` [S, N, d]
 /// (f32; other dtypes are converted). States on a GPU are fitted there
-/// ([`crate::fit_device`]), with the maps left on it.
+/// ([`crate::lens::fit::device`]), with the maps left on it.
 ///
 /// With the default options this is scikit-learn's `LinearRegression(fit_intercept=False)`,
 /// including its minimum-norm answer on rank-deficient data (see the module docs).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use jumplens::fit::{fit_all_pairs, pairs_all, FitOptions};
+/// use jumplens::lens::fit::{fit_all_pairs, pairs_all, FitOptions};
 /// // 3 states of 50 examples, d = 4; h_2 = 2 h_1 exactly.
 /// let h0 = Tensor::randn(0f32, 1.0, (50, 4), &Device::Cpu)?;
 /// let h1 = Tensor::randn(0f32, 1.0, (50, 4), &Device::Cpu)?;
@@ -345,7 +347,7 @@ pub fn model_flops(n: usize, d: usize, pairs: &[(usize, usize)]) -> f64 {
 /// ```
 pub fn fit_all_pairs(train: &Tensor, pairs: &[(usize, usize)], opts: &FitOptions) -> Result<Maps> {
     if !train.device().is_cpu() {
-        return crate::fit_device::fit_all_pairs_on_device(train, pairs, opts);
+        return crate::lens::fit::device::fit_all_pairs_on_device(train, pairs, opts);
     }
     let t0 = Instant::now();
     let ((s, n, d), pairs) = checked_inputs(train, pairs, opts)?;
@@ -472,27 +474,6 @@ pub(crate) fn with_states<R>(h: &Tensor, f: impl FnOnce(States<'_>) -> Result<R>
     let (s, n, d) = h.dims3().context("expected hidden states [S, N, d]")?;
     let h = h.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
     with_f32_slice(&h, |data| f(States { data, s, n, d }))
-}
-
-/// Calls `f` with the contiguous f32 data of a CPU f32 tensor (copies only if not contiguous).
-pub(crate) fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    if t.dtype() != DType::F32 || !t.device().is_cpu() {
-        let t = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-        return with_f32_slice(&t, f);
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let offsets = layout.contiguous_offsets();
-    match (&*storage, offsets) {
-        (Storage::Cpu(cpu), Some((a, b))) => {
-            let all = cpu.as_slice::<f32>()?;
-            f(&all[a..b])
-        }
-        _ => {
-            drop(storage);
-            let v = t.flatten_all()?.to_vec1::<f32>()?;
-            f(&v)
-        }
-    }
 }
 
 /// Column means (float64) of the states `states` (others: None).
@@ -1262,7 +1243,7 @@ impl SplitMix {
 /// values are around 1000 (like the massive activations of real models).
 ///
 /// ```
-/// let h = jumplens::fit::synthetic_states(4, 100, 16, 0)?;
+/// let h = jumplens::lens::fit::synthetic_states(4, 100, 16, 0)?;
 /// assert_eq!(h.dims(), &[4, 100, 16]);
 /// # Ok::<(), anyhow::Error>(())
 /// ```

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use crate::run::ModelRecord;
+use crate::data::run::ModelRecord;
 
 /// A set of fitted maps keyed by (source, target) state index.
 #[derive(Debug, Clone)]
@@ -40,7 +40,7 @@ impl MapSet {
         for ((l, l2), b) in &self.biases {
             tensors.push((format!("bias.{l}.{l2}"), b.clone()));
         }
-        crate::io::write_safetensors(path, &tensors, Some(self.metadata.clone()))
+        crate::data::io::write_safetensors(path, &tensors, Some(self.metadata.clone()))
     }
 
     /// Reads a maps file.
@@ -55,7 +55,7 @@ impl MapSet {
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
         let metadata = header.metadata().clone().unwrap_or_default();
-        let tensors = crate::io::read_safetensors(path)?;
+        let tensors = crate::data::io::read_safetensors(path)?;
         let mut maps = BTreeMap::new();
         let mut biases = BTreeMap::new();
         for (name, t) in tensors {

@@ -9,10 +9,11 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-use super::config::Config;
-use super::ops::{self, Linear, RmsNorm, Rope, RopeScaling};
-use super::weights::Weights;
-use super::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, PreNormBlock, SubModule, Transformer};
+use crate::model::block::PreNormBlock;
+use crate::model::config::Config;
+use crate::model::layers::{self, Linear, RmsNorm, Rope, RopeScaling};
+use crate::model::weights::Weights;
+use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, SubModule, Transformer};
 
 struct Attention {
     q: Linear,
@@ -164,19 +165,19 @@ impl Gemma3 {
     fn attention(&self, a: &Attention, x: &Tensor, ctx: &BatchContext) -> candle_core::Result<Tensor> {
         let (h, h_kv, hd) = (self.info.n_heads, self.info.n_kv_heads, self.head_dim);
         let rope = if a.sliding { &self.rope_local } else { &self.rope_global };
-        let q = rope.apply(&a.q_norm.forward(&ops::split_heads(&a.q.forward(x)?, h, hd)?)?)?;
-        let k = rope.apply(&a.k_norm.forward(&ops::split_heads(&a.k.forward(x)?, h_kv, hd)?)?)?;
-        let v = ops::split_heads(&a.v.forward(x)?, h_kv, hd)?;
+        let q = rope.apply(&a.q_norm.forward(&layers::split_heads(&a.q.forward(x)?, h, hd)?)?)?;
+        let k = rope.apply(&a.k_norm.forward(&layers::split_heads(&a.k.forward(x)?, h_kv, hd)?)?)?;
+        let v = layers::split_heads(&a.v.forward(x)?, h_kv, hd)?;
         let bias = match (&ctx.bias_local, a.sliding) {
             (Some(local), true) => local,
             _ => &ctx.bias,
         };
-        let out = ops::attention(&q, &k, &v, bias, self.attn_scale, self.attn_softcap)?;
+        let out = layers::attention(&q, &k, &v, bias, self.attn_scale, self.attn_softcap)?;
         a.o.forward(&out)
     }
 
     fn mlp(&self, b: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = ops::activation(&self.act, &b.gate.forward(x)?)?;
+        let gate = layers::activation(&self.act, &b.gate.forward(x)?)?;
         b.down.forward(&(gate * b.up.forward(x)?)?)
     }
 }
@@ -213,7 +214,7 @@ impl Transformer for Gemma3 {
     }
 
     fn embed(&self, batch: &Batch, _ctx: &BatchContext) -> Result<Tensor> {
-        Ok((ops::embedding(&self.embed_tokens, &batch.input_ids)? * self.embed_scale)?)
+        Ok((layers::embedding(&self.embed_tokens, &batch.input_ids)? * self.embed_scale)?)
     }
 
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
@@ -235,7 +236,7 @@ impl Transformer for Gemma3 {
 
     fn unembed(&self, h: &Tensor) -> Result<Tensor> {
         let logits = Linear::new(self.lm_head.clone(), None).forward(h)?;
-        Ok(ops::softcap(&logits, self.final_softcap)?)
+        Ok(layers::softcap(&logits, self.final_softcap)?)
     }
 
     fn sub_modules(&self) -> &'static [SubModule] {

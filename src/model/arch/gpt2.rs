@@ -7,10 +7,11 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::config::Config;
-use super::ops::{self, LayerNorm, Linear};
-use super::weights::Weights;
-use super::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, PreNormBlock, Transformer};
+use crate::model::block::PreNormBlock;
+use crate::model::config::Config;
+use crate::model::layers::{self, LayerNorm, Linear};
+use crate::model::weights::Weights;
+use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, Transformer};
 
 struct Block {
     ln1: LayerNorm,
@@ -105,8 +106,8 @@ impl Gpt2 {
     fn attention(&self, b: &Block, x: &Tensor, ctx: &BatchContext) -> candle_core::Result<Tensor> {
         let d = self.info.d_model;
         let qkv = b.c_attn.forward(x)?;
-        let heads = |i: usize| ops::split_heads(&qkv.narrow(2, i * d, d)?, self.info.n_heads, self.head_dim);
-        let out = ops::attention(
+        let heads = |i: usize| layers::split_heads(&qkv.narrow(2, i * d, d)?, self.info.n_heads, self.head_dim);
+        let out = layers::attention(
             &heads(0)?,
             &heads(1)?,
             &heads(2)?,
@@ -118,7 +119,7 @@ impl Gpt2 {
     }
 
     fn mlp(&self, b: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
-        b.mlp_proj.forward(&ops::activation(&self.act, &b.c_fc.forward(x)?)?)
+        b.mlp_proj.forward(&layers::activation(&self.act, &b.c_fc.forward(x)?)?)
     }
 }
 
@@ -149,7 +150,7 @@ impl Transformer for Gpt2 {
     }
 
     fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor> {
-        let tok = ops::embedding(&self.wte, &batch.input_ids)?;
+        let tok = layers::embedding(&self.wte, &batch.input_ids)?;
         let pos = self.wpe.narrow(0, 0, ctx.seq_len)?;
         Ok(tok.broadcast_add(&pos)?)
     }

@@ -9,9 +9,9 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::{Tensor, D};
 use serde::Serialize;
 
-use crate::maps::MapSet;
+use crate::eval::predict::Lens;
+use crate::lens::maps::MapSet;
 use crate::model::LoadedModel;
-use crate::predict::Lens;
 
 /// One cell: the lens's top-5 tokens and probabilities.
 #[derive(Debug, Clone, Serialize)]
@@ -149,11 +149,11 @@ pub fn render_html_fragment(p: &Peek) -> String {
         let _ = write!(
             s,
             "<table class=\"peek\"><caption>{} lens</caption><tr><th>layer</th>",
-            crate::io::escape_markup(name)
+            crate::data::io::escape_markup(name)
         );
         for (i, t) in p.tokens.iter().enumerate() {
             let mark = if Some(i) == p.masked { " class=\"masked\"" } else { "" };
-            let _ = write!(s, "<th{mark}>{}</th>", crate::io::escape_markup(t));
+            let _ = write!(s, "<th{mark}>{}</th>", crate::data::io::escape_markup(t));
         }
         s.push_str("</tr>");
         for (l, row) in layers.iter().enumerate().rev() {
@@ -167,8 +167,8 @@ pub fn render_html_fragment(p: &Peek) -> String {
                 let _ = write!(
                     s,
                     "<td style=\"background:hsl(215,70%,{light:.0}%);color:{fg}\" title=\"{}\">{}</td>",
-                    crate::io::escape_markup(&hover.join("\n")),
-                    crate::io::escape_markup(top)
+                    crate::data::io::escape_markup(&hover.join("\n")),
+                    crate::data::io::escape_markup(top)
                 );
             }
             s.push_str("</tr>");
@@ -187,7 +187,7 @@ table.peek caption{font-weight:bold;text-align:left}th.masked{background:#fd8}";
 pub fn render_html_page(p: &Peek) -> String {
     format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>jumplens peek</title><style>body{{font-family:sans-serif}}{PEEK_CSS}</style></head><body><h1>jumplens peek</h1><p>{}</p>{}</body></html>\n",
-        crate::io::escape_markup(&p.text),
+        crate::data::io::escape_markup(&p.text),
         render_html_fragment(p)
     )
 }

@@ -130,7 +130,7 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         anyhow!(
             "{}: not a valid safetensors file ({})",
             path.display(),
-            crate::model::weights::one_line(&e)
+            crate::error::one_line(&e)
         )
     })
 }

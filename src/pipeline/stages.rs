@@ -1,5 +1,5 @@
 //! The fit and r^2 stages on a run folder: read the collected activations, call the numeric
-//! modules ([`crate::fit`], [`crate::r2`]) and write `maps.safetensors`, `r2.json` and the
+//! modules ([`crate::lens::fit`], [`crate::lens::r2`]) and write `maps.safetensors`, `r2.json` and the
 //! heatmaps. Each stage records its options and wall time in the manifest.
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,10 +9,10 @@ use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::collect::Activations;
-use crate::fit::{self, FitOptions, Maps, PairMap};
-use crate::maps::MapSet;
-use crate::run::{require, RunDir};
+use crate::data::run::{require, RunDir};
+use crate::data::Activations;
+use crate::lens::fit::{self, FitOptions, Maps, PairMap};
+use crate::lens::maps::MapSet;
 
 /// Which layer pairs to fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -36,7 +36,7 @@ pub struct FitSummary {
 
 /// Fits the maps on the training activations and writes them (`maps.safetensors`, or
 /// `maps_affine.safetensors` with an intercept).
-/// The states go to `device` for the fit ([`crate::fit_device`] on a GPU); the maps come back
+/// The states go to `device` for the fit ([`crate::lens::fit::device`] on a GPU); the maps come back
 /// to the host to be written.
 pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -> Result<FitSummary> {
     let mut manifest = run.read_manifest()?;
@@ -162,15 +162,15 @@ pub fn run_r2(run: &RunDir, device: &Device) -> Result<R2Report> {
     let set = MapSet::read(&require(&run.maps(), "fit")?)?;
     set.check_model(&manifest.model)?;
     let (s, n, d) = val.hidden_states.dims3()?;
-    let table = crate::r2::r2_all_pairs(&val.hidden_states.to_device(device)?, &as_fit_maps(&set, s, d))?;
+    let table = crate::lens::r2::r2_all_pairs(&val.hidden_states.to_device(device)?, &as_fit_maps(&set, s, d))?;
     let report = R2Report {
         layers: s - 1,
         n_val: n,
         mat: table.mat,
         id: table.id,
     };
-    crate::io::write_json(&run.file("r2.json"), &report)?;
-    crate::plot::r2_heatmaps(
+    crate::data::io::write_json(&run.file("r2.json"), &report)?;
+    crate::render::plot::r2_heatmaps(
         &run.file("r2"),
         &format!(
             "{} — r² of predicting h_ℓ' from h_ℓ ({n} validation examples)",

@@ -1,5 +1,7 @@
 //! Text to token ids, with the tokenizer's own special-token defaults (as transformers).
 
+pub mod gguf;
+
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};

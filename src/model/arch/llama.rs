@@ -7,10 +7,11 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-use super::config::Config;
-use super::ops::{self, Linear, RmsNorm, Rope};
-use super::weights::Weights;
-use super::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, PreNormBlock, Transformer};
+use crate::model::block::PreNormBlock;
+use crate::model::config::Config;
+use crate::model::layers::{self, Linear, RmsNorm, Rope};
+use crate::model::weights::Weights;
+use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, Transformer};
 
 struct Attention {
     q: Linear,
@@ -144,25 +145,27 @@ impl Llama {
     }
 
     fn attention(&self, a: &Attention, x: &Tensor, ctx: &BatchContext) -> candle_core::Result<Tensor> {
-        let q = self
-            .rope
-            .apply(&ops::split_heads(&a.q.forward(x)?, self.info.n_heads, self.head_dim)?)?;
-        let k = self.rope.apply(&ops::split_heads(
+        let q = self.rope.apply(&layers::split_heads(
+            &a.q.forward(x)?,
+            self.info.n_heads,
+            self.head_dim,
+        )?)?;
+        let k = self.rope.apply(&layers::split_heads(
             &a.k.forward(x)?,
             self.info.n_kv_heads,
             self.head_dim,
         )?)?;
-        let v = ops::split_heads(&a.v.forward(x)?, self.info.n_kv_heads, self.head_dim)?;
+        let v = layers::split_heads(&a.v.forward(x)?, self.info.n_kv_heads, self.head_dim)?;
         let bias = match (&ctx.bias_local, a.sliding) {
             (Some(local), true) => local,
             _ => &ctx.bias,
         };
-        let out = ops::attention(&q, &k, &v, bias, 1.0 / (self.head_dim as f64).sqrt(), None)?;
+        let out = layers::attention(&q, &k, &v, bias, 1.0 / (self.head_dim as f64).sqrt(), None)?;
         a.o.forward(&out)
     }
 
     fn mlp(&self, m: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = ops::activation(&self.act, &m.gate.forward(x)?)?;
+        let gate = layers::activation(&self.act, &m.gate.forward(x)?)?;
         m.down.forward(&(gate * m.up.forward(x)?)?)
     }
 }
@@ -193,7 +196,7 @@ impl Transformer for Llama {
     }
 
     fn embed(&self, batch: &Batch, _ctx: &BatchContext) -> Result<Tensor> {
-        Ok(ops::embedding(&self.embed_tokens, &batch.input_ids)?)
+        Ok(layers::embedding(&self.embed_tokens, &batch.input_ids)?)
     }
 
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {

@@ -1,6 +1,6 @@
 //! Small numeric building blocks shared by the architecture files.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 /// A dense layer `y = x W^T + b` with W stored [out, in] (PyTorch `nn.Linear` layout).
 #[derive(Debug, Clone)]
@@ -53,8 +53,8 @@ fn cpu_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     }
     let mut out = vec![0f32; m * n];
     let msg = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
-    crate::fit::with_f32_slice(x, |xs| {
-        crate::fit::with_f32_slice(w, |ws| {
+    crate::host::with_f32_slice(x, |xs| {
+        crate::host::with_f32_slice(w, |ws| {
             faer::linalg::matmul::matmul(
                 MatMut::from_row_major_slice_mut(&mut out, m, n),
                 Accum::Replace,
@@ -292,5 +292,14 @@ pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
     match cap {
         Some(c) => (x / c)?.tanh()? * c,
         None => Ok(x.clone()),
+    }
+}
+
+/// Makes sure a tensor is f32, the dtype all computation here uses.
+pub fn f32(t: Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 {
+        Ok(t)
+    } else {
+        t.to_dtype(DType::F32)
     }
 }

@@ -47,7 +47,7 @@ impl RunDir {
         serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid manifest ({e})", p.display()))
     }
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        crate::io::write_json(&self.manifest(), m)
+        crate::data::io::write_json(&self.manifest(), m)
     }
 }
 

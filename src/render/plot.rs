@@ -288,7 +288,7 @@ fn text(out: &mut String, x: f64, y: f64, s: &str, f: Font) {
     if f.vertical {
         let _ = write!(out, r#" transform="rotate(-90 {} {})""#, n(x), n(y));
     }
-    let _ = writeln!(out, ">{}</text>", crate::io::escape_markup(s));
+    let _ = writeln!(out, ">{}</text>", crate::data::io::escape_markup(s));
 }
 
 /// Text vertically centred on `y` (baseline shifted by about a third of the size).

@@ -1,0 +1,9 @@
+//! Everything on disk: corpora in, activations and run folders out, written atomically.
+
+pub mod activations;
+pub mod corpus;
+pub mod io;
+pub mod run;
+
+pub use activations::Activations;
+pub use run::{Manifest, RunDir};

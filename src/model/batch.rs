@@ -1,0 +1,90 @@
+//! Right-padded batches of token ids and the per-batch state (attention masks) models reuse.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+use super::transformer::AttentionKind;
+
+/// A batch of right-padded token sequences.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Token ids [B, T] (u32), padded with the tokenizer's pad id.
+    pub input_ids: Tensor,
+    /// Real length of each row.
+    pub lengths: Vec<usize>,
+    /// BERT segment ids [B, T]; zeros when absent.
+    pub token_type_ids: Option<Tensor>,
+}
+
+impl Batch {
+    /// Right-pads `sequences` with `pad_id` into one batch on `device`.
+    pub fn from_sequences(sequences: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Self> {
+        if sequences.is_empty() {
+            bail!("empty batch");
+        }
+        if let Some(i) = sequences.iter().position(|s| s.is_empty()) {
+            bail!("sequence {i} of the batch has no tokens");
+        }
+        let t = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(sequences.len() * t);
+        for s in sequences {
+            ids.extend_from_slice(s);
+            ids.extend(std::iter::repeat_n(pad_id, t - s.len()));
+        }
+        let input_ids = Tensor::from_vec(ids, (sequences.len(), t), device)?;
+        Ok(Self {
+            input_ids,
+            lengths: sequences.iter().map(|s| s.len()).collect(),
+            token_type_ids: None,
+        })
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.lengths.len()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.input_ids.dims()[1]
+    }
+
+    /// Additive attention bias [B, 1, T, T]: 0 where query i may attend key j, -inf elsewhere.
+    /// `window` limits causal attention to the last `window` keys (sliding-window layers).
+    pub fn attention_bias(&self, kind: AttentionKind, window: Option<usize>, device: &Device) -> Result<Tensor> {
+        let (b, t) = (self.batch_size(), self.seq_len());
+        let mut bias = vec![0f32; b * t * t];
+        for (row, &len) in self.lengths.iter().enumerate() {
+            for i in 0..t {
+                for j in 0..t {
+                    let mut allowed = j < len;
+                    if kind == AttentionKind::Causal {
+                        allowed &= j <= i;
+                        if let Some(w) = window {
+                            allowed &= i - j < w || j > i;
+                        }
+                    }
+                    if !allowed {
+                        bias[(row * t + i) * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            if kind == AttentionKind::Causal {
+                // Padded query rows past the sentence must still see one key, or softmax gives
+                // NaN; they are never read, so let them see key 0.
+                for i in len..t {
+                    bias[(row * t + i) * t] = 0.0;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(bias, (b, 1, t, t), device)?)
+    }
+}
+
+/// Per-batch state a model precomputes once (attention masks) and reuses in every block.
+pub struct BatchContext {
+    pub seq_len: usize,
+    /// Bias for full (global) attention layers.
+    pub bias: Tensor,
+    /// Bias for sliding-window layers, when the model has any.
+    pub bias_local: Option<Tensor>,
+    pub token_type_ids: Option<Tensor>,
+}

@@ -1,0 +1,106 @@
+//! The one trait every experiment drives, and what a loaded model says about itself.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use super::batch::{Batch, BatchContext};
+use super::hooks::{Hooks, NoHooks, SubModule};
+
+/// How tokens may attend to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKind {
+    /// Each token sees itself and the tokens before it (GPT-2, Llama, Gemma).
+    Causal,
+    /// Each token sees the whole sentence (BERT).
+    Bidirectional,
+}
+
+/// What a loaded model is, as far as the experiments care.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// Architecture family: "llama", "qwen2", "mistral", "gemma3", "gpt2", "bert".
+    pub arch: String,
+    /// Number of blocks L; there are L + 1 hidden states h_0..h_L.
+    pub n_layers: usize,
+    /// Width d of the residual stream.
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub vocab_size: usize,
+    pub attention: AttentionKind,
+    /// Whether [`Transformer::unembed`] is available (false for a bare `BertModel`).
+    pub has_lm_head: bool,
+    /// Longest sequence the position scheme supports.
+    pub max_positions: usize,
+    pub n_params: usize,
+    /// Parameters of all blocks together (for FLOP estimates).
+    pub block_params: usize,
+}
+
+/// One transformer, split at the points the paper's linear shortcuts connect.
+pub trait Transformer: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+    fn device(&self) -> &Device;
+
+    /// Masks and other per-batch state, computed once per batch.
+    fn context(&self, batch: &Batch) -> Result<BatchContext>;
+
+    /// h_0 [B, T, d]: the embedding output (GPT-2: wte + wpe; Gemma: scaled; BERT: after its
+    /// embedding LayerNorm).
+    fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor>;
+
+    /// Runs block `layer` (0-based) on `h` [B, T, d] and returns its output h_{layer+1}.
+    fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor>;
+
+    /// The final norm applied before the unembedding (identity for BERT, whose blocks end in a
+    /// norm already).
+    fn final_norm(&self, h: &Tensor) -> Result<Tensor>;
+
+    /// Logits from a final-normed state: the LM head, or BERT's MLM head.
+    fn unembed(&self, h: &Tensor) -> Result<Tensor>;
+
+    /// Logits read out of a residual-stream state: `unembed(final_norm(h))`.
+    fn readout(&self, h: &Tensor) -> Result<Tensor> {
+        self.unembed(&self.final_norm(h)?)
+    }
+
+    /// Sub-modules of one block, in execution order.
+    fn sub_modules(&self) -> &'static [SubModule] {
+        &[SubModule::Ln1, SubModule::Attn, SubModule::Ln2, SubModule::Mlp]
+    }
+}
+
+/// All hidden states h_0..h_L of a batch, each [B, T, d] (h_L before the final norm).
+pub fn hidden_states(model: &dyn Transformer, batch: &Batch) -> Result<Vec<Tensor>> {
+    hidden_states_with(model, batch, &mut NoHooks)
+}
+
+/// Like [`hidden_states`], with hooks observing or replacing sub-modules in every block.
+pub fn hidden_states_with(model: &dyn Transformer, batch: &Batch, hooks: &mut dyn Hooks) -> Result<Vec<Tensor>> {
+    let ctx = model.context(batch)?;
+    let mut states = Vec::with_capacity(model.info().n_layers + 1);
+    let mut h = model.embed(batch, &ctx)?;
+    states.push(h.clone());
+    for layer in 0..model.info().n_layers {
+        h = model.block(layer, &h, &ctx, hooks)?;
+        states.push(h.clone());
+    }
+    Ok(states)
+}
+
+/// Runs blocks `from..to` (0-based block indices) on `h`, returning the final state.
+pub fn run_blocks(
+    model: &dyn Transformer,
+    h: &Tensor,
+    ctx: &BatchContext,
+    from: usize,
+    to: usize,
+    hooks: &mut dyn Hooks,
+) -> Result<Tensor> {
+    let mut h = h.clone();
+    for layer in from..to {
+        h = model.block(layer, &h, ctx, hooks)?;
+    }
+    Ok(h)
+}

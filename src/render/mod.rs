@@ -1,0 +1,3 @@
+//! Figures (SVG + PNG) and HTML.
+
+pub mod plot;
