@@ -76,6 +76,7 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # causal models
 CLS_ID, SEP_ID = 1, 2  # BERT
 VOCAB = 128
 INIT_RANGE = 0.15  # larger than the 0.02 default so attention patterns are not uniform
+WINDOW = 5  # sliding window of mistral_sliding / qwen2_sliding: shorter than T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +109,20 @@ def build_config(name):
         return Qwen2Config(**llama_like_kwargs(), tie_word_embeddings=False, use_sliding_window=False)
     if name == "mistral":
         return MistralConfig(**llama_like_kwargs(), tie_word_embeddings=False, sliding_window=None)
+    if name == "mistral_sliding":  # a real window, shorter than rows 0 and 2 (lengths 7, 6)
+        return MistralConfig(**llama_like_kwargs(), tie_word_embeddings=False, sliding_window=WINDOW)
+    if name == "qwen2_sliding":  # layer 0 full, layer 1 sliding (max_window_layers=1)
+        return Qwen2Config(**llama_like_kwargs(), tie_word_embeddings=False, use_sliding_window=True,
+                           sliding_window=WINDOW, max_window_layers=1)
+    if name in ("llama_rope_linear", "llama_rope_llama3"):
+        kw = llama_like_kwargs()
+        theta = kw.pop("rope_theta")
+        if name == "llama_rope_linear":
+            rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": theta}
+        else:  # wavelengths 6.3 (< 16: kept), 20 and 63 (smoothed), >= 199 (> 64: divided by 8)
+            rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64, "rope_theta": theta}
+        return LlamaConfig(**kw, rope_parameters=rope, tie_word_embeddings=False)
     if name == "gemma3":
         return Gemma3TextConfig(
             vocab_size=VOCAB,
@@ -175,12 +190,18 @@ MODEL_CLASSES = {
     "llama_tied": LlamaForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "mistral": MistralForCausalLM,
+    "mistral_sliding": MistralForCausalLM,
+    "qwen2_sliding": Qwen2ForCausalLM,
+    "llama_rope_linear": LlamaForCausalLM,
+    "llama_rope_llama3": LlamaForCausalLM,
     "gemma3": Gemma3ForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "bert_mlm": BertForMaskedLM,
     "bert": BertModel,
 }
-SEEDS = {"llama": 11, "llama_tied": 12, "qwen2": 13, "mistral": 14, "gemma3": 15, "gpt2": 16, "bert_mlm": 17, "bert": 18}
+SEEDS = {"llama": 11, "llama_tied": 12, "qwen2": 13, "mistral": 14, "gemma3": 15, "gpt2": 16, "bert_mlm": 17, "bert": 18,
+         "mistral_sliding": 19, "qwen2_sliding": 20, "llama_rope_linear": 21, "llama_rope_llama3": 22}
+NEW_NAMES = ["mistral_sliding", "qwen2_sliding", "llama_rope_linear", "llama_rope_llama3"]
 
 
 def is_norm(module):
@@ -267,12 +288,33 @@ def install_taps(arch, store):
         return hook
 
     out_fn = lambda a, k, o: first_out(o)  # noqa: E731
+    pattern_fn = lambda a, k, o: o[1]  # noqa: E731  eager attention returns (output, probabilities)
+    in_fn = lambda a, k, o: first_arg(a, k)  # noqa: E731
+
+    def expanded(a, k, o):  # position embeddings come out [1, T, d]; taps are [B, T, d]
+        return o.expand(B, o.shape[-2], o.shape[-1])
+
+    b = arch.base
+    if arch.name == "gpt2":
+        hs.append(b.wte.register_forward_hook(rec("hook_embed", out_fn), with_kwargs=True))
+        hs.append(b.wpe.register_forward_hook(rec("hook_pos_embed", expanded), with_kwargs=True))
+    elif arch.kind == "prenorm":
+        hs.append(b.embed_tokens.register_forward_hook(rec("hook_embed", out_fn), with_kwargs=True))
+    else:
+        e = b.embeddings
+        hs.append(e.word_embeddings.register_forward_hook(rec("hook_embed", out_fn), with_kwargs=True))
+        hs.append(e.position_embeddings.register_forward_hook(rec("hook_pos_embed", expanded), with_kwargs=True))
+        hs.append(e.token_type_embeddings.register_forward_hook(rec("hook_token_type_embed", out_fn),
+                                                                with_kwargs=True))
     for l, layer in enumerate(arch.layers):
         p = f"blocks.{l}."
         hs.append(layer.register_forward_pre_hook(rec_pre(p + "hook_resid_pre"), with_kwargs=True))
         if arch.kind == "prenorm":
             sub = lambda n: getattr(layer, n)  # noqa: E731
             hs.append(sub(arch.ln1).register_forward_hook(rec(p + "ln1.hook_normalized", out_fn), with_kwargs=True))
+            hs.append(sub(arch.attn).register_forward_hook(rec(p + "attn.hook_pattern", pattern_fn), with_kwargs=True))
+            down = sub(arch.mlp).c_proj if arch.name == "gpt2" else sub(arch.mlp).down_proj
+            hs.append(down.register_forward_hook(rec(p + "mlp.hook_post", in_fn), with_kwargs=True))
             if arch.gemma:
                 hs.append(sub(arch.attn).register_forward_hook(rec(p + "ln1_post.hook_in", out_fn), with_kwargs=True))
                 hs.append(layer.post_attention_layernorm.register_forward_hook(
@@ -286,15 +328,18 @@ def install_taps(arch, store):
             hs.append(sub(arch.ln2).register_forward_pre_hook(rec_pre(p + "hook_resid_mid"), with_kwargs=True))
             hs.append(sub(arch.ln2).register_forward_hook(rec(p + "ln2.hook_normalized", out_fn), with_kwargs=True))
             hs.append(layer.register_forward_hook(rec(p + "hook_resid_post", out_fn), with_kwargs=True))
-        else:  # BERT, post-LN, TransformerLens BERT naming
+        else:  # BERT, post-LN: names say what the values are (see src/model/arch/bert.rs)
             so, oo = layer.attention.output, layer.output
+            hs.append(layer.attention.self.register_forward_hook(rec(p + "attn.hook_pattern", pattern_fn),
+                                                                 with_kwargs=True))
             hs.append(so.dense.register_forward_hook(rec(p + "hook_attn_out", out_fn), with_kwargs=True))
-            hs.append(so.LayerNorm.register_forward_pre_hook(rec_pre(p + "hook_resid_mid"), with_kwargs=True))
+            hs.append(so.LayerNorm.register_forward_pre_hook(rec_pre(p + "ln1.hook_in"), with_kwargs=True))
             hs.append(so.LayerNorm.register_forward_hook(rec(p + "ln1.hook_normalized", out_fn), with_kwargs=True))
+            hs.append(oo.dense.register_forward_pre_hook(rec_pre(p + "mlp.hook_post"), with_kwargs=True))
             hs.append(oo.dense.register_forward_hook(rec(p + "hook_mlp_out", out_fn), with_kwargs=True))
-            hs.append(oo.LayerNorm.register_forward_pre_hook(rec_pre(p + "hook_resid_post"), with_kwargs=True))
+            hs.append(oo.LayerNorm.register_forward_pre_hook(rec_pre(p + "ln2.hook_in"), with_kwargs=True))
             hs.append(oo.LayerNorm.register_forward_hook(rec(p + "ln2.hook_normalized", out_fn), with_kwargs=True))
-            hs.append(layer.register_forward_hook(rec(p + "_block_out", out_fn), with_kwargs=True))
+            hs.append(layer.register_forward_hook(rec(p + "hook_resid_post", out_fn), with_kwargs=True))
     if arch.final_norm is not None:
         hs.append(arch.final_norm.register_forward_hook(rec("ln_final.hook_normalized", out_fn), with_kwargs=True))
     return hs
@@ -365,6 +410,10 @@ def make_f64(model, name):
             if "Gemma3" in cls:
                 def fwd(x, position_ids, layer_type):
                     return cos_sin(position_ids, inv_freq(cfg.rope_parameters[layer_type]["rope_theta"], head_dim))
+            elif cfg.rope_parameters.get("rope_type", "default") != "default":
+                # scaled frequencies: transformers' own (float32) table, applied in float64
+                def fwd(x, position_ids, mod=mod):
+                    return cos_sin(position_ids, mod.inv_freq.double())
             else:
                 def fwd(x, position_ids):
                     return cos_sin(position_ids, inv_freq(cfg.rope_parameters["rope_theta"], head_dim))
@@ -423,13 +472,10 @@ def forward(model, arch, inputs, replace=None):
         for h in hooks:
             h.remove()
     L = arch.n_layers
+    outs = [store[f"blocks.{l}.hook_resid_post"] for l in range(L)]
     if arch.kind == "bert":
-        outs = [store[f"blocks.{l}._block_out"] for l in range(L)]
         for l in range(L):
             assert torch.equal(outs[l], store[f"blocks.{l}.ln2.hook_normalized"])
-            del store[f"blocks.{l}._block_out"]
-    else:
-        outs = [store[f"blocks.{l}.hook_resid_post"] for l in range(L)]
     hidden = torch.stack([store["blocks.0.hook_resid_pre"]] + outs)
     logits = out.logits.detach().clone() if hasattr(out, "logits") else None
     return store, hidden, logits, out.hidden_states
@@ -475,8 +521,8 @@ def export_model(name, report, conv_notes):
     for l in range(L):
         p = f"blocks.{l}."
         if is_bert:
-            torch.testing.assert_close(taps[p + "hook_resid_mid"], taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"])
-            torch.testing.assert_close(taps[p + "hook_resid_post"],
+            torch.testing.assert_close(taps[p + "ln1.hook_in"], taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"])
+            torch.testing.assert_close(taps[p + "ln2.hook_in"],
                                        taps[p + "ln1.hook_normalized"] + taps[p + "hook_mlp_out"])
         else:
             torch.testing.assert_close(taps[p + "hook_resid_mid"], taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"])
@@ -529,6 +575,24 @@ def export_model(name, report, conv_notes):
         with torch.no_grad():
             l2 = m2(**inputs).logits
         assert not torch.allclose(l2[0], logits[0]), "sliding window had no effect"
+        assert torch.equal(l2[1, :4], logits[1, :4]), "real tokens of the length-4 row must be unaffected"
+
+    # sliding-window llama-likes: the window must matter for rows 0 and 2, not for row 1 (length 4)
+    if name in ("mistral_sliding", "qwen2_sliding"):
+        cfg2 = copy.deepcopy(cfg)
+        if name == "mistral_sliding":
+            cfg2.sliding_window = None
+        else:
+            cfg2.layer_types = ["full_attention"] * L
+        torch.manual_seed(0)
+        m2 = type(model)(cfg2)
+        m2.set_attn_implementation("eager")
+        m2.load_state_dict(model.state_dict())
+        m2.eval()
+        with torch.no_grad():
+            l2 = m2(**inputs).logits
+        assert not torch.allclose(l2[0], logits[0]), "sliding window had no effect"
+        assert not torch.allclose(l2[2], logits[2]), "sliding window had no effect"
         assert torch.equal(l2[1, :4], logits[1, :4]), "real tokens of the length-4 row must be unaffected"
 
     # --- float64 reference for tolerances ---
@@ -758,6 +822,15 @@ def write_tiny_readme(report, conv_notes, legacy, shapes):
                             "same weights as bert_mlm, LayerNorm `.weight/.bias` renamed `.gamma/.beta`; "
                             "expected.safetensors is a byte copy of bert_mlm's"),
         "bert": ("BertModel", 32, 2, "4 / 4", 8, "no head (pooler weights present but unused); no logits"),
+        "mistral_sliding": ("MistralForCausalLM", 64, 2, "4 / 2", 16,
+                            f"sliding_window={WINDOW} (< T={T}: rows 0 and 2 are longer than the window), untied"),
+        "qwen2_sliding": ("Qwen2ForCausalLM", 64, 2, "4 / 2", 16,
+                          f"use_sliding_window=true, sliding_window={WINDOW}, max_window_layers=1 "
+                          "(layer_types [full, sliding]), q/k/v biases, untied"),
+        "llama_rope_linear": ("LlamaForCausalLM", 64, 2, "4 / 2", 16, "rope_parameters linear, factor 2, untied"),
+        "llama_rope_llama3": ("LlamaForCausalLM", 64, 2, "4 / 2", 16,
+                              "rope_parameters llama3: factor 8, low_freq_factor 1, high_freq_factor 4, "
+                              "original_max_position_embeddings 64 (frequencies kept, smoothed and divided), untied"),
     }
     for k, (cls, d, L, h, hd, note) in rows.items():
         w(f"| `{k}` | {cls} | {d} | {L} | {h} | {hd} | {VOCAB} | {note} |")
@@ -786,17 +859,26 @@ def write_tiny_readme(report, conv_notes, legacy, shapes):
     w("- Per block, [B,T,d]: `blocks.{l}.hook_resid_pre`, `blocks.{l}.ln1.hook_normalized`, "
       "`blocks.{l}.hook_attn_out`, `blocks.{l}.hook_resid_mid`, `blocks.{l}.ln2.hook_normalized`, "
       "`blocks.{l}.hook_mlp_out`, `blocks.{l}.hook_resid_post`; Gemma3 also `blocks.{l}.ln1_post.hook_in` and "
-      "`blocks.{l}.ln2_post.hook_in`.")
+      "`blocks.{l}.ln2_post.hook_in`. BERT has `ln1.hook_in` / `ln2.hook_in` instead of `hook_resid_mid` (below).")
+    w("- `hook_embed` [B,T,d]: token embedding lookup (`embed_tokens` output, Gemma3: scaled by sqrt(d), so it "
+      "equals hidden_states[0] for the Llama-likes; GPT-2: `wte`; BERT: `word_embeddings`, before the sum and the "
+      "embedding LayerNorm). `hook_pos_embed` [B,T,d] (GPT-2 `wpe`, BERT `position_embeddings`, expanded over the "
+      "batch) and `hook_token_type_embed` [B,T,d] (BERT).")
+    w("- Per block: `blocks.{l}.attn.hook_pattern` [B,H,T,T]: attention probabilities (the eager attention's "
+      "returned weights; query x key; padded keys get 0), and `blocks.{l}.mlp.hook_post` [B,T,d_ff]: the input of "
+      "the MLP's down projection (`down_proj` / GPT-2 `mlp.c_proj` / BERT `output.dense`), i.e. "
+      "`act(gate) * up` for the gated MLPs and `act(fc)` for GPT-2 and BERT.")
     w("  - pre-norm (llama, qwen2, mistral, gpt2, gemma3): resid_pre = block input; ln1 = input_layernorm / ln_1 "
       "output; attn_out = self-attention output after o_proj / c_proj (Gemma3: after post_attention_layernorm, "
       "i.e. what is added to the residual; the raw o_proj output is `ln1_post.hook_in`); resid_mid = resid_pre + "
       "attn_out; ln2 = post_attention_layernorm (llama family) / ln_2 (gpt2) / pre_feedforward_layernorm "
       "(gemma3) output; mlp_out = MLP output (Gemma3: after post_feedforward_layernorm; raw down_proj output is "
       "`ln2_post.hook_in`); resid_post = resid_mid + mlp_out = block output.")
-    w("  - BERT (post-LN, TransformerLens naming): attn_out = attention.output.dense output (before add & LN); "
-      "resid_mid = resid_pre + attn_out; ln1 = attention.output.LayerNorm output; mlp_out = output.dense output; "
-      "resid_post = ln1 + mlp_out (pre-LN sum, NOT the block output); ln2 = output.LayerNorm output = block "
-      "output = hidden_states[l+1].")
+    w("  - BERT (post-LN; names say what the values are, see src/model/arch/bert.rs): attn_out = "
+      "attention.output.dense output (before add & LN); `ln1.hook_in` = resid_pre + attn_out (input of "
+      "attention.output.LayerNorm); ln1 = attention.output.LayerNorm output; mlp_out = output.dense output; "
+      "`ln2.hook_in` = ln1 + mlp_out (input of output.LayerNorm); ln2 = output.LayerNorm output = resid_post = "
+      "block output = hidden_states[l+1] (so resid_post of block l = resid_pre of block l+1, as for every model).")
     w("- Replaced sub-module runs (every arch except `bert`), for `which` in {attn, mlp}: "
       "`replace.{which}.weight` [d,d] float32 (out x in, y = W @ x; entries randn/sqrt(d)), "
       "`replace.{which}.hidden_states` [L+1,B,T,d], `replace.{which}.logits` [B,T,V]. In every block l >= 1 "
@@ -928,7 +1010,7 @@ def main():
     TINY.mkdir(parents=True, exist_ok=True)
     report, conv, shapes = {}, {}, {}
     legacy = None
-    for name in ["llama", "llama_tied", "qwen2", "mistral", "gemma3", "gpt2", "bert_mlm", "bert"]:
+    for name in ["llama", "llama_tied", "qwen2", "mistral", "gemma3", "gpt2", "bert_mlm", "bert"] + NEW_NAMES:
         print(f"[tiny] {name}", flush=True)
         model, inputs, expected = export_model(name, report, conv)
         shapes[name] = {k: list(v.shape) for k, v in expected.items()
@@ -937,7 +1019,7 @@ def main():
             legacy = export_bert_legacy(inputs, expected["logits"])
             shapes["bert_mlm_legacy"] = shapes["bert_mlm"]
     shapes = {k: shapes[k] for k in ["llama", "llama_tied", "qwen2", "mistral", "gemma3", "gpt2", "bert_mlm",
-                                     "bert_mlm_legacy", "bert"]}
+                                     "bert_mlm_legacy", "bert"] + NEW_NAMES}
     write_tiny_readme(report, conv, legacy, shapes)
     print("[lstsq]", flush=True)
     info = export_lstsq()

@@ -173,3 +173,78 @@ fn minilm_matches_transformers() {
     let lm = model::load_model(p.to_str().unwrap(), &Device::Cpu).unwrap();
     check("minilm", &lm, false, 1e-4, 1e-4);
 }
+
+/// ModelInfo.block_params (the early-exit FLOP figures) is counted from the loaded blocks and
+/// equals what the name-substring guess gave before the model refactor.
+#[test]
+fn block_params_are_unchanged() {
+    for (rel, expected) in [
+        ("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 106_202_880),
+        ("gemma3/gemma-3-270m-q4_k_m.gguf", 100_325_376),
+        ("bert_mlm", 396_544),
+        ("minilm", 10_646_784),
+    ] {
+        let Some(p) = asset(rel) else { continue };
+        let lm = model::load_model(p.to_str().unwrap(), &Device::Cpu).unwrap();
+        assert_eq!(lm.model.info().block_params, expected, "{rel}");
+    }
+}
+
+/// `LoadedModel::text_taps` (behind `hidden-states --tap`): the taps of one text, without the
+/// batch dimension, consistent with `text_states`.
+#[test]
+fn text_taps_of_one_text() {
+    let Some(p) = asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let lm = model::load_model(p.to_str().unwrap(), &Device::Cpu).unwrap();
+    let text = "The cat sat on the mat.";
+    let names = [
+        "hook_embed",
+        "blocks.3.hook_resid_post",
+        "blocks.3.attn.hook_pattern",
+        "blocks.3.mlp.hook_post",
+        "ln_final.hook_normalized",
+    ];
+    let (ids, taps) = lm.text_taps(text, &names, None).unwrap();
+    let st = lm.text_states(text, None).unwrap();
+    assert_eq!(ids, st.input_ids);
+    let t = ids.len();
+    let info = lm.model.info();
+    assert_eq!(taps.len(), names.len());
+    assert_eq!(taps["hook_embed"].dims(), &[t, info.d_model]);
+    assert_eq!(taps["blocks.3.attn.hook_pattern"].dims(), &[info.n_heads, t, t]);
+    assert_eq!(taps["blocks.3.mlp.hook_post"].dims()[0], t);
+    assert_eq!(
+        max_abs(&(&taps["hook_embed"] - st.hidden_states.i(0).unwrap()).unwrap()),
+        0.0
+    );
+    assert_eq!(
+        max_abs(&(&taps["blocks.3.hook_resid_post"] - st.hidden_states.i(4).unwrap()).unwrap()),
+        0.0
+    );
+    // Causal attention rows sum to one and put nothing on later keys.
+    let pattern = &taps["blocks.3.attn.hook_pattern"];
+    let sums = pattern.sum(D::Minus1).unwrap();
+    assert!(max_abs(&(sums - 1.0).unwrap()) < 1e-5);
+    assert_eq!(
+        pattern
+            .i((.., 0, 1..))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+    let e = lm
+        .text_taps(text, &["blocks.99.hook_resid_pre"], None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no tap 'blocks.99.hook_resid_pre'") && !e.contains('\n'),
+        "{e}"
+    );
+}

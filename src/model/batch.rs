@@ -59,7 +59,9 @@ impl Batch {
                     if kind == AttentionKind::Causal {
                         allowed &= j <= i;
                         if let Some(w) = window {
-                            allowed &= i - j < w || j > i;
+                            // Key j is within the window of query i iff i - w < j; saturating so
+                            // keys after the query (already excluded) cannot underflow.
+                            allowed &= i.saturating_sub(j) < w;
                         }
                     }
                     if !allowed {
@@ -87,4 +89,34 @@ pub struct BatchContext {
     /// Bias for sliding-window layers, when the model has any.
     pub bias_local: Option<Tensor>,
     pub token_type_ids: Option<Tensor>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window keeps keys i - w < j <= i (and only real keys), also when the sentence is
+    /// longer than the window (which used to underflow `i - j`).
+    #[test]
+    fn sliding_window_mask_on_inputs_longer_than_the_window() {
+        let batch = Batch::from_sequences(&[vec![5; 7], vec![5; 4]], 0, &Device::Cpu).unwrap();
+        let bias = batch
+            .attention_bias(AttentionKind::Causal, Some(3), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (b, t) = (2, 7);
+        assert_eq!(bias.len(), b * t * t);
+        for (row, len) in [(0usize, 7usize), (1, 4)] {
+            for i in 0..len {
+                for j in 0..t {
+                    let visible = bias[(row * t + i) * t + j] == 0.0;
+                    let expected = j <= i && i < j + 3 && j < len;
+                    assert_eq!(visible, expected, "row {row}, query {i}, key {j}");
+                }
+            }
+        }
+    }
 }

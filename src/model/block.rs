@@ -1,48 +1,115 @@
-//! Block skeletons shared by the architectures: the pre-norm residual block with every tap
-//! reported and every sub-module replaceable.
+//! Block pieces shared by the architectures: the pre-norm residual block (sequential or
+//! parallel), scaled dot-product attention that reports its pattern, and the MLPs that report
+//! their inner activation. Every tap is reported and every sub-module replaceable.
 
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::hooks::{run_sub, Hooks, SubModule, Tap};
+use super::hooks::{emit, run_sub, BlockTap, Hooks, SubModule, Tap};
+use super::layers::{self, Activation, Linear};
 
-type Part<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
+/// A norm (or any plain position-wise function) inside a block.
+pub(crate) type Part<'a> = &'a dyn Fn(&Tensor) -> candle_core::Result<Tensor>;
+/// A sub-layer with taps of its own (attention, MLP).
+pub(crate) type HookedPart<'a> = &'a dyn Fn(&Tensor, &mut dyn Hooks) -> Result<Tensor>;
 
 /// The sub-modules of one pre-norm block; `ln*_post` are Gemma's extra norms.
 pub(crate) struct PreNormBlock<'a> {
     pub ln1: Part<'a>,
-    pub attn: Part<'a>,
+    pub attn: HookedPart<'a>,
     pub ln1_post: Option<Part<'a>>,
     pub ln2: Part<'a>,
-    pub mlp: Part<'a>,
+    pub mlp: HookedPart<'a>,
     pub ln2_post: Option<Part<'a>>,
+    /// GPT-NeoX style: both sub-layers read the block input, `out = x + attn + mlp`.
+    pub parallel: bool,
 }
 
 impl PreNormBlock<'_> {
-    /// `mid = x + [ln1_post](attn(ln1(x)))`, `out = mid + [ln2_post](mlp(ln2(mid)))`, with every
-    /// tap reported and every sub-module replaceable.
+    /// Sequential: `mid = x + [ln1_post](attn(ln1(x)))`, `out = mid + [ln2_post](mlp(ln2(mid)))`.
+    /// Parallel: `out = x + [ln1_post](attn(ln1(x))) + [ln2_post](mlp(ln2(x)))` (no resid_mid).
     pub fn forward(&self, layer: usize, x: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        hooks.tap(layer, Tap::ResidPre, x)?;
-        let normed = run_sub(hooks, layer, SubModule::Ln1, x, self.ln1)?;
-        hooks.tap(layer, Tap::Ln1Normalized, &normed)?;
+        let tap = |t: BlockTap| Tap::Block(layer, t);
+        let x = emit(hooks, tap(BlockTap::ResidPre), x.clone())?;
+        let normed = run_sub(hooks, layer, SubModule::Ln1, &x, |v, _| Ok((self.ln1)(v)?))?;
+        let normed = emit(hooks, tap(BlockTap::Ln1Normalized), normed)?;
         let mut attn_out = run_sub(hooks, layer, SubModule::Attn, &normed, self.attn)?;
         if let Some(post) = self.ln1_post {
-            hooks.tap(layer, Tap::Ln1PostIn, &attn_out)?;
-            attn_out = run_sub(hooks, layer, SubModule::Ln1Post, &attn_out, post)?;
+            attn_out = emit(hooks, tap(BlockTap::Ln1PostIn), attn_out)?;
+            attn_out = run_sub(hooks, layer, SubModule::Ln1Post, &attn_out, |v, _| Ok(post(v)?))?;
         }
-        hooks.tap(layer, Tap::AttnOut, &attn_out)?;
-        let mid = (x + attn_out)?;
-        hooks.tap(layer, Tap::ResidMid, &mid)?;
-        let normed = run_sub(hooks, layer, SubModule::Ln2, &mid, self.ln2)?;
-        hooks.tap(layer, Tap::Ln2Normalized, &normed)?;
+        let attn_out = emit(hooks, tap(BlockTap::AttnOut), attn_out)?;
+        let (mlp_in, mid) = if self.parallel {
+            (x.clone(), None)
+        } else {
+            let mid = emit(hooks, tap(BlockTap::ResidMid), (&x + &attn_out)?)?;
+            (mid.clone(), Some(mid))
+        };
+        let normed = run_sub(hooks, layer, SubModule::Ln2, &mlp_in, |v, _| Ok((self.ln2)(v)?))?;
+        let normed = emit(hooks, tap(BlockTap::Ln2Normalized), normed)?;
         let mut mlp_out = run_sub(hooks, layer, SubModule::Mlp, &normed, self.mlp)?;
         if let Some(post) = self.ln2_post {
-            hooks.tap(layer, Tap::Ln2PostIn, &mlp_out)?;
-            mlp_out = run_sub(hooks, layer, SubModule::Ln2Post, &mlp_out, post)?;
+            mlp_out = emit(hooks, tap(BlockTap::Ln2PostIn), mlp_out)?;
+            mlp_out = run_sub(hooks, layer, SubModule::Ln2Post, &mlp_out, |v, _| Ok(post(v)?))?;
         }
-        hooks.tap(layer, Tap::MlpOut, &mlp_out)?;
-        let out = (mid + mlp_out)?;
-        hooks.tap(layer, Tap::ResidPost, &out)?;
-        Ok(out)
+        let mlp_out = emit(hooks, tap(BlockTap::MlpOut), mlp_out)?;
+        let out = match mid {
+            Some(mid) => (mid + mlp_out)?,
+            None => ((x + attn_out)? + mlp_out)?,
+        };
+        emit(hooks, tap(BlockTap::ResidPost), out)
     }
+}
+
+/// Scaled dot-product attention of block `layer` with grouped key/value heads, reporting the
+/// probabilities as `attn.hook_pattern` (a patched pattern is what mixes the values).
+///
+/// q [B, H, T, hd], k and v [B, Hkv, T, hd], bias [B, 1, T, T] additive. Returns [B, T, H * hd].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+    hooks: &mut dyn Hooks,
+) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let k = layers::repeat_kv(k, h)?;
+    let v = layers::repeat_kv(v, h)?;
+    let probs = layers::attention_probs(q, &k, bias, scale, softcap)?;
+    let probs = emit(hooks, Tap::Block(layer, BlockTap::AttnPattern), probs)?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(out.transpose(1, 2)?.reshape((b, t, h * hd))?)
+}
+
+/// `down(act(up x))`, reporting the activation as `mlp.hook_post` (GPT-2, BERT, GPT-NeoX).
+pub(crate) fn plain_mlp(
+    layer: usize,
+    up: &Linear,
+    act: Activation,
+    down: &Linear,
+    x: &Tensor,
+    hooks: &mut dyn Hooks,
+) -> Result<Tensor> {
+    let post = act.forward(&up.forward(x)?)?;
+    let post = emit(hooks, Tap::Block(layer, BlockTap::MlpPost), post)?;
+    Ok(down.forward(&post)?)
+}
+
+/// `down(act(gate x) * up x)`, reporting the product as `mlp.hook_post` (Llama, Gemma).
+pub(crate) fn gated_mlp(
+    layer: usize,
+    gate: &Linear,
+    up: &Linear,
+    act: Activation,
+    down: &Linear,
+    x: &Tensor,
+    hooks: &mut dyn Hooks,
+) -> Result<Tensor> {
+    let post = (act.forward(&gate.forward(x)?)? * up.forward(x)?)?;
+    let post = emit(hooks, Tap::Block(layer, BlockTap::MlpPost), post)?;
+    Ok(down.forward(&post)?)
 }

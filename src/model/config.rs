@@ -1,16 +1,20 @@
-//! Reading Hugging Face `config.json` fields with errors that name the file and the field.
+//! Hugging Face `config.json` files, read into each architecture's typed serde struct with
+//! errors that name the file and the field.
 //!
-//! GGUF metadata is translated into the same JSON shape (see `load.rs`), so each architecture
-//! has exactly one constructor.
+//! GGUF metadata is translated into the same JSON shape (see `load/gguf.rs`), so each
+//! architecture has exactly one config struct and one constructor.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
 
 use super::layers::RopeScaling;
 
-/// A parsed config.json.
+/// A parsed config.json, flattened: fields of a nested `text_config` (multimodal checkpoints)
+/// are lifted to the top unless the top level sets them, and `null` fields count as absent, so
+/// serde defaults apply to them.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub value: Value,
@@ -25,90 +29,109 @@ impl Config {
         if !value.is_object() {
             bail!("{}: expected a JSON object", path.display());
         }
-        Ok(Self {
-            value,
-            path: path.to_path_buf(),
-        })
+        Ok(Self::from_value(value, path.to_path_buf()))
     }
 
     pub fn from_value(value: Value, path: PathBuf) -> Self {
+        let value = match value {
+            Value::Object(top) => {
+                let mut flat = Map::new();
+                if let Some(Value::Object(text)) = top.get("text_config") {
+                    flat.extend(
+                        text.iter()
+                            .filter(|(_, v)| !v.is_null())
+                            .map(|(k, v)| (k.clone(), v.clone())),
+                    );
+                }
+                flat.extend(top.into_iter().filter(|(k, v)| !v.is_null() && k != "text_config"));
+                Value::Object(flat)
+            }
+            other => other,
+        };
         Self { value, path }
     }
 
-    /// A field of a nested config (transformers keeps some text configs under `text_config`).
     fn field(&self, key: &str) -> Option<&Value> {
-        match self.value.get(key) {
-            Some(Value::Null) | None => self
-                .value
-                .get("text_config")
-                .and_then(|t| t.get(key))
-                .filter(|v| !v.is_null()),
-            Some(v) => Some(v),
-        }
+        self.value.get(key)
     }
 
     pub fn has(&self, key: &str) -> bool {
         self.field(key).is_some()
     }
 
-    pub fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?
-            .ok_or_else(|| anyhow!("{}: missing field '{key}'", self.path.display()))
-    }
-
-    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.field(key) {
-            None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                anyhow!(
-                    "{}: field '{key}' should be a non-negative integer, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
-    }
-
-    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
-        Ok(self.opt_usize(key)?.unwrap_or(default))
-    }
-
-    pub fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.field(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| anyhow!("{}: field '{key}' should be a number, found {v}", self.path.display())),
-        }
-    }
-
-    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
-        Ok(self.opt_f64(key)?.unwrap_or(default))
-    }
-
-    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.field(key) {
-            None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| {
-                anyhow!(
-                    "{}: field '{key}' should be true or false, found {v}",
-                    self.path.display()
-                )
-            }),
-        }
-    }
-
-    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
-        match self.field(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_str()
-                .ok_or_else(|| anyhow!("{}: field '{key}' should be a string, found {v}", self.path.display())),
-        }
-    }
-
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.field(key)
+    }
+
+    /// `model_type`, when present.
+    pub fn model_type(&self) -> Option<&str> {
+        self.field("model_type").and_then(|v| v.as_str())
+    }
+
+    /// The Hugging Face class names in `architectures`.
+    pub fn architectures(&self) -> Vec<&str> {
+        match self.field("architectures") {
+            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The config as the typed struct `T`; errors name the file and the offending field.
+    pub fn typed<T: DeserializeOwned>(&self) -> Result<T> {
+        match serde_json::from_value::<T>(self.value.clone()) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg.starts_with("missing field") {
+                    bail!("{}: {msg}", self.path.display());
+                }
+                // serde_json does not say which field had the wrong type: find the first field
+                // whose removal changes the error.
+                if let Value::Object(map) = &self.value {
+                    for key in map.keys() {
+                        let mut without = map.clone();
+                        without.remove(key);
+                        let other = serde_json::from_value::<T>(Value::Object(without))
+                            .err()
+                            .map(|e| e.to_string());
+                        if other.as_deref() != Some(msg.as_str()) {
+                            bail!("{}: field '{key}': {msg}", self.path.display());
+                        }
+                    }
+                }
+                bail!("{}: {msg}", self.path.display())
+            }
+        }
+    }
+
+    /// An error unless `value` (config field `field`) is at least 1.
+    pub fn positive(&self, field: &str, value: usize) -> Result<()> {
+        if value == 0 {
+            bail!("{}: field '{field}' must be at least 1, found 0", self.path.display());
+        }
+        Ok(())
+    }
+
+    /// An error unless `n_heads` is a multiple of `n_kv_heads` (grouped-query attention).
+    pub fn check_heads(&self, heads_field: &str, n_heads: usize, kv_field: &str, n_kv: usize) -> Result<()> {
+        self.positive(heads_field, n_heads)?;
+        self.positive(kv_field, n_kv)?;
+        if !n_heads.is_multiple_of(n_kv) {
+            bail!(
+                "{}: field '{kv_field}' ({n_kv}) must divide '{heads_field}' ({n_heads})",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.field(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| anyhow!("{}: field '{key}' should be a number, found {v}", self.path.display())),
+        }
     }
 
     /// RoPE base and scaling. Reads transformers 5's `rope_parameters` (optionally keyed by layer

@@ -1,4 +1,13 @@
-//! Named taps (TransformerLens names) and hooks that observe or replace parts of a forward pass.
+//! Named taps (TransformerLens names) and hooks that observe, patch or replace parts of a
+//! forward pass.
+//!
+//! Every intermediate value a researcher may want is reported through [`Hooks::tap`] under its
+//! TransformerLens name ([`Tap::name`]); returning `Some(value)` from `tap` replaces it downstream
+//! (activation patching). Whole sub-modules ([`SubModule`]) can also be replaced by a function of
+//! their input ([`Hooks::replace`], e.g. a fitted linear map) and observed with their input and
+//! output ([`Hooks::sub_module`]).
+
+use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -7,9 +16,10 @@ use super::layers;
 
 /// Sub-modules of a block that a caller may observe or replace.
 ///
-/// For pre-norm models a block is `x + attn(ln1(x))`, then `+ mlp(ln2(.))`. Gemma 3 adds a norm
-/// after each of attention and MLP (`Ln1Post`, `Ln2Post`) before the residual add. BERT is
-/// post-norm: `ln1(x + attn(x))`, then `ln2(h + mlp(h))`.
+/// For pre-norm models a block is `x + attn(ln1(x))`, then `+ mlp(ln2(.))` (parallel blocks:
+/// `x + attn(ln1(x)) + mlp(ln2(x))`). Gemma 3 adds a norm after each of attention and MLP
+/// (`Ln1Post`, `Ln2Post`) before the residual add. BERT is post-norm: `ln1(x + attn(x))`, then
+/// `ln2(h + mlp(h))`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SubModule {
@@ -34,60 +44,129 @@ impl SubModule {
     }
 }
 
-/// Named points in the forward pass, as TransformerLens names them.
+/// Named points inside block `l`, as TransformerLens names them (`blocks.{l}.<suffix>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tap {
+pub enum BlockTap {
+    /// `hook_resid_pre`: the block input h_l.
     ResidPre,
+    /// `ln1.hook_in` (BERT): `resid_pre + attn_out`, the input of the post-attention LayerNorm.
+    Ln1In,
+    /// `ln1.hook_normalized`: output of the first norm.
     Ln1Normalized,
-    AttnOut,
-    ResidMid,
-    Ln2Normalized,
-    MlpOut,
-    ResidPost,
-    /// Gemma 3: raw attention output, input of the post-attention norm.
+    /// `attn.hook_pattern`: attention probabilities [B, H, T, T] (query, key).
+    AttnPattern,
+    /// `ln1_post.hook_in` (Gemma 3): raw attention output, input of the post-attention norm.
     Ln1PostIn,
-    /// Gemma 3: raw MLP output, input of the post-feed-forward norm.
+    /// `hook_attn_out`: what the attention sub-layer adds to the residual stream.
+    AttnOut,
+    /// `hook_resid_mid`: `resid_pre + attn_out` (sequential pre-norm blocks only).
+    ResidMid,
+    /// `ln2.hook_in` (BERT): `ln1.hook_normalized + mlp_out`, the input of the output LayerNorm.
+    Ln2In,
+    /// `ln2.hook_normalized`: output of the second norm.
+    Ln2Normalized,
+    /// `mlp.hook_post`: the activation inside the MLP, input of its down projection
+    /// (`act(gate) * up` for gated MLPs).
+    MlpPost,
+    /// `ln2_post.hook_in` (Gemma 3): raw MLP output, input of the post-feed-forward norm.
     Ln2PostIn,
+    /// `hook_mlp_out`: what the MLP sub-layer adds to the residual stream.
+    MlpOut,
+    /// `hook_resid_post`: the block output h_{l+1} (= `blocks.{l+1}.hook_resid_pre`).
+    ResidPost,
 }
 
-impl Tap {
-    pub const ALL: [Tap; 9] = [
-        Tap::ResidPre,
-        Tap::Ln1Normalized,
-        Tap::AttnOut,
-        Tap::ResidMid,
-        Tap::Ln2Normalized,
-        Tap::MlpOut,
-        Tap::ResidPost,
-        Tap::Ln1PostIn,
-        Tap::Ln2PostIn,
+impl BlockTap {
+    pub const ALL: [BlockTap; 13] = [
+        BlockTap::ResidPre,
+        BlockTap::Ln1In,
+        BlockTap::Ln1Normalized,
+        BlockTap::AttnPattern,
+        BlockTap::Ln1PostIn,
+        BlockTap::AttnOut,
+        BlockTap::ResidMid,
+        BlockTap::Ln2In,
+        BlockTap::Ln2Normalized,
+        BlockTap::MlpPost,
+        BlockTap::Ln2PostIn,
+        BlockTap::MlpOut,
+        BlockTap::ResidPost,
     ];
 
-    /// The TransformerLens-style name of this tap in block `layer`.
-    pub fn name(self, layer: usize) -> String {
-        let suffix = match self {
-            Tap::ResidPre => "hook_resid_pre",
-            Tap::Ln1Normalized => "ln1.hook_normalized",
-            Tap::AttnOut => "hook_attn_out",
-            Tap::ResidMid => "hook_resid_mid",
-            Tap::Ln2Normalized => "ln2.hook_normalized",
-            Tap::MlpOut => "hook_mlp_out",
-            Tap::ResidPost => "hook_resid_post",
-            Tap::Ln1PostIn => "ln1_post.hook_in",
-            Tap::Ln2PostIn => "ln2_post.hook_in",
-        };
-        format!("blocks.{layer}.{suffix}")
+    pub fn suffix(self) -> &'static str {
+        match self {
+            BlockTap::ResidPre => "hook_resid_pre",
+            BlockTap::Ln1In => "ln1.hook_in",
+            BlockTap::Ln1Normalized => "ln1.hook_normalized",
+            BlockTap::AttnPattern => "attn.hook_pattern",
+            BlockTap::Ln1PostIn => "ln1_post.hook_in",
+            BlockTap::AttnOut => "hook_attn_out",
+            BlockTap::ResidMid => "hook_resid_mid",
+            BlockTap::Ln2In => "ln2.hook_in",
+            BlockTap::Ln2Normalized => "ln2.hook_normalized",
+            BlockTap::MlpPost => "mlp.hook_post",
+            BlockTap::Ln2PostIn => "ln2_post.hook_in",
+            BlockTap::MlpOut => "hook_mlp_out",
+            BlockTap::ResidPost => "hook_resid_post",
+        }
     }
+}
+
+/// A named point in the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tap {
+    /// `hook_embed`: the token embedding lookup (Gemma: already scaled by sqrt(d)). For Llama-like
+    /// models it is h_0; GPT-2 and BERT add positions (and BERT segments and its LayerNorm) after.
+    Embed,
+    /// `hook_pos_embed` (GPT-2, BERT): learned position embeddings, broadcast to [B, T, d].
+    PosEmbed,
+    /// `hook_token_type_embed` (BERT): segment embeddings [B, T, d].
+    TokenTypeEmbed,
+    /// A tap inside block `l` (0-based).
+    Block(usize, BlockTap),
+    /// `ln_final.hook_normalized`: the final norm's output (not for BERT, which has none).
+    LnFinal,
 }
 
 /// Name of the final norm's output tap.
 pub const LN_FINAL_TAP: &str = "ln_final.hook_normalized";
 
+impl Tap {
+    /// The TransformerLens-style name of this tap.
+    pub fn name(self) -> String {
+        match self {
+            Tap::Embed => "hook_embed".into(),
+            Tap::PosEmbed => "hook_pos_embed".into(),
+            Tap::TokenTypeEmbed => "hook_token_type_embed".into(),
+            Tap::Block(l, t) => format!("blocks.{l}.{}", t.suffix()),
+            Tap::LnFinal => LN_FINAL_TAP.into(),
+        }
+    }
+
+    /// The tap a name denotes, if it is well formed (whether a model emits it is another matter).
+    pub fn parse(name: &str) -> Option<Tap> {
+        match name {
+            "hook_embed" => return Some(Tap::Embed),
+            "hook_pos_embed" => return Some(Tap::PosEmbed),
+            "hook_token_type_embed" => return Some(Tap::TokenTypeEmbed),
+            LN_FINAL_TAP => return Some(Tap::LnFinal),
+            _ => {}
+        }
+        let (layer, suffix) = name.strip_prefix("blocks.")?.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        BlockTap::ALL
+            .iter()
+            .find(|t| t.suffix() == suffix)
+            .map(|&t| Tap::Block(layer, t))
+    }
+}
+
 /// Observes and alters a forward pass. Every method has a do-nothing default.
 pub trait Hooks {
-    /// Called with the value of each named tap of block `layer` as it is computed.
-    fn tap(&mut self, _layer: usize, _tap: Tap, _value: &Tensor) -> Result<()> {
-        Ok(())
+    /// Called with the value of each named tap as it is computed. Return `Some(v)` (same shape)
+    /// to replace the value from there on (activation patching); `None` keeps it.
+    fn tap(&mut self, _tap: Tap, _value: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
     }
     /// Return `Some(output)` to replace sub-module `sub` of block `layer` (given its input).
     fn replace(&mut self, _layer: usize, _sub: SubModule, _input: &Tensor) -> Result<Option<Tensor>> {
@@ -103,13 +182,32 @@ pub trait Hooks {
 pub struct NoHooks;
 impl Hooks for NoHooks {}
 
-/// Runs sub-module `sub`, or its replacement, and reports its input and output.
+/// Reports `value` at `tap` and returns what flows on: the hook's patch, or the value itself.
+pub(crate) fn emit(hooks: &mut dyn Hooks, tap: Tap, value: Tensor) -> Result<Tensor> {
+    match hooks.tap(tap, &value)? {
+        None => Ok(value),
+        Some(patched) => {
+            if patched.dims() != value.dims() {
+                bail!(
+                    "patch for {} has shape {:?}, expected {:?}",
+                    tap.name(),
+                    patched.dims(),
+                    value.dims()
+                );
+            }
+            Ok(patched)
+        }
+    }
+}
+
+/// Runs sub-module `sub`, or its replacement, and reports its input and output. The real
+/// sub-module gets the hooks too, for the taps inside it.
 pub(crate) fn run_sub(
     hooks: &mut dyn Hooks,
     layer: usize,
     sub: SubModule,
     input: &Tensor,
-    real: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    real: impl FnOnce(&Tensor, &mut dyn Hooks) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let output = match hooks.replace(layer, sub, input)? {
         Some(out) => {
@@ -123,29 +221,69 @@ pub(crate) fn run_sub(
             }
             out
         }
-        None => real(input)?,
+        None => real(input, hooks)?,
     };
     hooks.sub_module(layer, sub, input, &output)?;
     Ok(output)
 }
 
-/// Records every tap of a forward pass under its TransformerLens name.
+/// Records taps under their TransformerLens names: every tap, or only the chosen ones.
 #[derive(Default)]
 pub struct TapRecorder {
-    pub values: std::collections::HashMap<String, Tensor>,
+    pub values: HashMap<String, Tensor>,
+    /// When set, only these names are kept (attention patterns of every block add up).
+    pub only: Option<BTreeSet<String>>,
+    /// Every tap name the forward pass emitted, kept or not.
+    pub seen: BTreeSet<String>,
+}
+
+impl TapRecorder {
+    /// A recorder that keeps only the taps named in `names`.
+    pub fn only<S: AsRef<str>>(names: &[S]) -> Self {
+        Self {
+            only: Some(names.iter().map(|n| n.as_ref().to_string()).collect()),
+            ..Self::default()
+        }
+    }
 }
 
 impl Hooks for TapRecorder {
-    fn tap(&mut self, layer: usize, tap: Tap, value: &Tensor) -> Result<()> {
-        self.values.insert(tap.name(layer), value.clone());
-        Ok(())
+    fn tap(&mut self, tap: Tap, value: &Tensor) -> Result<Option<Tensor>> {
+        let name = tap.name();
+        if self.only.as_ref().is_none_or(|o| o.contains(&name)) {
+            self.values.insert(name.clone(), value.clone());
+        }
+        self.seen.insert(name);
+        Ok(None)
+    }
+}
+
+/// Activation patching: replaces the taps named in `values` by the given tensors.
+#[derive(Default)]
+pub struct TapPatch {
+    pub values: HashMap<String, Tensor>,
+    /// Names that were patched during the last forward pass.
+    pub applied: BTreeSet<String>,
+}
+
+impl Hooks for TapPatch {
+    fn tap(&mut self, tap: Tap, _value: &Tensor) -> Result<Option<Tensor>> {
+        let name = tap.name();
+        match self.values.get(&name) {
+            Some(v) => {
+                let v = v.clone();
+                self.applied.insert(name);
+                Ok(Some(v))
+            }
+            None => Ok(None),
+        }
     }
 }
 
 /// Replaces chosen sub-modules by linear maps `y = A x` (A stored [out, in]), position-wise.
 #[derive(Default)]
 pub struct LinearReplacement {
-    pub maps: std::collections::HashMap<(usize, SubModule), Tensor>,
+    pub maps: HashMap<(usize, SubModule), Tensor>,
 }
 
 impl Hooks for LinearReplacement {
@@ -154,5 +292,34 @@ impl Hooks for LinearReplacement {
             Some(a) => Ok(Some(layers::Linear::new(a.clone(), None).forward(input)?)),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_round_trip() {
+        let mut all = vec![Tap::Embed, Tap::PosEmbed, Tap::TokenTypeEmbed, Tap::LnFinal];
+        all.extend(BlockTap::ALL.iter().map(|&t| Tap::Block(3, t)));
+        for t in all {
+            assert_eq!(Tap::parse(&t.name()), Some(t), "{}", t.name());
+        }
+        assert_eq!(Tap::parse("blocks.x.hook_resid_pre"), None);
+        assert_eq!(Tap::parse("blocks.0.hook_nothing"), None);
+        assert_eq!(Tap::parse("hook_resid_pre"), None);
+    }
+
+    #[test]
+    fn a_patch_of_the_wrong_shape_is_an_error() {
+        let mut patch = TapPatch::default();
+        patch.values.insert(
+            "hook_embed".into(),
+            Tensor::zeros((2, 3), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        );
+        let value = Tensor::zeros((2, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let e = emit(&mut patch, Tap::Embed, value).unwrap_err().to_string();
+        assert!(e.contains("hook_embed") && e.contains("[2, 4]"), "{e}");
     }
 }

@@ -34,6 +34,11 @@ impl Linear {
         out_dims[last] = self.weight.dims()[0];
         y.reshape(out_dims)
     }
+
+    /// Number of parameters (weight and bias).
+    pub fn n_params(&self) -> usize {
+        self.weight.elem_count() + self.bias.as_ref().map_or(0, |b| b.elem_count())
+    }
 }
 
 /// `x @ w^T` for float32 CPU tensors x [m, k] and w [n, k], with faer's GEMM: on CPUs with
@@ -108,6 +113,10 @@ impl LayerNorm {
         let x = x.contiguous()?;
         candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
     }
+
+    pub fn n_params(&self) -> usize {
+        self.weight.elem_count() + self.bias.elem_count()
+    }
 }
 
 /// RMSNorm `x / sqrt(mean(x^2) + eps) * scale`. `scale` is the effective multiplier: Gemma's
@@ -135,14 +144,57 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
-/// Applies the activation named in a Hugging Face config.
-pub fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
-    match name {
-        "silu" | "swish" => candle_nn::ops::silu(x),
-        "gelu" => gelu_erf(x),
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => gelu_tanh(x),
-        "relu" => x.relu(),
-        other => candle_core::bail!("unsupported activation '{other}'"),
+/// The MLP activations Hugging Face configs name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    /// Parses a config's `hidden_act` / `activation_function` value.
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        Ok(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            other => return Err(format!("unsupported activation '{other}'")),
+        })
+    }
+
+    pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Silu => candle_nn::ops::silu(x),
+            Activation::GeluErf => gelu_erf(x),
+            Activation::GeluTanh => gelu_tanh(x),
+            Activation::Relu => x.relu(),
+        }
+    }
+}
+
+/// A block's norm: RMSNorm (Llama, Gemma) or LayerNorm (GPT-2, GPT-NeoX, BERT).
+#[derive(Debug, Clone)]
+pub enum Norm {
+    Rms(RmsNorm),
+    Layer(LayerNorm),
+}
+
+impl Norm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Norm::Rms(n) => n.forward(x),
+            Norm::Layer(n) => n.forward(x),
+        }
+    }
+
+    pub fn n_params(&self) -> usize {
+        match self {
+            Norm::Rms(n) => n.scale.elem_count(),
+            Norm::Layer(n) => n.n_params(),
+        }
     }
 }
 
@@ -238,35 +290,31 @@ impl Rope {
     }
 }
 
-/// Scaled dot-product attention with grouped key/value heads.
+/// Key or value heads [B, Hkv, T, hd] repeated to `n_heads` heads (grouped-query attention).
+pub fn repeat_kv(x: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let (b, h_kv, t, hd) = x.dims4()?;
+    if h_kv == n_heads {
+        return Ok(x.clone());
+    }
+    if h_kv == 0 || !n_heads.is_multiple_of(h_kv) {
+        candle_core::bail!("{n_heads} attention heads cannot share {h_kv} key/value heads");
+    }
+    let rep = n_heads / h_kv;
+    x.unsqueeze(2)?
+        .expand((b, h_kv, rep, t, hd))?
+        .reshape((b, n_heads, t, hd))
+}
+
+/// Attention probabilities softmax(q k^T * scale [soft-capped] + bias) [B, H, T, T].
 ///
-/// q [B, H, T, hd], k and v [B, Hkv, T, hd], bias [B, 1, T, T] additive. Returns [B, T, H * hd].
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: &Tensor,
-    scale: f64,
-    softcap: Option<f64>,
-) -> Result<Tensor> {
-    let (b, h, t, hd) = q.dims4()?;
-    let h_kv = k.dim(1)?;
-    let (k, v) = if h_kv == h {
-        (k.clone(), v.clone())
-    } else {
-        let rep = h / h_kv;
-        let expand =
-            |x: &Tensor| -> Result<Tensor> { x.unsqueeze(2)?.expand((b, h_kv, rep, t, hd))?.reshape((b, h, t, hd)) };
-        (expand(k)?, expand(v)?)
-    };
+/// q [B, H, T, hd], k [B, H, T, hd] (already repeated), bias [B, 1, T, T] additive.
+pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
     let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
     let scores = scores.broadcast_add(bias)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = probs.matmul(&v.contiguous()?)?;
-    out.transpose(1, 2)?.reshape((b, t, h * hd))
+    candle_nn::ops::softmax_last_dim(&scores)
 }
 
 /// Splits x [B, T, H * hd] into heads [B, H, T, hd].

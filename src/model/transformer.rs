@@ -4,7 +4,7 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 
 use super::batch::{Batch, BatchContext};
-use super::hooks::{Hooks, NoHooks, SubModule};
+use super::hooks::{emit, Hooks, NoHooks, SubModule, Tap};
 
 /// How tokens may attend to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -34,7 +34,7 @@ pub struct ModelInfo {
     /// Longest sequence the position scheme supports.
     pub max_positions: usize,
     pub n_params: usize,
-    /// Parameters of all blocks together (for FLOP estimates).
+    /// Parameters of all blocks together (for FLOP estimates), counted from the loaded blocks.
     pub block_params: usize,
 }
 
@@ -48,7 +48,13 @@ pub trait Transformer: Send + Sync {
 
     /// h_0 [B, T, d]: the embedding output (GPT-2: wte + wpe; Gemma: scaled; BERT: after its
     /// embedding LayerNorm).
-    fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor>;
+    fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor> {
+        self.embed_with(batch, ctx, &mut NoHooks)
+    }
+
+    /// [`Transformer::embed`], reporting `hook_embed` (and `hook_pos_embed`,
+    /// `hook_token_type_embed` where the model has them) to `hooks`, which may patch them.
+    fn embed_with(&self, batch: &Batch, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor>;
 
     /// Runs block `layer` (0-based) on `h` [B, T, d] and returns its output h_{layer+1}.
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor>;
@@ -56,6 +62,12 @@ pub trait Transformer: Send + Sync {
     /// The final norm applied before the unembedding (identity for BERT, whose blocks end in a
     /// norm already).
     fn final_norm(&self, h: &Tensor) -> Result<Tensor>;
+
+    /// [`Transformer::final_norm`], reporting `ln_final.hook_normalized` (BERT, which has no
+    /// final norm, reports nothing).
+    fn final_norm_with(&self, h: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        emit(hooks, Tap::LnFinal, self.final_norm(h)?)
+    }
 
     /// Logits from a final-normed state: the LM head, or BERT's MLM head.
     fn unembed(&self, h: &Tensor) -> Result<Tensor>;
@@ -76,11 +88,14 @@ pub fn hidden_states(model: &dyn Transformer, batch: &Batch) -> Result<Vec<Tenso
     hidden_states_with(model, batch, &mut NoHooks)
 }
 
-/// Like [`hidden_states`], with hooks observing or replacing sub-modules in every block.
+/// Like [`hidden_states`], with hooks observing, patching or replacing the embedding taps and
+/// every block's taps and sub-modules (`ln_final.hook_normalized` comes from
+/// [`Transformer::final_norm_with`]). A patched `blocks.{l}.hook_resid_pre` changes states
+/// l+1.. (state l is the value before the patch).
 pub fn hidden_states_with(model: &dyn Transformer, batch: &Batch, hooks: &mut dyn Hooks) -> Result<Vec<Tensor>> {
     let ctx = model.context(batch)?;
     let mut states = Vec::with_capacity(model.info().n_layers + 1);
-    let mut h = model.embed(batch, &ctx)?;
+    let mut h = model.embed_with(batch, &ctx, hooks)?;
     states.push(h.clone());
     for layer in 0..model.info().n_layers {
         h = model.block(layer, &h, &ctx, hooks)?;

@@ -69,17 +69,6 @@ impl Weights {
         self.tensors.values().map(|t| t.elem_count()).sum()
     }
 
-    /// Parameters inside the blocks (everything but embeddings, final norm and heads).
-    pub fn block_params(&self) -> usize {
-        self.tensors
-            .iter()
-            .filter(|(n, _)| {
-                n.contains("layers.") || n.contains(".h.") || n.starts_with("h.") || n.contains("encoder.layer.")
-            })
-            .map(|(_, t)| t.elem_count())
-            .sum()
-    }
-
     /// The tensor `name`, which must have shape `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self

@@ -5,18 +5,71 @@
 //! the sentence's real tokens. The MLM head reads a state s as
 //! logits = W_word LN_t(gelu(W_t s)) + b, with W_word tied to the input embedding.
 //!
-//! TransformerLens naming for this post-norm order: `hook_resid_mid` is the sum before LN_1,
-//! `ln1.hook_normalized` its normalised value, `hook_resid_post` the sum before LN_2, and the
-//! block output h_{l+1} is `ln2.hook_normalized`.
+//! Tap names for this post-norm order (they say what the values are, and keep
+//! `blocks.{l}.hook_resid_post == blocks.{l+1}.hook_resid_pre` as for every architecture):
+//! - `hook_embed`, `hook_pos_embed`, `hook_token_type_embed`: the three embeddings BEFORE their
+//!   sum and the embedding LayerNorm (TransformerLens's `embed.hook_*`); h_0 = LN_emb(sum) is
+//!   `blocks.0.hook_resid_pre`.
+//! - `hook_resid_pre` = h; `attn.hook_pattern`; `hook_attn_out` = W_O attn(h) (before add & norm);
+//!   `ln1.hook_in` = h + attn_out; `ln1.hook_normalized` = m (the stream between the sub-layers);
+//!   `mlp.hook_post` = gelu(W_in m); `hook_mlp_out` = W_out gelu(W_in m); `ln2.hook_in` =
+//!   m + mlp_out; `ln2.hook_normalized` = `hook_resid_post` = h' (the block output).
+//! - There is no `hook_resid_mid` (post-norm has no un-normalised mid-block stream) and no
+//!   `ln_final.hook_normalized` (no final norm). TransformerLens's HookedEncoder calls the two
+//!   pre-norm sums `hook_resid_mid` / `hook_resid_post` and the block output
+//!   `hook_normalized_resid_post`; here they are `ln1.hook_in`, `ln2.hook_in`, `hook_resid_post`.
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, Tensor};
+use serde::Deserialize;
 
+use crate::model::block::{attend, plain_mlp};
 use crate::model::config::Config;
-use crate::model::hooks::run_sub;
-use crate::model::layers::{self, LayerNorm, Linear};
+use crate::model::hooks::{emit, run_sub, BlockTap};
+use crate::model::layers::{self, Activation, LayerNorm, Linear};
 use crate::model::weights::Weights;
 use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, SubModule, Tap, Transformer};
+
+/// The fields of a BERT config.json that the model uses.
+#[derive(Debug, Deserialize)]
+pub struct BertConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_types")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_position_type")]
+    pub position_embedding_type: String,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+}
+
+fn default_max_positions() -> usize {
+    512
+}
+fn default_types() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_position_type() -> String {
+    "absolute".into()
+}
+fn default_act() -> String {
+    "gelu".into()
+}
+
+/// Loads a BertForMaskedLM or BertModel checkpoint.
+pub fn load(cfg: &Config, w: &Weights, device: &Device) -> Result<Box<dyn Transformer>> {
+    Ok(Box::new(Bert::load(cfg, w, device)?))
+}
 
 struct Block {
     q: Linear,
@@ -27,6 +80,17 @@ struct Block {
     ff_in: Linear,
     ff_out: Linear,
     ln2: LayerNorm,
+}
+
+impl Block {
+    fn n_params(&self) -> usize {
+        [&self.q, &self.k, &self.v, &self.o, &self.ff_in, &self.ff_out]
+            .iter()
+            .map(|l| l.n_params())
+            .sum::<usize>()
+            + self.ln1.n_params()
+            + self.ln2.n_params()
+    }
 }
 
 struct MlmHead {
@@ -45,20 +109,28 @@ pub struct Bert {
     blocks: Vec<Block>,
     head: Option<MlmHead>,
     head_dim: usize,
-    act: String,
+    act: Activation,
 }
 
 impl Bert {
     pub fn load(cfg: &Config, w: &Weights, device: &Device) -> Result<Self> {
-        let d = cfg.usize("hidden_size")?;
-        let n_layers = cfg.usize("num_hidden_layers")?;
-        let n_heads = cfg.usize("num_attention_heads")?;
-        let ff = cfg.usize("intermediate_size")?;
-        let vocab = cfg.usize("vocab_size")?;
-        let n_pos = cfg.usize_or("max_position_embeddings", 512)?;
-        let n_types = cfg.usize_or("type_vocab_size", 2)?;
-        let eps = cfg.f64_or("layer_norm_eps", 1e-12)?;
-        if cfg.str_or("position_embedding_type", "absolute")? != "absolute" {
+        let c: BertConfig = cfg.typed()?;
+        let (d, n_layers, n_heads, ff, vocab) = (
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let (n_pos, n_types, eps) = (c.max_position_embeddings, c.type_vocab_size, c.layer_norm_eps);
+        cfg.positive("num_attention_heads", n_heads)?;
+        if !d.is_multiple_of(n_heads) {
+            bail!(
+                "{}: field 'hidden_size' ({d}) must be a multiple of 'num_attention_heads' ({n_heads})",
+                cfg.path.display()
+            );
+        }
+        if c.position_embedding_type != "absolute" {
             bail!(
                 "{}: only absolute position embeddings are supported",
                 cfg.path.display()
@@ -124,7 +196,7 @@ impl Bert {
             has_lm_head: head.is_some(),
             max_positions: n_pos,
             n_params: w.n_params(),
-            block_params: w.block_params(),
+            block_params: blocks.iter().map(Block::n_params).sum(),
         };
         Ok(Self {
             info,
@@ -136,23 +208,25 @@ impl Bert {
             blocks,
             head,
             head_dim: d / n_heads,
-            act: cfg.str_or("hidden_act", "gelu")?.to_string(),
+            act: Activation::parse(&c.hidden_act)
+                .map_err(|e| anyhow!("{}: field 'hidden_act': {e}", cfg.path.display()))?,
         })
     }
 
-    fn attention(&self, b: &Block, x: &Tensor, ctx: &BatchContext) -> candle_core::Result<Tensor> {
+    fn attention(
+        &self,
+        layer: usize,
+        b: &Block,
+        x: &Tensor,
+        ctx: &BatchContext,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
         let (h, hd) = (self.info.n_heads, self.head_dim);
         let q = layers::split_heads(&b.q.forward(x)?, h, hd)?;
         let k = layers::split_heads(&b.k.forward(x)?, h, hd)?;
         let v = layers::split_heads(&b.v.forward(x)?, h, hd)?;
-        b.o.forward(&layers::attention(
-            &q,
-            &k,
-            &v,
-            &ctx.bias,
-            1.0 / (hd as f64).sqrt(),
-            None,
-        )?)
+        let out = attend(layer, &q, &k, &v, &ctx.bias, 1.0 / (hd as f64).sqrt(), None, hooks)?;
+        Ok(b.o.forward(&out)?)
     }
 }
 
@@ -182,9 +256,14 @@ impl Transformer for Bert {
         })
     }
 
-    fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor> {
-        let words = layers::embedding(&self.word, &batch.input_ids)?;
-        let pos = self.position.narrow(0, 0, ctx.seq_len)?;
+    fn embed_with(&self, batch: &Batch, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let words = emit(hooks, Tap::Embed, layers::embedding(&self.word, &batch.input_ids)?)?;
+        let pos = self
+            .position
+            .narrow(0, 0, ctx.seq_len)?
+            .unsqueeze(0)?
+            .broadcast_as(words.shape())?;
+        let pos = emit(hooks, Tap::PosEmbed, pos)?;
         let types = match &ctx.token_type_ids {
             Some(t) => layers::embedding(&self.token_type, t)?,
             None => self
@@ -193,28 +272,34 @@ impl Transformer for Bert {
                 .unsqueeze(0)?
                 .broadcast_as(words.shape())?,
         };
-        let sum = (words.broadcast_add(&pos)? + types)?;
+        let types = emit(hooks, Tap::TokenTypeEmbed, types)?;
+        let sum = ((words + pos)? + types)?;
         Ok(self.ln_emb.forward(&sum)?)
     }
 
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let b = &self.blocks[layer];
-        hooks.tap(layer, Tap::ResidPre, h)?;
-        let attn_out = run_sub(hooks, layer, SubModule::Attn, h, |x| self.attention(b, x, ctx))?;
-        hooks.tap(layer, Tap::AttnOut, &attn_out)?;
-        let mid = (h + attn_out)?;
-        hooks.tap(layer, Tap::ResidMid, &mid)?;
-        let normed = run_sub(hooks, layer, SubModule::Ln1, &mid, |x| b.ln1.forward(x))?;
-        hooks.tap(layer, Tap::Ln1Normalized, &normed)?;
-        let mlp_out = run_sub(hooks, layer, SubModule::Mlp, &normed, |x| {
-            b.ff_out.forward(&layers::activation(&self.act, &b.ff_in.forward(x)?)?)
+        let tap = |t: BlockTap| Tap::Block(layer, t);
+        let h = emit(hooks, tap(BlockTap::ResidPre), h.clone())?;
+        let attn_out = run_sub(hooks, layer, SubModule::Attn, &h, |x, hooks| {
+            self.attention(layer, b, x, ctx, hooks)
         })?;
-        hooks.tap(layer, Tap::MlpOut, &mlp_out)?;
-        let post = (normed + mlp_out)?;
-        hooks.tap(layer, Tap::ResidPost, &post)?;
-        let out = run_sub(hooks, layer, SubModule::Ln2, &post, |x| b.ln2.forward(x))?;
-        hooks.tap(layer, Tap::Ln2Normalized, &out)?;
-        Ok(out)
+        let attn_out = emit(hooks, tap(BlockTap::AttnOut), attn_out)?;
+        let sum = emit(hooks, tap(BlockTap::Ln1In), (h + attn_out)?)?;
+        let mid = run_sub(hooks, layer, SubModule::Ln1, &sum, |x, _| Ok(b.ln1.forward(x)?))?;
+        let mid = emit(hooks, tap(BlockTap::Ln1Normalized), mid)?;
+        let mlp_out = run_sub(hooks, layer, SubModule::Mlp, &mid, |x, hooks| {
+            plain_mlp(layer, &b.ff_in, self.act, &b.ff_out, x, hooks)
+        })?;
+        let mlp_out = emit(hooks, tap(BlockTap::MlpOut), mlp_out)?;
+        let sum = emit(hooks, tap(BlockTap::Ln2In), (mid + mlp_out)?)?;
+        let out = run_sub(hooks, layer, SubModule::Ln2, &sum, |x, _| Ok(b.ln2.forward(x)?))?;
+        let out = emit(hooks, tap(BlockTap::Ln2Normalized), out)?;
+        emit(hooks, tap(BlockTap::ResidPost), out)
+    }
+
+    fn final_norm_with(&self, h: &Tensor, _hooks: &mut dyn Hooks) -> Result<Tensor> {
+        Ok(h.clone())
     }
 
     fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
@@ -225,7 +310,7 @@ impl Transformer for Bert {
         let head = self.head.as_ref().ok_or_else(|| {
             anyhow::anyhow!("this BERT checkpoint has no masked-LM head (a plain BertModel): it has no logits")
         })?;
-        let t = layers::activation(&self.act, &head.dense.forward(h)?)?;
+        let t = self.act.forward(&head.dense.forward(h)?)?;
         Ok(head.decoder.forward(&head.ln.forward(&t)?)?)
     }
 

@@ -1,17 +1,43 @@
 //! GPT-2: learned positions, pre-LayerNorm blocks, tied unembedding.
 //!
-//! h_0 = W_te[ids] + W_pe[pos]; each block: h += c_proj(attn(c_attn(LN_1(h)))), then
-//! h += W_proj gelu(W_fc LN_2(h)); logits = W_te LN_f(h_L). The checkpoint's Conv1D weights are
-//! stored [in, out]; they are transposed once at load into the usual [out, in].
+//! h_0 = W_te[ids] + W_pe[pos] (taps `hook_embed` and `hook_pos_embed`, as TransformerLens);
+//! each block: h += c_proj(attn(c_attn(LN_1(h)))), then h += W_proj gelu(W_fc LN_2(h));
+//! logits = W_te LN_f(h_L). The checkpoint's Conv1D weights are stored [in, out]; they are
+//! transposed once at load into the usual [out, in].
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use candle_core::{Device, Tensor};
+use serde::Deserialize;
 
-use crate::model::block::PreNormBlock;
+use crate::model::block::{attend, plain_mlp, PreNormBlock};
 use crate::model::config::Config;
-use crate::model::layers::{self, LayerNorm, Linear};
+use crate::model::hooks::{emit, Tap};
+use crate::model::layers::{self, Activation, LayerNorm, Linear};
 use crate::model::weights::Weights;
 use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, Transformer};
+
+/// The fields of a GPT-2 config.json that the model uses.
+#[derive(Debug, Deserialize)]
+pub struct Gpt2Config {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_positions: usize,
+    pub vocab_size: usize,
+    /// MLP width; defaults to 4 * n_embd.
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_act")]
+    pub activation_function: String,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "gelu_new".into()
+}
 
 struct Block {
     ln1: LayerNorm,
@@ -22,6 +48,17 @@ struct Block {
     mlp_proj: Linear,
 }
 
+impl Block {
+    fn n_params(&self) -> usize {
+        self.ln1.n_params()
+            + self.c_attn.n_params()
+            + self.c_proj.n_params()
+            + self.ln2.n_params()
+            + self.c_fc.n_params()
+            + self.mlp_proj.n_params()
+    }
+}
+
 pub struct Gpt2 {
     info: ModelInfo,
     device: Device,
@@ -29,20 +66,29 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     head_dim: usize,
-    act: String,
+    act: Activation,
+}
+
+/// Loads a GPT-2 checkpoint.
+pub fn load(cfg: &Config, w: &Weights, device: &Device) -> Result<Box<dyn Transformer>> {
+    Ok(Box::new(Gpt2::load(cfg, w, device)?))
 }
 
 impl Gpt2 {
     pub fn load(cfg: &Config, w: &Weights, device: &Device) -> Result<Self> {
-        let d = cfg.usize("n_embd")?;
-        let n_layers = cfg.usize("n_layer")?;
-        let n_heads = cfg.usize("n_head")?;
-        let n_pos = cfg.usize("n_positions")?;
-        let vocab = cfg.usize("vocab_size")?;
-        let inner = cfg.usize_or("n_inner", 4 * d)?;
-        let eps = cfg.f64_or("layer_norm_epsilon", 1e-5)?;
+        let c: Gpt2Config = cfg.typed()?;
+        let (d, n_heads) = (c.n_embd, c.n_head);
+        cfg.positive("n_head", n_heads)?;
+        if !d.is_multiple_of(n_heads) {
+            anyhow::bail!(
+                "{}: field 'n_embd' ({d}) must be a multiple of 'n_head' ({n_heads})",
+                cfg.path.display()
+            );
+        }
+        let inner = c.n_inner.unwrap_or(4 * d);
+        let eps = c.layer_norm_epsilon;
         // transformers saves GPT2LMHeadModel with a "transformer." prefix, the original
         // checkpoints without one.
         let p = if w.contains("transformer.wte.weight") {
@@ -61,9 +107,9 @@ impl Gpt2 {
                 eps,
             })
         };
-        let wte = w.get(&format!("{p}wte.weight"), &[vocab, d])?;
-        let mut blocks = Vec::with_capacity(n_layers);
-        for l in 0..n_layers {
+        let wte = w.get(&format!("{p}wte.weight"), &[c.vocab_size, d])?;
+        let mut blocks = Vec::with_capacity(c.n_layer);
+        for l in 0..c.n_layer {
             blocks.push(Block {
                 ln1: ln(&format!("h.{l}.ln_1"))?,
                 c_attn: conv1d(&format!("h.{l}.attn.c_attn"), d, 3 * d)?,
@@ -73,53 +119,59 @@ impl Gpt2 {
                 mlp_proj: conv1d(&format!("h.{l}.mlp.c_proj"), inner, d)?,
             });
         }
-        let lm_head = match w.get_opt("lm_head.weight", &[vocab, d])? {
+        let lm_head = match w.get_opt("lm_head.weight", &[c.vocab_size, d])? {
             Some(t) => t,
             None => wte.clone(),
         };
         let info = ModelInfo {
             arch: "gpt2".into(),
-            n_layers,
+            n_layers: c.n_layer,
             d_model: d,
             n_heads,
             n_kv_heads: n_heads,
-            vocab_size: vocab,
+            vocab_size: c.vocab_size,
             attention: AttentionKind::Causal,
             has_lm_head: true,
-            max_positions: n_pos,
+            max_positions: c.n_positions,
             n_params: w.n_params(),
-            block_params: w.block_params(),
+            block_params: blocks.iter().map(Block::n_params).sum(),
         };
         Ok(Self {
             info,
             device: device.clone(),
             wte,
-            wpe: w.get(&format!("{p}wpe.weight"), &[n_pos, d])?,
+            wpe: w.get(&format!("{p}wpe.weight"), &[c.n_positions, d])?,
             blocks,
             ln_f: ln("ln_f")?,
-            lm_head,
+            lm_head: Linear::new(lm_head, None),
             head_dim: d / n_heads,
-            act: cfg.str_or("activation_function", "gelu_new")?.to_string(),
+            act: Activation::parse(&c.activation_function)
+                .map_err(|e| anyhow!("{}: field 'activation_function': {e}", cfg.path.display()))?,
         })
     }
 
-    fn attention(&self, b: &Block, x: &Tensor, ctx: &BatchContext) -> candle_core::Result<Tensor> {
+    fn attention(
+        &self,
+        layer: usize,
+        b: &Block,
+        x: &Tensor,
+        ctx: &BatchContext,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
         let d = self.info.d_model;
         let qkv = b.c_attn.forward(x)?;
         let heads = |i: usize| layers::split_heads(&qkv.narrow(2, i * d, d)?, self.info.n_heads, self.head_dim);
-        let out = layers::attention(
+        let out = attend(
+            layer,
             &heads(0)?,
             &heads(1)?,
             &heads(2)?,
             &ctx.bias,
             1.0 / (self.head_dim as f64).sqrt(),
             None,
+            hooks,
         )?;
-        b.c_proj.forward(&out)
-    }
-
-    fn mlp(&self, b: &Block, x: &Tensor) -> candle_core::Result<Tensor> {
-        b.mlp_proj.forward(&layers::activation(&self.act, &b.c_fc.forward(x)?)?)
+        Ok(b.c_proj.forward(&out)?)
     }
 }
 
@@ -149,21 +201,27 @@ impl Transformer for Gpt2 {
         })
     }
 
-    fn embed(&self, batch: &Batch, ctx: &BatchContext) -> Result<Tensor> {
-        let tok = layers::embedding(&self.wte, &batch.input_ids)?;
-        let pos = self.wpe.narrow(0, 0, ctx.seq_len)?;
-        Ok(tok.broadcast_add(&pos)?)
+    fn embed_with(&self, batch: &Batch, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let tok = emit(hooks, Tap::Embed, layers::embedding(&self.wte, &batch.input_ids)?)?;
+        let pos = self
+            .wpe
+            .narrow(0, 0, ctx.seq_len)?
+            .unsqueeze(0)?
+            .broadcast_as(tok.shape())?;
+        let pos = emit(hooks, Tap::PosEmbed, pos)?;
+        Ok((tok + pos)?)
     }
 
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let b = &self.blocks[layer];
         PreNormBlock {
             ln1: &|x| b.ln1.forward(x),
-            attn: &|x| self.attention(b, x, ctx),
+            attn: &|x, hooks| self.attention(layer, b, x, ctx, hooks),
             ln1_post: None,
             ln2: &|x| b.ln2.forward(x),
-            mlp: &|x| self.mlp(b, x),
+            mlp: &|x, hooks| plain_mlp(layer, &b.c_fc, self.act, &b.mlp_proj, x, hooks),
             ln2_post: None,
+            parallel: false,
         }
         .forward(layer, h, hooks)
     }
@@ -173,6 +231,6 @@ impl Transformer for Gpt2 {
     }
 
     fn unembed(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(Linear::new(self.lm_head.clone(), None).forward(h)?)
+        Ok(self.lm_head.forward(h)?)
     }
 }

@@ -1,0 +1,464 @@
+//! The one Llama-like decoder: every causal RoPE model (Llama, Mistral, Qwen2, Gemma 3, and the
+//! GPT-NeoX family through `parallel_residual`) is this struct, configured by a [`DecoderSpec`]
+//! that its family file builds from a typed config.
+//!
+//! h_0 = s E[ids] (s = `embed_scale`, 1 when absent); each block (sequential):
+//!   n = N_1(h);  a = W_o attn(rope(N_q W_q n), rope(N_k W_k n), W_v n);  h += [N_attn_post](a)
+//!   m = N_2(h);  f = W_down(act(W_gate m) * W_up m);                     h += [N_mlp_post](f)
+//! or (parallel, GPT-NeoX): h += attn(N_1(h)) + mlp(N_2(h)), both read the block input.
+//! logits = cap(W_U N_f(h_L)). attn = softmax(cap(q k^T * scale) + mask) v with grouped key/value
+//! heads; sliding-window layers see only the last `sliding_window` keys and may use their own
+//! RoPE base. `cap` is the optional `tanh(x / c) * c` soft-cap.
+//!
+//! Tensors are loaded under the names in [`TensorNames`] (the Hugging Face Llama names unless a
+//! family overrides them), so `load` mirrors the checkpoint.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+
+use crate::model::block::{attend, gated_mlp, plain_mlp, Part, PreNormBlock};
+use crate::model::hooks::{emit, Tap};
+use crate::model::layers::{self, Activation, LayerNorm, Linear, Norm, RmsNorm, Rope, RopeScaling};
+use crate::model::weights::Weights;
+use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, SubModule, Transformer};
+
+/// Which norm the blocks use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormKind {
+    /// RMSNorm; `plus_one`: the checkpoint stores w and the scale is `1 + w` (Gemma).
+    Rms { eps: f64, plus_one: bool },
+    /// LayerNorm with weight and bias (GPT-NeoX).
+    Layer { eps: f64 },
+}
+
+/// Norms on queries and keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// One norm over `head_dim`, shared by all heads, before RoPE (Gemma 3, Qwen3).
+    PerHead,
+}
+
+/// The MLP's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    /// `down(act(gate x) * up x)` (Llama, Gemma).
+    Gated,
+    /// `down(act(up x))` (GPT-NeoX).
+    Plain,
+}
+
+/// RoPE base and scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+/// Checkpoint tensor names: `{layer}` in a block name is `layer_prefix` with the block index.
+#[derive(Debug, Clone)]
+pub struct TensorNames {
+    pub embed: String,
+    pub layer_prefix: String,
+    pub ln1: String,
+    pub q: String,
+    pub k: String,
+    pub v: String,
+    pub o: String,
+    pub q_norm: String,
+    pub k_norm: String,
+    pub post_attn_norm: String,
+    pub ln2: String,
+    pub gate: String,
+    pub up: String,
+    pub down: String,
+    pub post_mlp_norm: String,
+    pub final_norm: String,
+    pub lm_head: String,
+}
+
+impl Default for TensorNames {
+    /// The Hugging Face Llama names.
+    fn default() -> Self {
+        let s = |x: &str| x.to_string();
+        Self {
+            embed: s("model.embed_tokens"),
+            layer_prefix: s("model.layers"),
+            ln1: s("input_layernorm"),
+            q: s("self_attn.q_proj"),
+            k: s("self_attn.k_proj"),
+            v: s("self_attn.v_proj"),
+            o: s("self_attn.o_proj"),
+            q_norm: s("self_attn.q_norm"),
+            k_norm: s("self_attn.k_norm"),
+            post_attn_norm: s("post_attention_layernorm"),
+            ln2: s("post_attention_layernorm"),
+            gate: s("mlp.gate_proj"),
+            up: s("mlp.up_proj"),
+            down: s("mlp.down_proj"),
+            post_mlp_norm: s("post_feedforward_layernorm"),
+            final_norm: s("model.norm"),
+            lm_head: s("lm_head"),
+        }
+    }
+}
+
+/// Everything that distinguishes one Llama-like decoder from another.
+#[derive(Debug, Clone)]
+pub struct DecoderSpec {
+    /// Architecture family reported in [`ModelInfo::arch`].
+    pub arch: String,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub d_ff: usize,
+    pub vocab_size: usize,
+    /// Longest sequence the model supports (`max_position_embeddings`).
+    pub max_positions: usize,
+    /// Rows of the RoPE tables built (<= max_positions; longer inputs are refused).
+    pub rope_table_len: usize,
+    pub norm: NormKind,
+    pub qk_norm: QkNorm,
+    /// Gemma's norms on the attention and MLP outputs before the residual add.
+    pub post_norms: bool,
+    /// h_0 = embed_scale * E[ids] (Gemma: sqrt(d) rounded to f32).
+    pub embed_scale: Option<f64>,
+    /// Multiplier of q k^T (1/sqrt(head_dim), or Gemma's query_pre_attn_scalar^-1/2).
+    pub attn_scale: f64,
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub mlp: MlpKind,
+    pub activation: Activation,
+    /// Both sub-layers read the block input (GPT-NeoX `use_parallel_residual`).
+    pub parallel_residual: bool,
+    /// Window of the sliding-window layers.
+    pub sliding_window: Option<usize>,
+    /// Per layer: does it use the sliding window? (len = n_layers)
+    pub sliding_layers: Vec<bool>,
+    pub rope: RopeSpec,
+    /// RoPE of the sliding-window layers when it differs (Gemma 3's local base).
+    pub rope_local: Option<RopeSpec>,
+    pub names: TensorNames,
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    sliding: bool,
+}
+
+struct Mlp {
+    /// None for a plain (ungated) MLP.
+    gate: Option<Linear>,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    ln1: Norm,
+    attn: Attention,
+    post_attn_norm: Option<Norm>,
+    ln2: Norm,
+    mlp: Mlp,
+    post_mlp_norm: Option<Norm>,
+}
+
+impl Block {
+    /// Parameters of this block as loaded (for FLOP estimates).
+    fn n_params(&self) -> usize {
+        let a = &self.attn;
+        let opt_norm = |n: &Option<Norm>| n.as_ref().map_or(0, |n| n.n_params());
+        self.ln1.n_params()
+            + a.q.n_params()
+            + a.k.n_params()
+            + a.v.n_params()
+            + a.o.n_params()
+            + opt_norm(&a.q_norm)
+            + opt_norm(&a.k_norm)
+            + opt_norm(&self.post_attn_norm)
+            + self.ln2.n_params()
+            + self.mlp.gate.as_ref().map_or(0, |g| g.n_params())
+            + self.mlp.up.n_params()
+            + self.mlp.down.n_params()
+            + opt_norm(&self.post_mlp_norm)
+    }
+}
+
+pub struct Decoder {
+    info: ModelInfo,
+    device: Device,
+    embed_tokens: Tensor,
+    embed_scale: Option<f64>,
+    blocks: Vec<Block>,
+    norm: Norm,
+    lm_head: Linear,
+    rope: Rope,
+    rope_local: Option<Rope>,
+    head_dim: usize,
+    attn_scale: f64,
+    attn_softcap: Option<f64>,
+    final_softcap: Option<f64>,
+    sliding_window: Option<usize>,
+    activation: Activation,
+    parallel_residual: bool,
+    sub_modules: &'static [SubModule],
+}
+
+impl Decoder {
+    /// Builds the decoder `spec` describes from the checkpoint's tensors.
+    pub fn load(spec: &DecoderSpec, w: &Weights, device: &Device) -> Result<Self> {
+        let s = spec;
+        let (d, hd) = (s.d_model, s.head_dim);
+        if s.sliding_layers.len() != s.n_layers {
+            bail!(
+                "{}: {} layer types for {} layers",
+                w.source().display(),
+                s.sliding_layers.len(),
+                s.n_layers
+            );
+        }
+        let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+            let bias = if bias {
+                Some(w.get(&format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok(Linear::new(weight, bias))
+        };
+        let norm = |name: &str, dim: usize| -> Result<Norm> {
+            Ok(match s.norm {
+                NormKind::Rms { eps, plus_one } => {
+                    let weight = w.get(&format!("{name}.weight"), &[dim])?;
+                    // Gemma stores w and multiplies by (1 + w); fold the 1 in once here.
+                    let scale = if plus_one { (weight + 1.0)? } else { weight };
+                    Norm::Rms(RmsNorm { scale, eps })
+                }
+                NormKind::Layer { eps } => Norm::Layer(LayerNorm {
+                    weight: w.get(&format!("{name}.weight"), &[dim])?,
+                    bias: w.get(&format!("{name}.bias"), &[dim])?,
+                    eps,
+                }),
+            })
+        };
+        let n = &s.names;
+        let embed_tokens = w.get(&format!("{}.weight", n.embed), &[s.vocab_size, d])?;
+        let mut blocks = Vec::with_capacity(s.n_layers);
+        for (l, &sliding) in s.sliding_layers.iter().enumerate() {
+            let p = format!("{}.{l}", n.layer_prefix);
+            let qk_norm = |name: &str| -> Result<Option<Norm>> {
+                match s.qk_norm {
+                    QkNorm::None => Ok(None),
+                    QkNorm::PerHead => Ok(Some(norm(&format!("{p}.{name}"), hd)?)),
+                }
+            };
+            let post_norm = |name: &str| -> Result<Option<Norm>> {
+                if s.post_norms {
+                    Ok(Some(norm(&format!("{p}.{name}"), d)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            blocks.push(Block {
+                ln1: norm(&format!("{p}.{}", n.ln1), d)?,
+                attn: Attention {
+                    q: linear(&format!("{p}.{}", n.q), s.n_heads * hd, d, s.qkv_bias)?,
+                    k: linear(&format!("{p}.{}", n.k), s.n_kv_heads * hd, d, s.qkv_bias)?,
+                    v: linear(&format!("{p}.{}", n.v), s.n_kv_heads * hd, d, s.qkv_bias)?,
+                    o: linear(&format!("{p}.{}", n.o), d, s.n_heads * hd, s.o_bias)?,
+                    q_norm: qk_norm(&n.q_norm)?,
+                    k_norm: qk_norm(&n.k_norm)?,
+                    sliding: sliding && s.sliding_window.is_some(),
+                },
+                post_attn_norm: post_norm(&n.post_attn_norm)?,
+                ln2: norm(&format!("{p}.{}", n.ln2), d)?,
+                mlp: Mlp {
+                    gate: match s.mlp {
+                        MlpKind::Gated => Some(linear(&format!("{p}.{}", n.gate), s.d_ff, d, s.mlp_bias)?),
+                        MlpKind::Plain => None,
+                    },
+                    up: linear(&format!("{p}.{}", n.up), s.d_ff, d, s.mlp_bias)?,
+                    down: linear(&format!("{p}.{}", n.down), d, s.d_ff, s.mlp_bias)?,
+                },
+                post_mlp_norm: post_norm(&n.post_mlp_norm)?,
+            });
+        }
+        // Untied checkpoints store the head; tied ones reuse the input embedding.
+        let lm_head = match w.get_opt(&format!("{}.weight", n.lm_head), &[s.vocab_size, d])? {
+            Some(t) => t,
+            None => embed_tokens.clone(),
+        };
+        let rope = Rope::new(hd, s.rope.theta, &s.rope.scaling, s.rope_table_len, device)?;
+        let rope_local = match &s.rope_local {
+            Some(r) => Some(Rope::new(hd, r.theta, &r.scaling, s.rope_table_len, device)?),
+            None => None,
+        };
+        let info = ModelInfo {
+            arch: s.arch.clone(),
+            n_layers: s.n_layers,
+            d_model: d,
+            n_heads: s.n_heads,
+            n_kv_heads: s.n_kv_heads,
+            vocab_size: s.vocab_size,
+            attention: AttentionKind::Causal,
+            has_lm_head: true,
+            max_positions: s.max_positions,
+            n_params: w.n_params(),
+            block_params: blocks.iter().map(Block::n_params).sum(),
+        };
+        Ok(Self {
+            info,
+            device: device.clone(),
+            embed_tokens,
+            embed_scale: s.embed_scale,
+            blocks,
+            norm: norm(&n.final_norm, d)?,
+            lm_head: Linear::new(lm_head, None),
+            rope,
+            rope_local,
+            head_dim: hd,
+            attn_scale: s.attn_scale,
+            attn_softcap: s.attn_softcap,
+            final_softcap: s.final_softcap,
+            sliding_window: s.sliding_window,
+            activation: s.activation,
+            parallel_residual: s.parallel_residual,
+            sub_modules: if s.post_norms {
+                &[
+                    SubModule::Ln1,
+                    SubModule::Attn,
+                    SubModule::Ln1Post,
+                    SubModule::Ln2,
+                    SubModule::Mlp,
+                    SubModule::Ln2Post,
+                ]
+            } else {
+                &[SubModule::Ln1, SubModule::Attn, SubModule::Ln2, SubModule::Mlp]
+            },
+        })
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        a: &Attention,
+        x: &Tensor,
+        ctx: &BatchContext,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let (h, h_kv, hd) = (self.info.n_heads, self.info.n_kv_heads, self.head_dim);
+        let rope = match (&self.rope_local, a.sliding) {
+            (Some(local), true) => local,
+            _ => &self.rope,
+        };
+        let heads = |proj: &Linear, n: usize, norm: &Option<Norm>| -> candle_core::Result<Tensor> {
+            let x = layers::split_heads(&proj.forward(x)?, n, hd)?;
+            match norm {
+                Some(norm) => norm.forward(&x),
+                None => Ok(x),
+            }
+        };
+        let q = rope.apply(&heads(&a.q, h, &a.q_norm)?)?;
+        let k = rope.apply(&heads(&a.k, h_kv, &a.k_norm)?)?;
+        let v = layers::split_heads(&a.v.forward(x)?, h_kv, hd)?;
+        let bias = match (&ctx.bias_local, a.sliding) {
+            (Some(local), true) => local,
+            _ => &ctx.bias,
+        };
+        let out = attend(layer, &q, &k, &v, bias, self.attn_scale, self.attn_softcap, hooks)?;
+        Ok(a.o.forward(&out)?)
+    }
+
+    fn mlp(&self, layer: usize, m: &Mlp, x: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        match &m.gate {
+            Some(gate) => gated_mlp(layer, gate, &m.up, self.activation, &m.down, x, hooks),
+            None => plain_mlp(layer, &m.up, self.activation, &m.down, x, hooks),
+        }
+    }
+}
+
+impl Transformer for Decoder {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn context(&self, batch: &Batch) -> Result<BatchContext> {
+        let supported = self.rope.cos.dim(0)?;
+        if batch.seq_len() > supported {
+            bail!(
+                "sequence of {} tokens exceeds the supported context of {supported}",
+                batch.seq_len()
+            );
+        }
+        let bias = batch.attention_bias(AttentionKind::Causal, None, &self.device)?;
+        let bias_local = match self.sliding_window {
+            Some(w) if w < batch.seq_len() => {
+                Some(batch.attention_bias(AttentionKind::Causal, Some(w), &self.device)?)
+            }
+            _ => None,
+        };
+        Ok(BatchContext {
+            seq_len: batch.seq_len(),
+            bias,
+            bias_local,
+            token_type_ids: None,
+        })
+    }
+
+    fn embed_with(&self, batch: &Batch, _ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let e = layers::embedding(&self.embed_tokens, &batch.input_ids)?;
+        let e = match self.embed_scale {
+            Some(s) => (e * s)?,
+            None => e,
+        };
+        emit(hooks, Tap::Embed, e)
+    }
+
+    fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let b = &self.blocks[layer];
+        let post_attn = |x: &Tensor| match &b.post_attn_norm {
+            Some(n) => n.forward(x),
+            None => Ok(x.clone()),
+        };
+        let post_mlp = |x: &Tensor| match &b.post_mlp_norm {
+            Some(n) => n.forward(x),
+            None => Ok(x.clone()),
+        };
+        PreNormBlock {
+            ln1: &|x| b.ln1.forward(x),
+            attn: &|x, hooks| self.attention(layer, &b.attn, x, ctx, hooks),
+            ln1_post: b.post_attn_norm.as_ref().map(|_| &post_attn as Part),
+            ln2: &|x| b.ln2.forward(x),
+            mlp: &|x, hooks| self.mlp(layer, &b.mlp, x, hooks),
+            ln2_post: b.post_mlp_norm.as_ref().map(|_| &post_mlp as Part),
+            parallel: self.parallel_residual,
+        }
+        .forward(layer, h, hooks)
+    }
+
+    fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(self.norm.forward(h)?)
+    }
+
+    fn unembed(&self, h: &Tensor) -> Result<Tensor> {
+        let logits = self.lm_head.forward(h)?;
+        Ok(layers::softcap(&logits, self.final_softcap)?)
+    }
+
+    fn sub_modules(&self) -> &'static [SubModule] {
+        self.sub_modules
+    }
+}
