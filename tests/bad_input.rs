@@ -325,3 +325,24 @@ fn damaged_offsets_are_refused_by_every_reader() {
 fn run_args_html(dir: &Path) -> (bool, String) {
     run(&["report", "--html-only", dir.to_str().unwrap()])
 }
+
+#[test]
+fn fit_with_fewer_examples_than_the_width_warns_once() {
+    let (_dir, run) = tiny_run();
+    let out = Command::new(bin())
+        .args(["fit", run.to_str().unwrap(), "--quiet"])
+        .output()
+        .expect("run jumplens");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning")).collect();
+    assert_eq!(warnings.len(), 1, "one warning, not one per layer: {err}");
+    assert!(
+        warnings[0].contains("6 training examples") && warnings[0].contains("N < d"),
+        "{err}"
+    );
+    // The per-layer details stay in the manifest.
+    let m = jumplens::data::run::RunDir::new(&run).read_manifest().unwrap();
+    let per_layer = m.stages["fit"]["warnings"].as_array().unwrap().len();
+    assert!(per_layer >= 2, "per-layer warnings in the manifest: {per_layer}");
+}
