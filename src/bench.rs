@@ -159,13 +159,13 @@ pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Re
     device.synchronize()?;
     let pairs = crate::lens::fit::pairs_all(n_states);
     let t0 = Instant::now();
-    let maps = crate::lens::fit::fit_all_pairs(&h, &pairs, &opts)?;
+    let (maps, report) = crate::lens::fit::fit_all_pairs(&h, &pairs, &opts)?;
     device.synchronize()?;
     let seconds = t0.elapsed().as_secs_f64();
     // Training r^2 of l -> last on the first 4,096 examples.
     let sub = h.narrow(1, 0, n.min(4096))?;
     let last = crate::lens::fit::pairs_to_final(n_states);
-    let few = crate::lens::fit::Maps {
+    let few = crate::lens::maps::Maps {
         pairs: maps
             .pairs
             .iter()
@@ -183,12 +183,12 @@ pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Re
         d,
         pairs: pairs.len(),
         seconds,
-        seconds_gram: maps.stats.seconds_gram,
-        seconds_factor: maps.stats.seconds_factor,
-        seconds_products: maps.stats.seconds_products,
-        tflops: maps.stats.model_flops / seconds / 1e12,
+        seconds_gram: report.stats.seconds_gram,
+        seconds_factor: report.stats.seconds_factor,
+        seconds_products: report.stats.seconds_products,
+        tflops: report.stats.model_flops / seconds / 1e12,
         train_r2_to_last: vals.iter().sum::<f64>() / vals.len() as f64,
-        layers_pseudo_inverse: maps.layers.iter().filter(|l| l.pseudo_inverse).count(),
-        max_cond_unscaled: maps.layers.iter().map(|l| l.cond_unscaled).fold(0.0, f64::max),
+        layers_pseudo_inverse: report.layers.iter().filter(|l| l.pseudo_inverse).count(),
+        max_cond_unscaled: report.layers.iter().map(|l| l.cond_unscaled).fold(0.0, f64::max),
     })
 }

@@ -211,3 +211,138 @@ fn unusable_device() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Damaged run folders: the later stages refuse them with one line, never a panic.
+
+/// A run folder of the tiny GPT-2 (word tokenizer of 100 words) with 6 training and 3
+/// validation sentences collected and all pairs fitted, made through the library; returns
+/// (tempdir, run folder).
+fn tiny_run() -> (tempfile::TempDir, PathBuf) {
+    use jumplens::collect::{collect, CollectOptions};
+    use jumplens::data::run::RunDir;
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    copy_dir(&tiny("gpt2"), &m);
+    std::fs::write(m.join("tokenizer.json"), word_tokenizer(100)).unwrap();
+    let corpus = dir.path().join("corpus.txt");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            (0..6)
+                .map(|j| format!("w{}", 1 + (7 * i + 3 * j) % 99))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let lm = jumplens::model::load_model(m.to_str().unwrap(), &candle_core::Device::Cpu).unwrap();
+    let run = dir.path().join("run");
+    let opts = CollectOptions {
+        n_train: 6,
+        n_val: 3,
+        ..CollectOptions::default()
+    };
+    collect(&lm, &corpus, &RunDir::new(&run), &opts, false).unwrap();
+    jumplens::pipeline::run_fit(
+        &RunDir::new(&run),
+        jumplens::pipeline::Pairs::All,
+        &jumplens::lens::fit::FitOptions::default(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    (dir, run)
+}
+
+/// Rewrites one int64 list of an activations file.
+fn rewrite_ints(path: &Path, name: &str, edit: impl FnOnce(&mut Vec<i64>)) {
+    let mut t = jumplens::data::io::read_safetensors(path).unwrap();
+    let mut v = t[name].to_vec1::<i64>().unwrap();
+    edit(&mut v);
+    let n = v.len();
+    t.insert(
+        name.to_string(),
+        candle_core::Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap(),
+    );
+    let named: Vec<(String, candle_core::Tensor)> = t.into_iter().collect();
+    jumplens::data::io::write_safetensors(path, &named, None).unwrap();
+}
+
+#[test]
+fn predict_refuses_gold_ids_outside_the_vocabulary() {
+    let (_dir, run) = tiny_run();
+    let val = run.join("activations/val.safetensors");
+    // Every token of the validation sentences becomes an id the model does not have.
+    rewrite_ints(&val, "tokens", |v| v.iter_mut().for_each(|t| *t = 1_000_000));
+    fails_with(
+        &["predict", run.to_str().unwrap()],
+        &["val.safetensors", "token id 1000000", "outside the model's vocabulary"],
+    );
+}
+
+#[test]
+fn submodules_refuse_an_r2_table_of_the_wrong_shape() {
+    let (_dir, run) = tiny_run();
+    let r2 = run.join("r2.json");
+    std::fs::write(&r2, r#"{"layers": 2, "n_val": 3, "mat": [[null, 0.5]], "id": []}"#).unwrap();
+    fails_with(
+        &["submodules", run.to_str().unwrap()],
+        &["r2.json", "1 x 2", "expected"],
+    );
+    std::fs::write(&r2, r#"{"mat": "no table"}"#).unwrap();
+    fails_with(
+        &["submodules", run.to_str().unwrap()],
+        &["r2.json", "'mat' is not a table"],
+    );
+}
+
+#[test]
+fn damaged_offsets_are_refused_by_every_reader() {
+    let (_dir, run) = tiny_run();
+    let val = run.join("activations/val.safetensors");
+    // Offsets past the end of the token list (the page's sentence sampler used to slice them
+    // unchecked).
+    rewrite_ints(&val, "offsets", |v| {
+        let last = v.len() - 1;
+        v[last] += 1000;
+    });
+    let err = jumplens::data::Activations::read_tokens(&val).err().expect("refused");
+    assert!(err.to_string().contains("offsets or positions do not fit"), "{err}");
+    fails_with(
+        &["predict", run.to_str().unwrap()],
+        &["val.safetensors", "offsets or positions do not fit"],
+    );
+    // The page still comes out, with the reason in place of the peek grids.
+    let (ok, err) = run_args_html(&run);
+    assert!(ok, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let page = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(
+        page.contains("No peek grids") && page.contains("offsets or positions do not fit"),
+        "the page must say why it has no peek grids"
+    );
+}
+
+fn run_args_html(dir: &Path) -> (bool, String) {
+    run(&["report", "--html-only", dir.to_str().unwrap()])
+}
+
+#[test]
+fn fit_with_fewer_examples_than_the_width_warns_once() {
+    let (_dir, run) = tiny_run();
+    let out = Command::new(bin())
+        .args(["fit", run.to_str().unwrap(), "--quiet"])
+        .output()
+        .expect("run jumplens");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning")).collect();
+    assert_eq!(warnings.len(), 1, "one warning, not one per layer: {err}");
+    assert!(
+        warnings[0].contains("6 training examples") && warnings[0].contains("N < d"),
+        "{err}"
+    );
+    // The per-layer details stay in the manifest.
+    let m = jumplens::data::run::RunDir::new(&run).read_manifest().unwrap();
+    let per_layer = m.stages["fit"]["warnings"].as_array().unwrap().len();
+    assert!(per_layer >= 2, "per-layer warnings in the manifest: {per_layer}");
+}

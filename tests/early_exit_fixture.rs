@@ -20,7 +20,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use jumplens::data::Activations;
 use jumplens::eval::early_exit::{simulate_one, sweep, ExitInputs, Rule};
 use jumplens::eval::predict::{evaluate, Lens};
-use jumplens::lens::maps::MapSet;
+use jumplens::lens::maps::Maps;
 use jumplens::model::{Batch, NoHooks, Transformer};
 
 /// The paper's points, plus small lambdas where some but not all examples exit.
@@ -140,7 +140,7 @@ fn sweep_equals_literal_early_exit_on_tiny_llama() {
         .map(|(l, m)| (format!("mat.{l}.{last}"), m.clone()))
         .collect();
     jumplens::data::io::write_safetensors(&maps_path, &named, None).unwrap();
-    let maps = MapSet::read(&maps_path).unwrap();
+    let maps = Maps::read(&maps_path).unwrap();
 
     let n = val.len();
     let t_pos: Vec<f64> = val.positions.iter().map(|&p| p as f64).collect();

@@ -25,7 +25,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use jumplens::lens::fit::{fit_all_pairs, FitOptions, GramPrecision, Maps};
+use jumplens::lens::fit::{fit_all_pairs, FitOptions, FitReport, GramPrecision};
+use jumplens::lens::maps::Maps;
 use jumplens::lens::r2::{r2_all_pairs, r2_all_pairs_with, r2_score, R2Options};
 
 const CASES: [(&str, usize); 5] = [
@@ -80,7 +81,7 @@ fn stack(x: &Tensor, y: &Tensor) -> Tensor {
     Tensor::stack(&[x, y], 0).unwrap()
 }
 
-fn fit(case: &Case, intercept: bool, precision: GramPrecision) -> Maps {
+fn fit(case: &Case, intercept: bool, precision: GramPrecision) -> (Maps, FitReport) {
     let opts = FitOptions {
         intercept,
         precision,
@@ -143,8 +144,8 @@ fn predict(maps: &Maps, x: &Tensor) -> Vec<Vec<f64>> {
 #[test]
 fn coef_and_predictions_match_sklearn_f64() {
     for case in fixtures() {
-        let maps = fit(&case, false, GramPrecision::Auto);
-        assert_eq!(maps.stats.precision, GramPrecision::F64, "{}", case.name);
+        let (maps, report) = fit(&case, false, GramPrecision::Auto);
+        assert_eq!(report.stats.precision, GramPrecision::F64, "{}", case.name);
         let a = rows(&maps.get(0, 1).unwrap().a);
         check_close(&format!("{} coef", case.name), &a, &case.coef, 1e-7, 1e-9);
 
@@ -157,7 +158,7 @@ fn coef_and_predictions_match_sklearn_f64() {
             }
         }
 
-        let diag = &maps.layers[0];
+        let diag = &report.layers[0];
         let d = a.len();
         assert_eq!(diag.rank, case.rank, "{} rank", case.name);
         assert_eq!(diag.pseudo_inverse, case.rank < d, "{} pseudo-inverse", case.name);
@@ -166,9 +167,14 @@ fn coef_and_predictions_match_sklearn_f64() {
                 "layer 0: Gram matrix is singular (rank {} of {d}); using the minimum-norm solution",
                 case.rank
             );
-            assert!(maps.warnings.contains(&expected), "{}: {:?}", case.name, maps.warnings);
+            assert!(
+                report.warnings.contains(&expected),
+                "{}: {:?}",
+                case.name,
+                report.warnings
+            );
         } else {
-            assert!(maps.warnings.is_empty(), "{}: {:?}", case.name, maps.warnings);
+            assert!(report.warnings.is_empty(), "{}: {:?}", case.name, report.warnings);
         }
     }
 }
@@ -176,7 +182,7 @@ fn coef_and_predictions_match_sklearn_f64() {
 #[test]
 fn intercept_matches_sklearn_f64() {
     for case in fixtures() {
-        let maps = fit(&case, true, GramPrecision::Auto);
+        let (maps, _) = fit(&case, true, GramPrecision::Auto);
         let p = maps.get(0, 1).unwrap();
         let a = rows(&p.a);
         check_close(
@@ -217,7 +223,7 @@ fn intercept_matches_sklearn_f64() {
 #[test]
 fn r2_matches_sklearn() {
     for case in fixtures() {
-        let maps = fit(&case, false, GramPrecision::Auto);
+        let (maps, _) = fit(&case, false, GramPrecision::Auto);
         let table = r2_all_pairs(&stack(&case.x_val, &case.y_val), &maps).unwrap();
         let x = rows(&case.x_val);
         let y = rows(&case.y_val);
@@ -269,11 +275,11 @@ fn r2_matches_sklearn() {
 #[test]
 fn float32_gram_path() {
     for case in fixtures() {
-        let maps = fit(&case, false, GramPrecision::F32);
-        assert_eq!(maps.stats.precision, GramPrecision::F32);
+        let (maps, report) = fit(&case, false, GramPrecision::F32);
+        assert_eq!(report.stats.precision, GramPrecision::F32);
         let a = rows(&maps.get(0, 1).unwrap().a);
         let d = a.len();
-        let diag = &maps.layers[0];
+        let diag = &report.layers[0];
         if case.rank < d {
             // Detected, recomputed in float64, minimum-norm: float64 tolerances.
             assert!(diag.recomputed_f64 && diag.pseudo_inverse, "{}: {diag:?}", case.name);

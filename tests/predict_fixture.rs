@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use jumplens::data::Activations;
 use jumplens::eval::predict::{evaluate, Evaluation, Lens, LensMetrics};
-use jumplens::lens::maps::MapSet;
+use jumplens::lens::maps::Maps;
 
 const REL_TOL: f64 = 1e-5;
 const MARGIN_TOL: f64 = 1e-5;
@@ -27,11 +27,11 @@ fn root() -> PathBuf {
 }
 
 /// The fixture's tensors, and its validation set / maps written back in jumplens's own file
-/// formats (read with `Activations::read` / `MapSet::read`).
+/// formats (read with `Activations::read` / `Maps::read`).
 struct Fixture {
     t: HashMap<String, Tensor>,
     val: Activations,
-    maps: MapSet,
+    maps: Maps,
     model: jumplens::model::LoadedModel,
     _dir: tempfile::TempDir,
 }
@@ -58,7 +58,7 @@ fn load(name: &str) -> Fixture {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     jumplens::data::io::write_safetensors(&maps_path, &maps, None).unwrap();
-    let maps = MapSet::read(&maps_path).unwrap();
+    let maps = Maps::read(&maps_path).unwrap();
     let model = jumplens::model::load_model(
         root().join("tests/fixtures/tiny").join(name).to_str().unwrap(),
         &Device::Cpu,
@@ -91,7 +91,7 @@ fn check(name: &str, expected_attention: jumplens::model::AttentionKind) {
     let info = model.info();
     assert_eq!(info.attention, expected_attention);
     let s = info.n_layers + 1;
-    assert_eq!(f.maps.maps.len(), info.n_layers, "one map l -> L per l < L");
+    assert_eq!(f.maps.len(), info.n_layers, "one map l -> L per l < L");
     let n = f.val.len();
     let lenses = vec![
         ("mat".to_string(), Lens::Maps(&f.maps)),

@@ -9,14 +9,14 @@ use clap::{Parser, Subcommand};
 
 use crate::collect::{self, CollectOptions, Positions};
 use crate::data::run::RunDir;
-use crate::eval::early_exit::{self, EarlyExitOptions, Measure, Rule};
 use crate::eval::peek;
-use crate::eval::predict::{self, PredictOptions};
-use crate::eval::submodules::{self, SubmoduleOptions};
 use crate::lens::fit::{FitOptions, GramPrecision};
 use crate::model::load_model;
+use crate::pipeline::early_exit::{self, EarlyExitOptions, Measure, Rule};
+use crate::pipeline::predict::{self, PredictOptions};
 use crate::pipeline::report::{self, ReportOptions};
-use crate::pipeline::stages::{self, Pairs};
+use crate::pipeline::submodules::{self, SubmoduleOptions};
+use crate::pipeline::{self, Pairs};
 
 #[derive(Parser)]
 #[command(name = "jumplens", version, about = "Linear shortcuts through transformer layers")]
@@ -101,6 +101,8 @@ enum Command {
         /// in float64 (CPU; `inf` never recomputes).
         #[arg(long, default_value_t = crate::lens::fit::F32_GRAM_MAX_COND)]
         f32_max_cond: f64,
+        #[command(flatten)]
+        common: Common,
     },
     /// r^2 of mat and id for every fitted pair on the validation set, and the heatmaps.
     R2 { run: PathBuf },
@@ -334,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             ridge,
             precision,
             f32_max_cond,
+            common,
         } => {
             let precision = match precision.as_str() {
                 "auto" => GramPrecision::Auto,
@@ -351,16 +354,17 @@ fn run(cli: Cli) -> Result<()> {
                 ridge,
                 precision,
                 f32_max_cond,
+                progress: !common.quiet,
                 ..Default::default()
             };
-            let s = stages::run_fit(&RunDir::new(&run), pairs, &opts, &device)?;
+            let s = pipeline::run_fit(&RunDir::new(&run), pairs, &opts, &device)?;
             eprintln!(
                 "fitted {} pairs in {:.1} s ({:.0} GFLOP/s) -> {}",
                 s.pairs, s.seconds, s.gflops, s.path
             );
         }
         Command::R2 { run } => {
-            let r = stages::run_r2(&RunDir::new(&run), &device)?;
+            let r = pipeline::run_r2(&RunDir::new(&run), &device)?;
             let last = r.layers;
             println!("layer  r2(mat, l->L)  r2(id, l->L)");
             for l in 0..last {
@@ -541,7 +545,7 @@ fn run(cli: Cli) -> Result<()> {
             mask,
         } => {
             let lm = load_model(&model, &device)?;
-            let maps = maps.map(|p| crate::lens::maps::MapSet::read(&p)).transpose()?;
+            let maps = maps.map(|p| crate::lens::maps::Maps::read(&p)).transpose()?;
             if let Some(m) = &maps {
                 m.check_model_info(lm.model.info())?;
             }

@@ -97,6 +97,26 @@ impl Manifest {
     pub fn set_stage(&mut self, name: &str, record: Value) {
         self.stages.insert(name.to_string(), record);
     }
+
+    /// Wall time of each of `stages` as recorded (`stages.<name>.wall_s`; for collect, the sum
+    /// of the splits' times when the stage itself was not recorded).
+    pub fn wall_times(&self, stages: &[&str]) -> Vec<(String, Option<f64>)> {
+        stages
+            .iter()
+            .map(|&s| {
+                let t = self.stages.get(s).and_then(|r| r.get("wall_s")).and_then(Value::as_f64);
+                let t = t.or_else(|| {
+                    (s == "collect" && !self.counts.is_empty()).then(|| {
+                        self.counts
+                            .values()
+                            .filter_map(|c| c.get("wall_s").and_then(Value::as_f64))
+                            .sum()
+                    })
+                });
+                (s.to_string(), t)
+            })
+            .collect()
+    }
 }
 
 /// Returns the path if it exists, else an error naming what is missing and which stage makes it.

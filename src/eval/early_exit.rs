@@ -8,12 +8,10 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 
-use crate::data::run::RunDir;
+use crate::data::run::ModelRecord;
 use crate::data::Activations;
 use crate::eval::predict::Lens;
-use crate::lens::maps::MapSet;
 use serde::{Deserialize, Serialize};
 
 /// How confident a cast prediction is (CALM's measures).
@@ -256,7 +254,7 @@ impl Default for EarlyExitOptions {
 }
 
 /// Cosine similarity of consecutive cast states, [S][N] (row 0 = 0).
-fn cosine_confidence(val: &Activations, lens: &Lens) -> Result<Vec<Vec<f32>>> {
+pub fn cosine_confidence(val: &Activations, lens: &Lens) -> Result<Vec<Vec<f32>>> {
     let (s, n, _) = val.hidden_states.dims3()?;
     let last = s - 1;
     let mut out = vec![vec![0f32; n]; s];
@@ -271,37 +269,29 @@ fn cosine_confidence(val: &Activations, lens: &Lens) -> Result<Vec<Vec<f32>>> {
     Ok(out)
 }
 
-/// Runs the early-exit stage from the run's `predict_traces.safetensors` (and activations).
-pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExitReport> {
-    let started = std::time::Instant::now();
-    let mut manifest = run.read_manifest()?;
-    let traces_path = crate::data::run::require(&run.file("predict_traces.safetensors"), "predict")?;
-    let traces = crate::data::io::read_safetensors(&traces_path)?;
-    let get = |name: &str| -> Result<Tensor> {
-        traces
-            .get(name)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("{}: no tensor '{name}'", traces_path.display()))
-    };
-    let model_top1: Vec<u32> = get("model_top1")?
-        .to_vec1::<i64>()?
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
-    let val = Activations::read(&crate::data::run::require(&run.activations("val"), "collect")?)?;
-    let masked = manifest.model.attention == "bidirectional";
+/// One lens's per-example traces, each [S][N]: its top-1 token and its confidence (the
+/// measure the rule thresholds) at every layer.
+pub struct LensTrace {
+    pub top1: Vec<Vec<u32>>,
+    pub confidence: Vec<Vec<f32>>,
+}
+
+/// The early-exit analysis of `lenses` (in order, e.g. `mat` then `id`) against the model's
+/// own top-1 tokens: the lambda sweep, fixed exits, layers saved at the target precisions, and
+/// the FLOPs of the lambda that reaches Precision@1 0.95. `positions` are the examples' token
+/// positions (t of the paper's rule for causal LMs; BERT uses t = 3, `masked`).
+pub fn analyse(
+    lenses: &[(&str, LensTrace)],
+    model_top1: &[u32],
+    positions: &[usize],
+    masked: bool,
+    n_layers: usize,
+    flops: &ModelFlops,
+    opts: &EarlyExitOptions,
+) -> Result<EarlyExitReport> {
     // The paper fixes t = 3 for BERT; for causal LMs t is the token's position.
-    let t: Vec<f64> = val
-        .positions
-        .iter()
-        .map(|&p| if masked { 3.0 } else { p as f64 })
-        .collect();
-    let mean_len = val.positions.iter().map(|&p| p as f64 + 1.0).sum::<f64>() / val.len().max(1) as f64;
-    let n_layers = manifest.model.n_layers;
-    let maps = match opts.measure {
-        Measure::Cosine => Some(MapSet::read(&crate::data::run::require(&run.maps(), "fit")?)?),
-        _ => None,
-    };
+    let t: Vec<f64> = positions.iter().map(|&p| if masked { 3.0 } else { p as f64 }).collect();
+    let mean_len = positions.iter().map(|&p| p as f64 + 1.0).sum::<f64>() / positions.len().max(1) as f64;
     let mut report = EarlyExitReport {
         rule: opts.rule,
         measure: opts.measure,
@@ -312,30 +302,13 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         flops: serde_json::Value::Null,
     };
     let mut flops_rows = serde_json::Map::new();
-    let flops = flops_model(&manifest);
-    for lens_name in ["mat", "id"] {
-        let to_rows = |t: Tensor| -> Result<Vec<Vec<f32>>> { Ok(t.to_vec2::<f32>()?) };
-        let top1: Vec<Vec<u32>> = get(&format!("{lens_name}.top1"))?
-            .to_vec2::<i64>()?
-            .into_iter()
-            .map(|r| r.into_iter().map(|x| x as u32).collect())
-            .collect();
-        let confidence = match opts.measure {
-            Measure::Top1Top2 => to_rows(get(&format!("{lens_name}.margin"))?)?,
-            Measure::MaxProb => to_rows(get(&format!("{lens_name}.max_prob"))?)?,
-            Measure::Cosine => {
-                let lens = if lens_name == "mat" {
-                    Lens::Maps(maps.as_ref().expect("read above"))
-                } else {
-                    Lens::Identity
-                };
-                cosine_confidence(&val, &lens)?
-            }
-        };
+    for (lens_name, trace) in lenses {
+        let lens_name = *lens_name;
+        let top1 = &trace.top1;
         let x = ExitInputs {
-            confidence: &confidence,
-            top1: &top1,
-            model_top1: &model_top1,
+            confidence: &trace.confidence,
+            top1,
+            model_top1,
             t: &t,
             mean_len,
         };
@@ -368,7 +341,7 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
                 }),
             );
         }
-        report.fixed.insert(lens_name.into(), fixed_exit(&top1, &model_top1));
+        report.fixed.insert(lens_name.into(), fixed_exit(top1, model_top1));
         report.curves.insert(lens_name.into(), curve);
         for (target, v) in saved {
             report.saved_at.entry(target).or_default().insert(lens_name.into(), v);
@@ -384,72 +357,28 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         "note": "per example; the cast at every layer tried is counted (map + final norm + unembedding)",
         "at_p@1_0.95": flops_rows,
     });
-    crate::data::io::write_json(&run.file("early_exit.json"), &report)?;
-    manifest.set_stage(
-        "early_exit",
-        serde_json::json!({"wall_s": started.elapsed().as_secs_f64()}),
-    );
-    run.write_manifest(&manifest)?;
-    plot_early_exit(
-        &run.file("early_exit"),
-        &format!("{} — early exit ({:?} rule)", manifest.model.arch, opts.rule),
-        &report,
-    )?;
     Ok(report)
 }
 
-/// Draws `early_exit.svg`/`.png`: Precision@1 against mean blocks run, dynamic (the sweep) and
-/// fixed exit, for mat and id.
-pub fn plot_early_exit(stem: &std::path::Path, title: &str, r: &EarlyExitReport) -> Result<()> {
-    use crate::render::plot::{Panel, Series};
-    let mut series = Vec::new();
-    for (name, curve) in &r.curves {
-        let mut pts: Vec<(f64, f64)> = curve.iter().map(|p| (p.mean_layers, p.p_at_1)).collect();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        series.push(Series {
-            name: format!("{name} dynamic"),
-            points: pts,
-            markers: true,
-            colour_key: Some(name.clone()),
-            ..Default::default()
-        });
-    }
-    for (name, fixed) in &r.fixed {
-        let pts = fixed.iter().enumerate().skip(1).map(|(l, &p)| (l as f64, p)).collect();
-        series.push(Series {
-            name: format!("{name} fixed"),
-            points: pts,
-            dashed: true,
-            colour_key: Some(name.clone()),
-            ..Default::default()
-        });
-    }
-    let panel = Panel {
-        title: "Precision@1 vs layers run".into(),
-        x_label: "mean blocks run".into(),
-        y_label: "Precision@1".into(),
-        series,
-        y_range: Some((0.0, 1.0)),
-    };
-    crate::render::plot::line_panels(stem, title, &[panel])
-}
-
 /// FLOP counts derived from the model's shape (per token, multiply-add = 2 FLOPs).
-struct ModelFlops {
-    per_block: f64,
-    per_cast: f64,
-    per_map: f64,
+pub struct ModelFlops {
+    pub per_block: f64,
+    pub per_cast: f64,
+    pub per_map: f64,
 }
 
-fn flops_model(m: &crate::data::run::Manifest) -> ModelFlops {
-    let d = m.model.d_model as f64;
-    let v = m.model.vocab_size as f64;
-    // Weights (2 FLOPs per parameter) plus attention scores and mixing over a ~24-token context.
-    let per_block = 2.0 * m.model.block_params as f64 / m.model.n_layers.max(1) as f64 + 4.0 * 24.0 * d;
-    ModelFlops {
-        per_block,
-        per_cast: 2.0 * d * v + 5.0 * d,
-        per_map: 2.0 * d * d,
+impl ModelFlops {
+    /// From the run's model record.
+    pub fn of(model: &ModelRecord) -> Self {
+        let d = model.d_model as f64;
+        let v = model.vocab_size as f64;
+        // Weights (2 FLOPs per parameter) plus attention scores and mixing over a ~24-token context.
+        let per_block = 2.0 * model.block_params as f64 / model.n_layers.max(1) as f64 + 4.0 * 24.0 * d;
+        ModelFlops {
+            per_block,
+            per_cast: 2.0 * d * v + 5.0 * d,
+            per_map: 2.0 * d * d,
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::{Tensor, D};
 use serde::Serialize;
 
 use crate::eval::predict::Lens;
-use crate::lens::maps::MapSet;
+use crate::lens::maps::Maps;
 use crate::model::LoadedModel;
 
 /// One cell: the lens's top-5 tokens and probabilities.
@@ -33,7 +33,7 @@ pub struct Peek {
 
 /// Reads every layer of `text` through `mat` (when maps are given) and `id`.
 /// `mask_word` masks the first token of that word (0-based, masked LMs).
-pub fn peek(lm: &LoadedModel, maps: Option<&MapSet>, text: &str, mask_word: Option<usize>) -> Result<Peek> {
+pub fn peek(lm: &LoadedModel, maps: Option<&Maps>, text: &str, mask_word: Option<usize>) -> Result<Peek> {
     let tok = lm.tokenizer()?;
     let enc = tok.encoding(text)?;
     if enc.get_ids().is_empty() {

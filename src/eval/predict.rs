@@ -11,11 +11,11 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
 use crate::data::Activations;
-use crate::lens::maps::MapSet;
+use crate::lens::maps::Maps;
 use crate::model::{AttentionKind, Transformer};
 
 /// How a state of layer l is carried to the last layer.
@@ -24,7 +24,7 @@ pub enum Lens<'a> {
     /// h unchanged (the logit lens).
     Identity,
     /// A_{l->L} h (+ b when the maps have intercepts).
-    Maps(&'a MapSet),
+    Maps(&'a Maps),
 }
 
 impl Lens<'_> {
@@ -35,16 +35,7 @@ impl Lens<'_> {
         }
         match self {
             Lens::Identity => Ok(h.clone()),
-            Lens::Maps(m) => {
-                let (a, b) = m
-                    .get(layer, last)
-                    .ok_or_else(|| anyhow::anyhow!("{}: no map {layer} -> {last}", m.path.display()))?;
-                let y = h.matmul(&a.t()?)?;
-                Ok(match b {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                })
-            }
+            Lens::Maps(m) => m.require(layer, last)?.apply(h),
         }
     }
 }
@@ -135,6 +126,7 @@ pub fn evaluate(
         );
     }
     let gold = gold_tokens(val, model.info().attention);
+    check_gold(val, &gold, model.info().vocab_size)?;
     let mut acc = vec![vec![Acc::default(); s]; lenses.len()];
     let mut traces: Vec<ExampleTrace> = lenses
         .iter()
@@ -192,6 +184,23 @@ pub fn evaluate(
         model_top1,
         n_val: n,
     })
+}
+
+/// Refuses gold tokens the model's vocabulary cannot score (activations collected with another
+/// tokenizer, or a damaged file): they would index past the logits.
+pub(crate) fn check_gold(val: &Activations, gold: &[Option<u32>], vocab: usize) -> Result<()> {
+    if let Some((i, g)) = gold
+        .iter()
+        .enumerate()
+        .find_map(|(i, g)| g.filter(|&g| g as usize >= vocab).map(|g| (i, g)))
+    {
+        bail!(
+            "{}: token id {g} of example {i} is outside the model's vocabulary ({vocab} tokens); \
+             were these activations collected with another model?",
+            val.path.display()
+        );
+    }
+    Ok(())
 }
 
 impl Acc {
@@ -365,6 +374,58 @@ fn score_rows(z: &[f32], r: &CpuReference) -> Cell {
     }
 }
 
+/// Per-row scores of one lens at one layer.
+pub(crate) struct Cell {
+    /// Rank of the lens's top-1 token under the model (0 = the model's top-1).
+    rank: Vec<u32>,
+    surprisal: Vec<f32>,
+    kl: Vec<f32>,
+    ce: Vec<f32>,
+    top1: Vec<u32>,
+    margin: Vec<f32>,
+    max_prob: Vec<f32>,
+}
+
+fn score(
+    logits: &Tensor,
+    model_logits: &Tensor,
+    model_logp: &Tensor,
+    model_p: &Tensor,
+    gold: &Tensor,
+    gold_mask: &Tensor,
+) -> Result<Cell> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let top1 = logits.argmax_keepdim(D::Minus1)?;
+    // Rank = how many tokens the model scores strictly higher than the lens's choice.
+    let chosen = model_logits.gather(&top1, D::Minus1)?;
+    let rank = model_logits
+        .broadcast_gt(&chosen)?
+        .to_dtype(DType::U32)?
+        .sum(D::Minus1)?;
+    let surprisal = model_logp.gather(&top1, D::Minus1)?.neg()?.squeeze(1)?;
+    let kl = (model_p * (model_logp - &logp)?)?.sum(D::Minus1)?;
+    let ce = (logp.gather(gold, D::Minus1)?.neg()?.squeeze(1)? * gold_mask)?;
+    // Second-best probability: mask out the top-1 and take the max again.
+    let p = logp.exp()?;
+    let p1 = p.max_keepdim(D::Minus1)?;
+    let vocab = logits.dim(D::Minus1)?;
+    let ids = Tensor::arange(0u32, vocab as u32, logits.device())?.unsqueeze(0)?;
+    let is_top = ids.broadcast_eq(&top1)?;
+    let p2 = is_top
+        .where_cond(&Tensor::zeros_like(&p)?, &p)?
+        .max_keepdim(D::Minus1)?;
+    let margin = (&p1 - p2)?.squeeze(1)?;
+    Ok(Cell {
+        rank: rank.to_vec1()?,
+        surprisal: surprisal.to_vec1()?,
+        kl: kl.to_vec1()?,
+        ce: ce.to_vec1()?,
+        top1: top1.squeeze(1)?.to_vec1()?,
+        margin: margin.to_vec1()?,
+        max_prob: p1.squeeze(1)?.to_vec1()?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,249 +481,4 @@ mod tests {
             "the test should include disagreements"
         );
     }
-}
-
-/// Per-row scores of one lens at one layer.
-pub(crate) struct Cell {
-    /// Rank of the lens's top-1 token under the model (0 = the model's top-1).
-    rank: Vec<u32>,
-    surprisal: Vec<f32>,
-    kl: Vec<f32>,
-    ce: Vec<f32>,
-    top1: Vec<u32>,
-    margin: Vec<f32>,
-    max_prob: Vec<f32>,
-}
-
-fn score(
-    logits: &Tensor,
-    model_logits: &Tensor,
-    model_logp: &Tensor,
-    model_p: &Tensor,
-    gold: &Tensor,
-    gold_mask: &Tensor,
-) -> Result<Cell> {
-    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let top1 = logits.argmax_keepdim(D::Minus1)?;
-    // Rank = how many tokens the model scores strictly higher than the lens's choice.
-    let chosen = model_logits.gather(&top1, D::Minus1)?;
-    let rank = model_logits
-        .broadcast_gt(&chosen)?
-        .to_dtype(DType::U32)?
-        .sum(D::Minus1)?;
-    let surprisal = model_logp.gather(&top1, D::Minus1)?.neg()?.squeeze(1)?;
-    let kl = (model_p * (model_logp - &logp)?)?.sum(D::Minus1)?;
-    let ce = (logp.gather(gold, D::Minus1)?.neg()?.squeeze(1)? * gold_mask)?;
-    // Second-best probability: mask out the top-1 and take the max again.
-    let p = logp.exp()?;
-    let p1 = p.max_keepdim(D::Minus1)?;
-    let vocab = logits.dim(D::Minus1)?;
-    let ids = Tensor::arange(0u32, vocab as u32, logits.device())?.unsqueeze(0)?;
-    let is_top = ids.broadcast_eq(&top1)?;
-    let p2 = is_top
-        .where_cond(&Tensor::zeros_like(&p)?, &p)?
-        .max_keepdim(D::Minus1)?;
-    let margin = (&p1 - p2)?.squeeze(1)?;
-    Ok(Cell {
-        rank: rank.to_vec1()?,
-        surprisal: surprisal.to_vec1()?,
-        kl: kl.to_vec1()?,
-        ce: ce.to_vec1()?,
-        top1: top1.squeeze(1)?.to_vec1()?,
-        margin: margin.to_vec1()?,
-        max_prob: p1.squeeze(1)?.to_vec1()?,
-    })
-}
-
-/// Writes the per-example traces (for early exit) as safetensors: `{lens}.top1` [S, N] (i64),
-/// `{lens}.margin` and `{lens}.max_prob` [S, N] (f32), `model_top1` [N].
-pub fn write_traces(path: &std::path::Path, ev: &Evaluation) -> Result<()> {
-    let cpu = Device::Cpu;
-    let mut tensors = vec![(
-        "model_top1".to_string(),
-        Tensor::from_vec(
-            ev.model_top1.iter().map(|&t| t as i64).collect::<Vec<_>>(),
-            ev.n_val,
-            &cpu,
-        )?,
-    )];
-    for (name, tr) in &ev.traces {
-        let s = tr.top1.len();
-        let flat_i: Vec<i64> = tr.top1.iter().flatten().map(|&t| t as i64).collect();
-        tensors.push((format!("{name}.top1"), Tensor::from_vec(flat_i, (s, ev.n_val), &cpu)?));
-        let flat: Vec<f32> = tr.margin.iter().flatten().copied().collect();
-        tensors.push((format!("{name}.margin"), Tensor::from_vec(flat, (s, ev.n_val), &cpu)?));
-        let flat: Vec<f32> = tr.max_prob.iter().flatten().copied().collect();
-        tensors.push((format!("{name}.max_prob"), Tensor::from_vec(flat, (s, ev.n_val), &cpu)?));
-    }
-    crate::data::io::write_safetensors(path, &tensors, None)
-}
-
-/// Options of `jumplens predict`.
-#[derive(Debug, Clone)]
-pub struct PredictOptions {
-    /// Maps to evaluate instead of the run's own (cross-corpus: another run's maps).
-    pub maps: Option<std::path::PathBuf>,
-    /// Examples per readout batch; 0 = 128 on the CPU, 1024 on a GPU (where small batches
-    /// leave the device idle between launches).
-    pub batch: usize,
-    pub progress: bool,
-}
-
-impl Default for PredictOptions {
-    fn default() -> Self {
-        Self {
-            maps: None,
-            batch: 0,
-            progress: true,
-        }
-    }
-}
-
-/// What `predict.json` holds.
-#[derive(Debug, Serialize)]
-pub struct PredictReport {
-    pub run: String,
-    /// The maps file used for `mat`, and the run it came from (cross-corpus when it differs).
-    pub maps: String,
-    pub maps_run: String,
-    pub layers: usize,
-    pub n_val: usize,
-    pub lenses: BTreeMap<String, LensMetrics>,
-}
-
-/// Runs the predict stage on a run folder: evaluates mat, id (and affine when
-/// `maps_affine.safetensors` exists) and writes `predict.json`, `predict_traces.safetensors`
-/// and the plots.
-pub fn run_predict(
-    lm: &crate::model::LoadedModel,
-    run: &crate::data::run::RunDir,
-    opts: &PredictOptions,
-) -> Result<PredictReport> {
-    let started = std::time::Instant::now();
-    let mut manifest = run.read_manifest()?;
-    let val_path = crate::data::run::require(&run.activations("val"), "collect")?;
-    let maps_path = match &opts.maps {
-        Some(p) => p.clone(),
-        None => crate::data::run::require(&run.maps(), "fit")?,
-    };
-    let device = lm.model.device().clone();
-    let maps = MapSet::read(&maps_path)?;
-    maps.check_model(&manifest.model)?;
-    let last = lm.model.info().n_layers;
-    let maps = maps.into_target(last).to_device(&device)?;
-    let affine_path = run.file("maps_affine.safetensors");
-    let affine = if opts.maps.is_none() && affine_path.exists() {
-        let a = MapSet::read(&affine_path)?;
-        a.check_model(&manifest.model)?;
-        Some(a.into_target(last).to_device(&device)?)
-    } else {
-        None
-    };
-    let val = Activations::read(&val_path)?;
-    let mut lenses = vec![
-        ("mat".to_string(), Lens::Maps(&maps)),
-        ("id".to_string(), Lens::Identity),
-    ];
-    if let Some(a) = &affine {
-        lenses.push(("affine".to_string(), Lens::Maps(a)));
-    }
-    let batch = match opts.batch {
-        0 if device.is_cpu() => 128,
-        0 => 1024,
-        b => b,
-    };
-    let ev = evaluate(lm.model.as_ref(), &val, &lenses, batch, opts.progress)?;
-    if opts.maps.is_none() {
-        write_traces(&run.file("predict_traces.safetensors"), &ev)?;
-    }
-    let maps_run = maps_path
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let report = PredictReport {
-        run: run
-            .root
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        maps: maps_path.display().to_string(),
-        maps_run,
-        layers: lm.model.info().n_layers,
-        n_val: ev.n_val,
-        lenses: ev.metrics,
-    };
-    // Another run's maps (cross-corpus) never overwrite this run's own results.
-    let out = match opts.maps {
-        None => run.file("predict.json"),
-        Some(_) => run.file(&format!("predict.maps-{}.json", report.maps_run)),
-    };
-    crate::data::io::write_json(&out, &report)?;
-    if opts.maps.is_none() {
-        let title = format!(
-            "{} — lens predictions vs the full model ({} validation examples)",
-            manifest.model.arch, report.n_val
-        );
-        plot_predict(&run.file("predict"), &title, &report.lenses)?;
-        manifest.set_stage(
-            "predict",
-            serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_val": report.n_val}),
-        );
-        run.write_manifest(&manifest)?;
-    }
-    Ok(report)
-}
-
-/// Draws `predict.svg`/`.png`: Precision@1/5/10 and surprisal (95% CI band) against the source
-/// layer, one line per lens (the paper's Figure 4 layout).
-pub fn plot_predict(stem: &std::path::Path, title: &str, lenses: &BTreeMap<String, LensMetrics>) -> Result<()> {
-    use crate::render::plot::{Panel, Series};
-    let by_layer = |v: &[f64]| v.iter().enumerate().map(|(l, &y)| (l as f64, y)).collect::<Vec<_>>();
-    let series = |f: &dyn Fn(&LensMetrics) -> &[f64], band: bool| -> Vec<Series> {
-        lenses
-            .iter()
-            .map(|(name, m)| Series {
-                name: name.clone(),
-                points: by_layer(f(m)),
-                band: band.then(|| m.surprisal_ci95.iter().map(|c| (c[0], c[1])).collect()),
-                dashed: name == "id",
-                ..Default::default()
-            })
-            .collect()
-    };
-    let panel = |title: &str, y: &str, s: Vec<Series>, range: Option<(f64, f64)>| Panel {
-        title: title.into(),
-        x_label: "source layer ℓ".into(),
-        y_label: y.into(),
-        series: s,
-        y_range: range,
-    };
-    let panels = vec![
-        panel(
-            "Precision@1",
-            "Precision@1",
-            series(&|m| &m.p_at_1, false),
-            Some((0.0, 1.0)),
-        ),
-        panel(
-            "Precision@5",
-            "Precision@5",
-            series(&|m| &m.p_at_5, false),
-            Some((0.0, 1.0)),
-        ),
-        panel(
-            "Precision@10",
-            "Precision@10",
-            series(&|m| &m.p_at_10, false),
-            Some((0.0, 1.0)),
-        ),
-        panel(
-            "Surprisal",
-            "-ln p_model(top-1) (nats)",
-            series(&|m| &m.surprisal, true),
-            None,
-        ),
-    ];
-    crate::render::plot::line_panels(stem, title, &panels)
 }

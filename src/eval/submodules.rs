@@ -19,11 +19,10 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::collect::{unit_batches, units_from_activations, UnitBatch};
-use crate::data::run::RunDir;
 use crate::data::Activations;
-use crate::eval::predict::{gold_tokens, Acc, LensMetrics, Reference};
+use crate::eval::predict::{check_gold, gold_tokens, Acc, LensMetrics, Reference};
 use crate::lens::fit::{fit_all_pairs, FitOptions};
-use crate::lens::maps::MapSet;
+use crate::lens::maps::Maps;
 use crate::model::{self, AttentionKind, Hooks, LinearReplacement, LoadedModel, SubModule};
 
 /// Options of `jumplens submodules`.
@@ -109,8 +108,8 @@ pub fn fit_submodules(
         let mut both = x;
         both.extend(y);
         let states = Tensor::from_vec(both, (2, n, d), &Device::Cpu)?;
-        let fitted = fit_all_pairs(&states, &[(0, 1)], &FitOptions::default())?;
-        let a = fitted.get(0, 1).expect("the pair was fitted").a.clone();
+        let (fitted, _) = fit_all_pairs(&states, &[(0, 1)], &FitOptions::default())?;
+        let a = fitted.require(0, 1)?.a.clone();
         maps.insert((layer, sub), a.to_device(lm.model.device())?);
     }
     Ok(maps)
@@ -268,6 +267,7 @@ fn eval_batches(lm: &LoadedModel, val: &Activations, n_eval: usize, batch_tokens
     let tok = lm.tokenizer()?;
     let units = units_from_activations(val, causal, tok.mask_id, n_eval)?;
     let gold_all = gold_tokens(val, info.attention);
+    check_gold(val, &gold_all, info.vocab_size)?;
     let mut out = Vec::new();
     for ub in unit_batches(&units, batch_tokens, tok.pad_id, lm.model.device())? {
         let states = model::hidden_states(lm.model.as_ref(), &ub.batch)?;
@@ -284,26 +284,21 @@ fn eval_batches(lm: &LoadedModel, val: &Activations, n_eval: usize, batch_tokens
     Ok(out)
 }
 
-/// Runs the sub-module and alternation experiments and writes their JSON and plots.
-pub fn run_submodules(
+/// The sub-module replacements and the alternation schedules, on the model: sub-module maps
+/// fitted on `train`, scored on `val` against the full model; `maps` are the run's layer maps
+/// (on the model's device) and `r2` their mat r^2 table ([L + 1][L + 1], from `r2.json`).
+pub fn experiments(
     lm: &LoadedModel,
-    run: &RunDir,
+    train: &Activations,
+    val: &Activations,
+    maps: &Maps,
+    r2: &[Vec<Option<f64>>],
     opts: &SubmoduleOptions,
 ) -> Result<(SubmoduleReport, AlternationReport)> {
-    let started = std::time::Instant::now();
-    let mut manifest = run.read_manifest()?;
-    let info = lm.model.info().clone();
-    if manifest.model.n_layers != info.n_layers || manifest.model.d_model != info.d_model {
-        bail!("{}: the run was collected with another model", run.root.display());
-    }
-    let n_layers = info.n_layers;
-    let train = Activations::read(&crate::data::run::require(&run.activations("train"), "collect")?)?;
-    let val = Activations::read(&crate::data::run::require(&run.activations("val"), "collect")?)?;
-    let maps = MapSet::read(&crate::data::run::require(&run.maps(), "fit")?)?;
-    maps.check_model(&manifest.model)?;
-    let maps = maps.to_device(lm.model.device())?;
-    let sub_maps = fit_submodules(lm, &train, opts)?;
-    let batches = eval_batches(lm, &val, opts.n_eval, opts.batch_tokens)?;
+    let n_layers = lm.model.info().n_layers;
+    check_r2_shape(r2, n_layers)?;
+    let sub_maps = fit_submodules(lm, train, opts)?;
+    let batches = eval_batches(lm, val, opts.n_eval, opts.batch_tokens)?;
     let n_eval: usize = batches.iter().map(|b| b.gold.len()).sum();
 
     // Sub-module replacement from every l, for each variant; mat and id on the same examples.
@@ -339,7 +334,7 @@ pub fn run_submodules(
             let mat = if l == n_layers {
                 rows.clone()
             } else {
-                rows.matmul(&maps.get(l, n_layers).expect("to-final map").0.t()?)?
+                maps.require(l, n_layers)?.apply(&rows)?
             };
             acc.get_mut("mat").expect("mat")[l].add(&b.reference.score(&lm.model.readout(&mat)?)?, &b.gold);
             acc.get_mut("id").expect("id")[l].add(&b.reference.score(&lm.model.readout(&rows)?)?, &b.gold);
@@ -361,11 +356,8 @@ pub fn run_submodules(
             .into(),
         variants,
     };
-    crate::data::io::write_json(&run.file("submodules.json"), &sub_report)?;
-    plot_submodules(&run.file("submodules"), &manifest.model.arch, &sub_report)?;
 
     // Alternation.
-    let r2 = read_r2(run)?;
     let mut schedules: Vec<(String, Vec<Step>)> = Vec::new();
     // Every a with short jumps (b = 1, 2): longer periodic jumps are dominated by the single jump.
     for b in 1..=2 {
@@ -378,7 +370,7 @@ pub fn run_submodules(
     let mut r2_sched = Vec::new();
     let stride = n_layers.div_ceil(10).max(1);
     for k in (0..n_layers).step_by(stride) {
-        if let Some((steps, _)) = r2_informed_schedule(&r2, n_layers, k) {
+        if let Some((steps, _)) = r2_informed_schedule(r2, n_layers, k) {
             r2_sched.push((format!("r2-informed, {k} blocks"), steps));
         }
     }
@@ -391,10 +383,10 @@ pub fn run_submodules(
                 h = match s {
                     Step::Run(l) => lm.model.block(*l, &h, &ctx, &mut model::NoHooks)?,
                     Step::Jump(l, l2) => {
-                        let (m, _) = maps
-                            .get(*l, *l2)
-                            .ok_or_else(|| anyhow::anyhow!("no map {l} -> {l2} (fit with --pairs all)"))?;
-                        jump_all_positions(&h, m)?
+                        let m = maps.get(*l, *l2).ok_or_else(|| {
+                            anyhow::anyhow!("{}: no map {l} -> {l2} (fit with --pairs all)", maps.name())
+                        })?;
+                        jump_all_positions(&h, &m.a)?
                     }
                 };
             }
@@ -445,106 +437,20 @@ pub fn run_submodules(
         r2_informed,
         single_jump,
     };
-    crate::data::io::write_json(&run.file("alternation.json"), &alt)?;
-    plot_alternation(&run.file("alternation"), &manifest.model.arch, &alt)?;
-    manifest.set_stage(
-        "submodules",
-        serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_eval": n_eval, "n_train": opts.n_train.min(train.len())}),
-    );
-    run.write_manifest(&manifest)?;
     Ok((sub_report, alt))
 }
 
-/// The mat r^2 table from `r2.json`.
-fn read_r2(run: &RunDir) -> Result<Vec<Vec<Option<f64>>>> {
-    let p = crate::data::run::require(&run.file("r2.json"), "r2")?;
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)?;
-    let mat = v
-        .get("mat")
-        .ok_or_else(|| anyhow::anyhow!("{}: no 'mat' table", p.display()))?;
-    Ok(serde_json::from_value(mat.clone())?)
-}
-
-fn plot_submodules(stem: &std::path::Path, arch: &str, r: &SubmoduleReport) -> Result<()> {
-    use crate::render::plot::{Panel, Series};
-    let series = |f: &dyn Fn(&LensMetrics) -> &Vec<f64>| -> Vec<Series> {
-        r.variants
-            .iter()
-            .map(|(name, m)| Series {
-                name: name.clone(),
-                points: f(m).iter().enumerate().map(|(l, &y)| (l as f64, y)).collect(),
-                dashed: name == "id" || name == "mat",
-                ..Default::default()
-            })
-            .collect()
-    };
-    let panels = vec![
-        Panel {
-            title: "Precision@1".into(),
-            x_label: "layer ℓ (replaced from here on)".into(),
-            y_label: "Precision@1".into(),
-            series: series(&|m| &m.p_at_1),
-            y_range: Some((0.0, 1.0)),
-        },
-        Panel {
-            title: "Precision@10".into(),
-            x_label: "layer ℓ".into(),
-            y_label: "Precision@10".into(),
-            series: series(&|m| &m.p_at_10),
-            y_range: Some((0.0, 1.0)),
-        },
-        Panel {
-            title: "Surprisal".into(),
-            x_label: "layer ℓ".into(),
-            y_label: "nats".into(),
-            series: series(&|m| &m.surprisal),
-            y_range: None,
-        },
-    ];
-    crate::render::plot::line_panels(
-        stem,
-        &format!(
-            "{arch} — sub-modules replaced by linear maps from layer ℓ on ({} examples)",
-            r.n_eval
-        ),
-        &panels,
-    )
-}
-
-fn plot_alternation(stem: &std::path::Path, arch: &str, r: &AlternationReport) -> Result<()> {
-    use crate::render::plot::{Panel, Series};
-    let pts = |v: &[ScheduleResult]| {
-        let mut p: Vec<(f64, f64)> = v.iter().map(|s| (s.executed_blocks as f64, s.p_at_1)).collect();
-        p.sort_by(|a, b| a.0.total_cmp(&b.0));
-        p
-    };
-    let panel = Panel {
-        title: "Precision@1 at equal executed blocks".into(),
-        x_label: "executed blocks".into(),
-        y_label: "Precision@1".into(),
-        series: vec![
-            Series {
-                name: "single jump to L".into(),
-                points: pts(&r.single_jump),
-                dashed: true,
-                ..Default::default()
-            },
-            Series {
-                name: "r²-informed".into(),
-                points: pts(&r.r2_informed),
-                markers: true,
-                ..Default::default()
-            },
-            Series {
-                name: "run a, jump b".into(),
-                points: pts(&r.periodic),
-                markers: true,
-                ..Default::default()
-            },
-        ],
-        y_range: Some((0.0, 1.0)),
-    };
-    crate::render::plot::line_panels(stem, &format!("{arch} — alternating blocks and linear jumps"), &[panel])
+/// Refuses an r^2 table that is not [L + 1][L + 1] (the schedules index it by layer pairs).
+pub fn check_r2_shape(r2: &[Vec<Option<f64>>], n_layers: usize) -> Result<()> {
+    let n = n_layers + 1;
+    if r2.len() != n || r2.iter().any(|row| row.len() != n) {
+        bail!(
+            "the r² table is {} x {}, expected {n} x {n} for a {n_layers}-layer model",
+            r2.len(),
+            r2.iter().map(Vec::len).max().unwrap_or(0)
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The lenses: linear maps between hidden states fitted by least squares ([`fit`]), stored as one
-//! [`maps::MapSet`] type, and scored by r^2 ([`r2`]).
+//! The lenses: linear maps between hidden states fitted by least squares ([`fit`]), held in one
+//! type ([`maps::Maps`], also the `maps.safetensors` format), and scored by r^2 ([`r2`]).
 
 pub mod fit;
 pub mod maps;

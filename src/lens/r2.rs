@@ -26,8 +26,9 @@ use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::host::with_f32_slice;
-use crate::lens::fit::{with_states, Elem, GramPrecision, Maps, States};
+use crate::host::{with_f32_slice, with_states, Elem, States};
+use crate::lens::fit::GramPrecision;
+use crate::lens::maps::Maps;
 
 /// Below this many prediction flops, [`GramPrecision::Auto`] uses float64.
 const AUTO_F64_FLOPS: f64 = 2e10;
@@ -143,7 +144,7 @@ pub fn r2_score(y: &Tensor, y_hat: &Tensor) -> Result<f64> {
 /// use jumplens::lens::fit::{fit_all_pairs, pairs_all, synthetic_states, FitOptions};
 /// let h = synthetic_states(3, 200, 8, 0)?;
 /// let (train, val) = (h.narrow(1, 0, 150)?, h.narrow(1, 150, 50)?);
-/// let maps = fit_all_pairs(&train, &pairs_all(3), &FitOptions::default())?;
+/// let (maps, _) = fit_all_pairs(&train, &pairs_all(3), &FitOptions::default())?;
 /// let r2 = jumplens::lens::r2::r2_all_pairs(&val, &maps)?;
 /// assert!(r2.mat[0][1].unwrap() > r2.id[0][1].unwrap());
 /// assert!(r2.mat[1][0].is_none());
@@ -159,7 +160,7 @@ pub fn r2_all_pairs(val: &Tensor, maps: &Maps) -> Result<R2Table> {
 /// use jumplens::lens::fit::{fit_all_pairs, synthetic_states, FitOptions, GramPrecision};
 /// use jumplens::lens::r2::{r2_all_pairs_with, R2Options};
 /// let h = synthetic_states(2, 300, 8, 2)?;
-/// let maps = fit_all_pairs(&h, &[(0, 1)], &FitOptions::default())?;
+/// let (maps, _) = fit_all_pairs(&h, &[(0, 1)], &FitOptions::default())?;
 /// let opts = R2Options { precision: GramPrecision::F32, ..R2Options::default() };
 /// let r2 = r2_all_pairs_with(&h, &maps, &opts)?; // training-set r^2 here
 /// assert!(r2.mat[0][1].unwrap() > r2.id[0][1].unwrap());

@@ -20,10 +20,7 @@ use resvg::{tiny_skia, usvg};
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
-use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// One line chart of a [`line_panels`] figure.
@@ -89,7 +86,7 @@ pub fn line_panels(stem: &Path, title: &str, panels: &[Panel]) -> Result<()> {
 /// background, with the embedded DejaVu Sans as every font family; writes atomically.
 pub fn svg_to_png(svg: &str, path: &Path) -> Result<()> {
     let png = render_png(svg)?;
-    write_atomic(path, &png)
+    crate::data::io::write_atomic(path, &png)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -142,37 +139,8 @@ fn with_suffix(stem: &Path, ext: &str) -> PathBuf {
 }
 
 fn write_figure(stem: &Path, svg: &str) -> Result<()> {
-    write_atomic(&with_suffix(stem, ".svg"), svg.as_bytes())?;
+    crate::data::io::write_atomic(&with_suffix(stem, ".svg"), svg.as_bytes())?;
     svg_to_png(svg, &with_suffix(stem, ".png"))
-}
-
-/// Writes `bytes` to a fresh temporary file beside `path`, then renames it over `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("writing {}", path.display()))
 }
 
 /// A short id prefix, stable for a given output file and title.
@@ -910,6 +878,7 @@ fn runs(len: usize, ok: impl Fn(usize) -> bool) -> Vec<std::ops::Range<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// Upper-triangular r² matrices shaped like the paper's: `mat` high, `id` lower and
     /// negative far from the diagonal.

@@ -1,0 +1,312 @@
+//! The factorisation of one source layer, shared by the CPU and device paths: column
+//! equilibration by powers of two, Cholesky and explicit inverse in float64, condition
+//! estimates, scikit-learn's minimum-norm cutoff ([`SKLEARN_RCOND`]) via the eigendecomposition,
+//! the ridge penalty, and the per-layer outcome (diagnostics and warning). See the numerics
+//! section of [`crate::lens::fit`] for why.
+
+use anyhow::Result;
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatRef, Par, Side};
+
+use crate::host::Elem;
+use crate::lens::fit::{LayerDiag, SKLEARN_RCOND};
+
+/// Estimated condition number of the unscaled Gram above which the exact spectrum is computed
+/// to apply scikit-learn's cutoff (`SKLEARN_RCOND^2 = 1e-12` on the Gram's eigenvalues; the
+/// estimate is a lower bound, hence the margin of 10).
+const NEAR_CUTOFF_COND: f64 = 1e11;
+
+pub(crate) enum Method {
+    Cholesky,
+    PseudoInverse,
+}
+
+pub(crate) struct Solved {
+    /// Inverse (or pseudo-inverse) of the *scaled* Gram block, symmetric [d, d].
+    p: Mat<f64>,
+    rank: usize,
+    cond: f64,
+    cond_unscaled: f64,
+    method: Method,
+    note: Option<String>,
+}
+
+enum Analysis {
+    Solved(Solved),
+    NeedF64(String),
+}
+
+/// Symmetric f64 copy of a lower-triangular block.
+pub(crate) fn sym_f64<T: Elem>(lower: MatRef<'_, T>) -> Mat<f64> {
+    let d = lower.nrows();
+    let mut g = Mat::<f64>::zeros(d, d);
+    for j in 0..d {
+        for i in j..d {
+            let v = lower[(i, j)].f64();
+            g[(i, j)] = v;
+            g[(j, i)] = v;
+        }
+    }
+    g
+}
+
+/// Largest eigenvalue of a symmetric PSD matrix by power iteration: a lower bound, within a
+/// few percent after the (at most 20) iterations for the condition estimates it serves, whose
+/// thresholds have margins of 10 and more.
+fn lambda_max(m: MatRef<'_, f64>) -> f64 {
+    let d = m.nrows();
+    let mut v = Mat::<f64>::from_fn(d, 1, |i, _| 1.0 + 0.5 * ((i as f64) * 0.618_033_988_7).fract());
+    let nv = v.norm_l2();
+    v.col_mut(0).iter_mut().for_each(|x| *x /= nv);
+    let mut w = Mat::<f64>::zeros(d, 1);
+    let mut lam = 0f64;
+    for it in 0..20 {
+        matmul(w.as_mut(), Accum::Replace, m, v.as_ref(), 1.0, Par::Seq);
+        let rq: f64 = (0..d).map(|i| w[(i, 0)] * v[(i, 0)]).sum();
+        let nw = w.norm_l2();
+        if nw == 0.0 || !nw.is_finite() {
+            return if nw.is_finite() { 0.0 } else { f64::INFINITY };
+        }
+        let done = it >= 3 && (rq - lam).abs() <= 1e-3 * rq.abs();
+        lam = rq;
+        if done {
+            break;
+        }
+        for i in 0..d {
+            v[(i, 0)] = w[(i, 0)] / nw;
+        }
+    }
+    let maxdiag = (0..d).map(|i| m[(i, i)]).fold(0f64, f64::max);
+    lam.max(maxdiag)
+}
+
+/// Inverse of a symmetric positive definite matrix via Cholesky (None if not PD).
+fn chol_inverse(g: MatRef<'_, f64>) -> Option<Mat<f64>> {
+    use faer::linalg::cholesky::llt;
+    let d = g.nrows();
+    let mut l = g.to_owned();
+    let par = Par::Seq;
+    let mut mem = MemBuffer::new(
+        llt::factor::cholesky_in_place_scratch::<f64>(d, par, Default::default())
+            .or(llt::inverse::inverse_scratch::<f64>(d, par)),
+    );
+    let stack = MemStack::new(&mut mem);
+    llt::factor::cholesky_in_place(l.as_mut(), Default::default(), par, stack, Default::default()).ok()?;
+    if (0..d).any(|i| l[(i, i)].is_nan() || l[(i, i)] <= 0.0 || !l[(i, i)].is_finite()) {
+        return None;
+    }
+    let mut p = Mat::<f64>::zeros(d, d);
+    llt::inverse::inverse(p.as_mut(), l.as_ref(), par, stack);
+    // `inverse` fills the lower triangle; mirror it.
+    for j in 0..d {
+        for i in j + 1..d {
+            p[(j, i)] = p[(i, j)];
+        }
+    }
+    if (0..d).any(|i| !p[(i, i)].is_finite()) {
+        return None;
+    }
+    Some(p)
+}
+
+/// S g S for a diagonal S.
+fn scale_sym(g: MatRef<'_, f64>, s: &[f64]) -> Mat<f64> {
+    Mat::from_fn(g.nrows(), g.ncols(), |i, j| g[(i, j)] * s[i] * s[j])
+}
+
+/// Eigendecomposition-based pseudo-inverse of the unscaled Gram `gu` with scikit-learn's
+/// cutoff; returns (P in scaled coordinates, rank, exact condition of gu).
+fn pinv_scaled(gu: MatRef<'_, f64>, scale: &[f64]) -> Result<(Mat<f64>, usize, f64)> {
+    let d = gu.nrows();
+    let evd = gu
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
+    let lam = evd.S().column_vector();
+    let u = evd.U();
+    let lmax = (0..d).map(|i| lam[i]).fold(0f64, f64::max);
+    let cut = SKLEARN_RCOND * SKLEARN_RCOND * lmax;
+    let keep: Vec<usize> = (0..d).filter(|&i| lam[i] > cut).collect();
+    let r = keep.len();
+    let lmin = keep.iter().map(|&i| lam[i]).fold(f64::INFINITY, f64::min);
+    let cond = if r == d { lmax / lmin } else { f64::INFINITY };
+    // W = S U_k diag(1/sqrt(lambda)): P_scaled = S U_k L^-1 U_k^T S = W W^T.
+    let mut w = Mat::<f64>::zeros(d, r);
+    for (c, &i) in keep.iter().enumerate() {
+        let f = 1.0 / lam[i].sqrt();
+        for row in 0..d {
+            w[(row, c)] = u[(row, i)] * f * scale[row];
+        }
+    }
+    let mut p = Mat::<f64>::zeros(d, d);
+    matmul(
+        p.as_mut(),
+        Accum::Replace,
+        w.as_ref(),
+        w.as_ref().transpose(),
+        1.0,
+        Par::Seq,
+    );
+    Ok((p, r, cond))
+}
+
+/// Decides how to solve one source layer from its scaled Gram block `gs` (symmetric, f64).
+/// `trust` is the largest scaled condition accepted (Some for a float32 Gram).
+fn analyse(gs: &Mat<f64>, scale: &[f64], inv: &[f64], ridge: f64, trust: Option<f64>) -> Result<Analysis> {
+    let d = gs.nrows();
+    let mut g = gs.clone();
+    if ridge > 0.0 {
+        for i in 0..d {
+            g[(i, i)] += ridge * inv[i] * inv[i];
+        }
+    }
+    let lam_g = lambda_max(g.as_ref());
+    let unscaled = || scale_sym(g.as_ref(), scale);
+    match chol_inverse(g.as_ref()) {
+        Some(p) => {
+            let cond = lam_g * lambda_max(p.as_ref());
+            if let Some(lim) = trust {
+                if cond.is_nan() || cond > lim {
+                    return Ok(Analysis::NeedF64(format!(
+                        "condition number {cond:.1e} too large for a float32 Gram"
+                    )));
+                }
+            }
+            // kappa(S G S) <= kappa(G) (max s / min s)^2: skip the estimate when that is small.
+            let smax = scale.iter().fold(0f64, |a, &b| a.max(b));
+            let smin = scale.iter().fold(f64::INFINITY, |a, &b| a.min(b));
+            let bound = cond * (smax / smin).powi(2);
+            let cond_u = if ridge > 0.0 || bound <= NEAR_CUTOFF_COND {
+                bound
+            } else {
+                let gu = unscaled();
+                let pu = scale_sym(p.as_ref(), inv);
+                lambda_max(gu.as_ref()) * lambda_max(pu.as_ref())
+            };
+            if ridge > 0.0 || cond_u <= NEAR_CUTOFF_COND {
+                return Ok(Analysis::Solved(Solved {
+                    p,
+                    rank: d,
+                    cond,
+                    cond_unscaled: cond_u,
+                    method: Method::Cholesky,
+                    note: None,
+                }));
+            }
+            let (pp, r, cond_exact) = pinv_scaled(unscaled().as_ref(), scale)?;
+            if r == d {
+                Ok(Analysis::Solved(Solved {
+                    p,
+                    rank: d,
+                    cond,
+                    cond_unscaled: cond_exact,
+                    method: Method::Cholesky,
+                    note: None,
+                }))
+            } else {
+                Ok(Analysis::Solved(Solved {
+                    p: pp,
+                    rank: r,
+                    cond,
+                    cond_unscaled: cond_exact,
+                    method: Method::PseudoInverse,
+                    note: None,
+                }))
+            }
+        }
+        None => {
+            if trust.is_some() {
+                return Ok(Analysis::NeedF64("Cholesky of the float32 Gram failed".to_string()));
+            }
+            let gu = unscaled();
+            let (pp, r, cond_exact) = pinv_scaled(gu.as_ref(), scale)?;
+            let note = (r == d)
+                .then(|| "Cholesky failed on a numerically full-rank Gram; using the eigendecomposition".to_string());
+            Ok(Analysis::Solved(Solved {
+                p: pp,
+                rank: r,
+                cond: f64::INFINITY,
+                cond_unscaled: cond_exact,
+                method: Method::PseudoInverse,
+                note,
+            }))
+        }
+    }
+}
+
+/// Power-of-two column scales from the diagonal of an (uncentred or centred) Gram block: the
+/// column equilibration. Scaling by powers of two commutes exactly with floating-point
+/// rounding, so applying it to the finished Gram equals scaling the data before the GEMM.
+fn scales_from_diag(g: &Mat<f64>, n: usize) -> (Vec<f64>, Vec<f64>) {
+    let scale: Vec<f64> = (0..g.nrows())
+        .map(|i| pow2_near((g[(i, i)].max(0.0) / n as f64).sqrt()))
+        .collect();
+    let inv = scale.iter().map(|s| 1.0 / s).collect();
+    (scale, inv)
+}
+
+pub(crate) fn pow2_near(rms: f64) -> f64 {
+    if rms > 0.0 && rms.is_finite() {
+        let e = rms.log2().round().clamp(-60.0, 60.0);
+        2f64.powi(e as i32)
+    } else {
+        1.0
+    }
+}
+
+/// Scaled copy of a symmetric block, solved; returns the unscaled (pseudo-)inverse.
+pub(crate) fn solve_block(
+    g: &Mat<f64>,
+    n: usize,
+    ridge: f64,
+    trust: Option<f64>,
+) -> Result<Result<(Solved, Mat<f64>), String>> {
+    let (scale, inv) = scales_from_diag(g, n);
+    let gs = scale_sym(g.as_ref(), &inv);
+    Ok(match analyse(&gs, &scale, &inv, ridge, trust)? {
+        Analysis::Solved(s) => {
+            let p = scale_sym(s.p.as_ref(), &inv);
+            Ok((s, p))
+        }
+        Analysis::NeedF64(why) => Err(why),
+    })
+}
+
+/// Diagnostics and warning of one solved source layer (`reason`: why float32 was not trusted).
+pub(crate) fn layer_outcome(l: usize, d: usize, solved: &Solved, reason: Option<&str>) -> (LayerDiag, Option<String>) {
+    let mut msgs = Vec::new();
+    if let Some(why) = reason {
+        msgs.push(format!("{why}; recomputed this layer in float64"));
+    }
+    if solved.rank < d {
+        msgs.push(format!(
+            "Gram matrix is singular (rank {} of {d}); using the minimum-norm solution",
+            solved.rank
+        ));
+    }
+    if let Some(n) = &solved.note {
+        msgs.push(n.clone());
+    }
+    let warning = (!msgs.is_empty()).then(|| format!("layer {l}: {}", msgs.join("; ")));
+    let diag = LayerDiag {
+        layer: l,
+        rank: solved.rank,
+        cond: solved.cond,
+        cond_unscaled: solved.cond_unscaled,
+        pseudo_inverse: matches!(solved.method, Method::PseudoInverse),
+        recomputed_f64: reason.is_some(),
+    };
+    (diag, warning)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pow2() {
+        assert_eq!(pow2_near(1000.0), 1024.0);
+        assert_eq!(pow2_near(0.0), 1.0);
+        assert_eq!(pow2_near(f64::NAN), 1.0);
+    }
+}

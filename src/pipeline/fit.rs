@@ -1,0 +1,114 @@
+//! The fit stages (`fit`, and `fit_affine` with an intercept) on a run folder: read the training
+//! activations, fit ([`crate::lens::fit`]) and write `maps.safetensors` (or
+//! `maps_affine.safetensors`) with the model's identity in its header; the options, timings and
+//! per-layer warnings go to the manifest.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Device;
+use serde::Serialize;
+
+use crate::data::run::{require, RunDir};
+use crate::data::Activations;
+use crate::lens::fit::{self, FitOptions, FitReport};
+
+/// Which layer pairs to fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pairs {
+    /// Every l < l' (the paper's heatmaps, alternation).
+    All,
+    /// Only l -> L (enough for predict and early exit).
+    ToFinal,
+}
+
+/// What the fit stage did.
+#[derive(Debug, Serialize)]
+pub struct FitSummary {
+    pub pairs: usize,
+    pub path: String,
+    pub seconds: f64,
+    pub gflops: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Fits the maps on the training activations and writes them (`maps.safetensors`, or
+/// `maps_affine.safetensors` with an intercept).
+/// The states go to `device` for the fit ([`crate::lens::fit::device`] on a GPU); the maps come
+/// back to the host to be written.
+pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -> Result<FitSummary> {
+    let mut manifest = run.read_manifest()?;
+    let started = Instant::now();
+    let train = Activations::read(&require(&run.activations("train"), "collect")?)?;
+    let (s, n, d) = train.hidden_states.dims3()?;
+    let pair_list = match pairs {
+        Pairs::All => fit::pairs_all(s),
+        Pairs::ToFinal => fit::pairs_to_final(s),
+    };
+    let (mut maps, report) =
+        fit::fit_all_pairs(&train.hidden_states.to_device(device)?, &pair_list, opts).map_err(|e| {
+            crate::device::explain_oom(
+                e,
+                "fitting all pairs (the states and the Gram blocks are kept there)",
+                "fit with --pairs to-final, or on the CPU with --device cpu",
+            )
+        })?;
+    print_warnings(&report, n, d);
+    maps.metadata = HashMap::from([
+        ("model_sha256".to_string(), manifest.model.sha256.clone()),
+        ("model_path".to_string(), manifest.model.path.clone()),
+        ("n_layers".to_string(), manifest.model.n_layers.to_string()),
+        ("d_model".to_string(), manifest.model.d_model.to_string()),
+        (
+            "layout".to_string(),
+            "mat.{l}.{l2} [d, d]: mapped = A @ h (out x in); bias.{l}.{l2} [d]".to_string(),
+        ),
+        ("intercept".to_string(), opts.intercept.to_string()),
+        ("ridge".to_string(), opts.ridge.to_string()),
+        ("n_train".to_string(), train.len().to_string()),
+        ("corpus_sha256".to_string(), manifest.corpus.sha256.clone()),
+        ("tool".to_string(), format!("jumplens {}", env!("CARGO_PKG_VERSION"))),
+    ]);
+    let path = if opts.intercept {
+        run.file("maps_affine.safetensors")
+    } else {
+        run.maps()
+    };
+    maps.write(&path)?;
+    let summary = FitSummary {
+        pairs: maps.len(),
+        path: path.display().to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+        gflops: report.stats.gflops(),
+        warnings: report.warnings.clone(),
+    };
+    let stage = if opts.intercept { "fit_affine" } else { "fit" };
+    manifest.set_stage(
+        stage,
+        serde_json::json!({"pairs": pairs, "intercept": opts.intercept, "ridge": opts.ridge, "wall_s": summary.seconds,
+            "fit_s": report.stats.seconds_total, "gflops": summary.gflops, "warnings": summary.warnings,
+            "gram_precision": report.stats.precision, "f32_max_cond": opts.f32_max_cond,
+            "recomputed_f64": report.layers.iter().filter(|l| l.recomputed_f64).count(),
+            "device": crate::device::name(device)}),
+    );
+    run.write_manifest(&manifest)?;
+    Ok(summary)
+}
+
+/// The fit's warnings on stderr. With fewer examples than the width every layer's Gram is
+/// singular by construction: that is said once, and the per-layer lines stay in the manifest.
+fn print_warnings(report: &FitReport, n: usize, d: usize) {
+    if report.underdetermined(d) {
+        eprintln!(
+            "warning: {n} training examples for width {d} (N < d): every Gram block is singular, so every \
+             layer gets scikit-learn's minimum-norm solution; per-layer details in manifest.json \
+             (stages.fit.warnings)"
+        );
+        return;
+    }
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+}

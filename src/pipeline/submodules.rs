@@ -1,0 +1,60 @@
+//! The sub-modules stage on a run folder: read both splits, the maps and `r2.json`, run the
+//! sub-module replacement and alternation experiments on the model
+//! ([`crate::eval::submodules::experiments`]) and write `submodules.json`, `alternation.json`
+//! and their figures.
+
+use anyhow::{bail, Result};
+
+use crate::data::run::{require, RunDir};
+use crate::data::Activations;
+pub use crate::eval::submodules::SubmoduleOptions;
+use crate::eval::submodules::{check_r2_shape, experiments, AlternationReport, SubmoduleReport};
+use crate::lens::maps::Maps;
+use crate::model::LoadedModel;
+
+/// Runs the sub-module and alternation experiments and writes their JSON and plots.
+pub fn run_submodules(
+    lm: &LoadedModel,
+    run: &RunDir,
+    opts: &SubmoduleOptions,
+) -> Result<(SubmoduleReport, AlternationReport)> {
+    let started = std::time::Instant::now();
+    let mut manifest = run.read_manifest()?;
+    let info = lm.model.info().clone();
+    if manifest.model.n_layers != info.n_layers || manifest.model.d_model != info.d_model {
+        bail!("{}: the run was collected with another model", run.root.display());
+    }
+    let train = Activations::read(&require(&run.activations("train"), "collect")?)?;
+    let val = Activations::read(&require(&run.activations("val"), "collect")?)?;
+    let maps = Maps::read(&require(&run.maps(), "fit")?)?;
+    maps.check_model(&manifest.model)?;
+    let maps = maps.to_device(lm.model.device())?;
+    let r2 = read_r2(run, info.n_layers)?;
+    let (sub_report, alt) = experiments(lm, &train, &val, &maps, &r2, opts)?;
+    crate::data::io::write_json(&run.file("submodules.json"), &sub_report)?;
+    crate::render::figures::plot_submodules(&run.file("submodules"), &manifest.model.arch, &sub_report)?;
+    crate::data::io::write_json(&run.file("alternation.json"), &alt)?;
+    crate::render::figures::plot_alternation(&run.file("alternation"), &manifest.model.arch, &alt)?;
+    manifest.set_stage(
+        "submodules",
+        serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_eval": sub_report.n_eval,
+            "n_train": opts.n_train.min(train.len())}),
+    );
+    run.write_manifest(&manifest)?;
+    Ok((sub_report, alt))
+}
+
+/// The mat r^2 table from `r2.json`, [L + 1][L + 1].
+pub fn read_r2(run: &RunDir, n_layers: usize) -> Result<Vec<Vec<Option<f64>>>> {
+    let p = require(&run.file("r2.json"), "r2")?;
+    let text = std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: cannot read ({e})", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON ({e})", p.display()))?;
+    let mat = v
+        .get("mat")
+        .ok_or_else(|| anyhow::anyhow!("{}: no 'mat' table", p.display()))?;
+    let mat: Vec<Vec<Option<f64>>> = serde_json::from_value(mat.clone())
+        .map_err(|e| anyhow::anyhow!("{}: 'mat' is not a table of numbers ({e})", p.display()))?;
+    check_r2_shape(&mat, n_layers).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    Ok(mat)
+}
