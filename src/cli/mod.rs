@@ -746,6 +746,9 @@ fn run(cli: Cli) -> Result<()> {
             opts.seed = seed;
             opts.n_train = train.unwrap_or(opts.n_train);
             opts.n_val = val.unwrap_or(opts.n_val);
+            // Sub-module sizes follow smaller --train / --val (the preset's are upper bounds).
+            opts.submodule_eval = opts.submodule_eval.min(opts.n_val);
+            opts.submodule_train = opts.submodule_train.min(opts.n_train);
             opts.progress = !common.quiet;
             opts.device = device.clone();
             let started = std::time::Instant::now();

@@ -88,15 +88,23 @@ pub fn assets_dir() -> PathBuf {
 
 /// The folders a default asset is looked for in, in order (see the module docs).
 pub fn search_dirs() -> Vec<PathBuf> {
-    if let Some(d) = std::env::var_os("JUMPLENS_ASSETS").filter(|d| !d.is_empty()) {
-        return vec![PathBuf::from(d)];
+    let env = std::env::var_os("JUMPLENS_ASSETS")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    search_order(env, Path::new(env!("CARGO_MANIFEST_DIR")), cache_dir())
+}
+
+/// [`search_dirs`] for a given `$JUMPLENS_ASSETS`, repository and cache folder.
+fn search_order(env: Option<PathBuf>, repo: &Path, cache: Option<PathBuf>) -> Vec<PathBuf> {
+    if let Some(d) = env {
+        return vec![d];
     }
     let mut dirs = vec![PathBuf::from("assets")];
-    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    let built_from = repo.join("assets");
     if built_from.is_dir() && !same_dir(&built_from, Path::new("assets")) {
         dirs.push(built_from);
     }
-    dirs.extend(cache_dir());
+    dirs.extend(cache);
     dirs
 }
 
@@ -294,6 +302,21 @@ mod tests {
             false,
         );
         assert_eq!(out, PathBuf::from("runs/SmolLM2-135M-Instruct.Q4_1-summaries_en-us"));
+    }
+
+    #[test]
+    fn jumplens_assets_overrides_then_local_repository_and_cache() {
+        let cache = PathBuf::from("/c/jumplens");
+        let only = search_order(Some("/x".into()), Path::new("/nowhere"), Some(cache.clone()));
+        assert_eq!(only, vec![PathBuf::from("/x")]);
+        // A repository folder that does not exist (an installed binary) is left out.
+        let order = search_order(None, Path::new("/nowhere/repo"), Some(cache.clone()));
+        assert_eq!(order, vec![PathBuf::from("assets"), cache.clone()]);
+        let repo = std::env::temp_dir().join(format!("jumplens-repo-test-{}", std::process::id()));
+        std::fs::create_dir_all(repo.join("assets")).unwrap();
+        let order = search_order(None, &repo, Some(cache.clone()));
+        assert_eq!(order, vec![PathBuf::from("assets"), repo.join("assets"), cache]);
+        std::fs::remove_dir_all(&repo).ok();
     }
 
     /// A wheel holding `member` with `content`.
