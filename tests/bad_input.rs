@@ -346,3 +346,169 @@ fn fit_with_fewer_examples_than_the_width_warns_once() {
     let per_layer = m.stages["fit"]["warnings"].as_array().unwrap().len();
     assert!(per_layer >= 2, "per-layer warnings in the manifest: {per_layer}");
 }
+
+/// A tiny GPT-2 with a word-level tokenizer and a small corpus, for collect's option checks.
+fn collect_setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let m = dir.join("m");
+    copy_dir(&tiny("gpt2"), &m);
+    std::fs::write(m.join("tokenizer.json"), word_tokenizer(100)).unwrap();
+    let corpus = dir.join("c.txt");
+    let lines: Vec<String> = (0..40)
+        .map(|i| format!("w{} w{} w{}", i % 97, (i * 7) % 97, (i * 3 + 1) % 97))
+        .collect();
+    std::fs::write(&corpus, lines.join("\n") + "\n").unwrap();
+    (m, corpus)
+}
+
+#[test]
+fn collect_with_zero_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, corpus) = collect_setup(dir.path());
+    let out = dir.path().join("run");
+    fails_with(
+        &[
+            "collect",
+            m.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--positions",
+            "0",
+        ],
+        &["--positions", "at least 1"],
+    );
+    fails_with(
+        &[
+            "collect",
+            m.to_str().unwrap(),
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--positions",
+            "some",
+        ],
+        &["--positions", "'some'"],
+    );
+    assert!(!out.exists(), "a refused collection created its run folder");
+}
+
+#[test]
+fn collect_with_no_sentences() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, corpus) = collect_setup(dir.path());
+    let out = dir.path().join("run");
+    for (flag, other) in [("--train", "--val"), ("--val", "--train")] {
+        fails_with(
+            &[
+                "collect",
+                m.to_str().unwrap(),
+                "--corpus",
+                corpus.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                flag,
+                "0",
+                other,
+                "0",
+            ],
+            &["'0'", "--"],
+        );
+    }
+    assert!(!out.exists(), "a refused collection created its run folder");
+}
+
+#[test]
+fn bench_forward_on_a_small_vocabulary() {
+    // The tiny models have 128 tokens; random inputs are drawn from ids 100..vocab/2.
+    let m = tiny("llama");
+    fails_with(
+        &["bench", "forward", m.to_str().unwrap(), "--iters", "1"],
+        &["vocabulary", "200", "128"],
+    );
+}
+
+#[test]
+fn bench_with_zero_iterations_or_sizes() {
+    let m = tiny("llama");
+    fails_with(
+        &["bench", "forward", m.to_str().unwrap(), "--iters", "0"],
+        &["--iters", "'0'"],
+    );
+    fails_with(
+        &["bench", "forward", m.to_str().unwrap(), "--batch", "0"],
+        &["--batch", "'0'"],
+    );
+    fails_with(&["bench", "fit", "--states", "1"], &["--states", "'1'"]);
+    fails_with(&["bench", "forward"], &["bench forward needs a MODEL"]);
+    fails_with(
+        &["bench", "collect", m.to_str().unwrap()],
+        &["bench collect needs --activations"],
+    );
+    fails_with(&["bench", "everything"], &["'everything'", "<WHAT>"]);
+}
+
+#[test]
+fn out_of_range_options_are_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("norun");
+    let r = run.to_str().unwrap();
+    fails_with(&["fit", r, "--ridge=-1"], &["--ridge", "'-1'", ">= 0"]);
+    fails_with(&["fit", r, "--pairs", "some"], &["--pairs", "'some'"]);
+    fails_with(&["fit", r, "--precision", "f16"], &["--precision", "'f16'"]);
+    fails_with(&["early-exit", r, "--rule", "fast"], &["--rule", "'fast'"]);
+    fails_with(&["early-exit", r, "--measure", "entropy"], &["--measure", "'entropy'"]);
+    fails_with(&["submodules", r, "--val", "0"], &["--val", "'0'"]);
+    fails_with(&["submodules", r, "--n-train", "0"], &["--train", "'0'"]);
+    fails_with(&["report", "--quick", "--train", "0"], &["--train", "'0'"]);
+}
+
+#[test]
+fn peek_mask_word_not_in_the_text() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny("bert_mlm"), dir.path());
+    std::fs::write(dir.path().join("tokenizer.json"), word_tokenizer(100)).unwrap();
+    fails_with(
+        &[
+            "peek",
+            dir.path().to_str().unwrap(),
+            "--text",
+            "w1 w2 w3",
+            "--mask",
+            "w4",
+        ],
+        &["--mask 'w4'", "no such word", "w1 w2 w3"],
+    );
+}
+
+#[test]
+fn unknown_tap() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny("llama"), dir.path());
+    std::fs::write(dir.path().join("tokenizer.json"), word_tokenizer(100)).unwrap();
+    let out = dir.path().join("h.safetensors");
+    fails_with(
+        &[
+            "hidden-states",
+            dir.path().to_str().unwrap(),
+            "--text",
+            "w1 w2",
+            "--out",
+            out.to_str().unwrap(),
+            "--tap",
+            "blocks.99.hook_resid_pre",
+        ],
+        &["--tap blocks.99.hook_resid_pre", "no such tap"],
+    );
+    assert!(!out.exists(), "written despite an unknown tap");
+}
+
+#[test]
+fn report_html_only_on_a_folder_that_is_not_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(
+        &["report", "--html-only", dir.path().to_str().unwrap()],
+        &["not a jumplens run"],
+    );
+}

