@@ -113,3 +113,44 @@ pub(crate) fn gated_mlp(
     let post = emit(hooks, Tap::Block(layer, BlockTap::MlpPost), post)?;
     Ok(down.forward(&post)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::hooks::TapRecorder;
+    use candle_core::{Device, Tensor};
+
+    /// With ln = identity, attn = 2x and mlp = 3x: sequential gives mid = 3x, out = 3x + 9x;
+    /// parallel gives out = x + 2x + 3x and reports no resid_mid.
+    #[test]
+    fn sequential_and_parallel_residuals() {
+        let x = Tensor::new(&[[[1f32, -2.0]]], &Device::Cpu).unwrap();
+        let ln = |v: &Tensor| Ok(v.clone());
+        let attn = |v: &Tensor, _: &mut dyn Hooks| Ok((v * 2.0)?);
+        let mlp = |v: &Tensor, _: &mut dyn Hooks| Ok((v * 3.0)?);
+        for (parallel, factor) in [(false, 12f32), (true, 6.0)] {
+            let block = PreNormBlock {
+                ln1: &ln,
+                attn: &attn,
+                ln1_post: None,
+                ln2: &ln,
+                mlp: &mlp,
+                ln2_post: None,
+                parallel,
+            };
+            let mut rec = TapRecorder::default();
+            let out = block.forward(0, &x, &mut rec).unwrap();
+            assert_eq!(
+                out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                vec![factor, -2.0 * factor]
+            );
+            assert_eq!(rec.values.contains_key("blocks.0.hook_resid_mid"), !parallel);
+            let post = rec.values["blocks.0.hook_resid_post"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(post, vec![factor, -2.0 * factor]);
+        }
+    }
+}

@@ -92,6 +92,14 @@ fn gguf_config(content: &gguf_file::Content, arch: &str, path: &Path) -> Result<
             path.display()
         ),
     };
+    for key in ["attention.head_count", "attention.head_count_kv"] {
+        if opt(key).is_some_and(|v| v.as_u64() == Some(0)) {
+            bail!(
+                "{}: GGUF metadata '{arch}.{key}' is 0; it must be at least 1",
+                path.display()
+            );
+        }
+    }
     let mut cfg = json!({
         "hidden_size": need("embedding_length")?,
         "num_hidden_layers": need("block_count")?,
@@ -277,6 +285,16 @@ mod tests {
         );
         let cfg = gguf_config(&content(&[100, 8]), "llama", Path::new("m.gguf")).unwrap();
         assert_eq!(cfg["vocab_size"], 100);
+    }
+
+    #[test]
+    fn zero_attention_heads_are_an_error() {
+        for key in ["llama.attention.head_count", "llama.attention.head_count_kv"] {
+            let mut c = content(&[100, 8]);
+            c.metadata.insert(key.to_string(), gguf_file::Value::U32(0));
+            let e = gguf_config(&c, "llama", Path::new("m.gguf")).unwrap_err().to_string();
+            assert!(e.contains("m.gguf") && e.contains(key), "{e}");
+        }
     }
 
     #[test]
