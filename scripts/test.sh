@@ -5,7 +5,8 @@
 #   2. installs headless Chromium for the report's browser test when it is missing
 #      (apt-get, which needs root; or set JUMPLENS_CHROMIUM=/path/to/chrome),
 #   3. sets JUMPLENS_REQUIRE_ASSETS=1, so a missing asset or browser fails instead of skipping,
-#   4. runs cargo fmt --check, clippy (warnings are errors) and cargo test --release.
+#   4. runs cargo fmt --check, clippy (warnings are errors), cargo test --release, and the unit
+#      tests again with overflow checks on.
 # A plain `cargo test --release` skips (with a message) every test whose asset is missing.
 #
 # Usage: bash scripts/test.sh [ARGS...]   (ARGS go to `cargo test --release`, e.g. a filter)
@@ -40,3 +41,9 @@ step "cargo clippy --release --all-targets -- -D warnings"
 cargo clippy --release --all-targets -- -D warnings
 step "cargo test --release $*"
 cargo test --release "$@"
+# The unit tests once more with integer-overflow checks on (only this crate is rebuilt), so an
+# arithmetic overflow that bad input could reach panics in a test rather than wrapping silently.
+if [[ $# -eq 0 ]]; then
+    step "unit tests with overflow checks"
+    cargo test --release --lib --config 'profile.release.package.jumplens.overflow-checks=true'
+fi
