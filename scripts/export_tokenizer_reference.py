@@ -3,7 +3,7 @@
 
     AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
-is the reference for src/model/gguf_tokenizer.rs.  Writes
+is the reference for src/tokenizer/gguf.rs.  Writes
 tests/fixtures/real/gguf_tokenizer_ids.json:
   {"transformers": version, "models": {asset: [{"text", "ids", "decoded"}...]}}
 for the sentences of tests/fixtures/real/sentences.txt (a literal "\\n" in a
@@ -16,7 +16,7 @@ tokenizer.json and llama.cpp's "smollm" pre-tokenizer first split every digit
 on its own.  The two differ only where whitespace runs meet digits; for such a
 row "ids_model_tokenizer" holds the ids with the model's own pre-tokenizer
 (Digits(individual_digits=True) + ByteLevel), which is what
-src/model/gguf_tokenizer.rs reproduces.  Needs transformers + gguf + sentencepiece; assets from
+src/tokenizer/gguf.rs reproduces.  Needs transformers + gguf + sentencepiece; assets from
 scripts/fetch_assets.sh.
 """
 import json
