@@ -417,7 +417,7 @@ mod tests {
     #[test]
     #[ignore]
     fn benchmark_recipe_fits() {
-        let h = crate::bench::synthetic_states_on(&Device::Cpu, 13, 20000, 400, 0).unwrap();
+        let h = crate::lens::fit::synthetic::synthetic_states_on(&Device::Cpu, 13, 20000, 400, 0).unwrap();
         let pairs = pairs_all(13);
         let opts = FitOptions::default();
         let (cpu, cpu_report) = fit_all_pairs(&h, &pairs, &opts).unwrap();

@@ -112,3 +112,34 @@ pub fn synthetic_states(n_states: usize, n: usize, d: usize, seed: u64) -> Resul
     }
     Ok(Tensor::from_vec(out, (n_states, n, d), &Device::Cpu)?)
 }
+
+/// Synthetic hidden states [S, N, d] made on `device` (a GPU benchmark cannot carry real ones):
+/// the recipe of [`synthetic_states`] (low-rank first state, each next state
+/// `h + 0.5 tanh(h W) + noise`, 4 outlier coordinates around 1000) with the device's own
+/// random numbers.
+pub fn synthetic_states_on(device: &Device, n_states: usize, n: usize, d: usize, seed: u64) -> Result<Tensor> {
+    // (The CPU backend cannot be seeded; the benchmark runs on GPUs.)
+    if !device.is_cpu() {
+        device.set_seed(seed)?;
+    }
+    let factors = (d / 8).max(1);
+    let z = Tensor::randn(0f32, 1.0, (n, factors), device)?;
+    let b = Tensor::randn(0f32, 2.0 / (factors as f32).sqrt(), (factors, d), device)?;
+    let mut r = (z.matmul(&b)? + Tensor::randn(0f32, 0.1, (n, d), device)?)?;
+    let mask: Vec<f32> = (0..d)
+        .map(|c| f32::from([7usize, 63, 300, 511].iter().any(|&k| k % d == c) as u8))
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, d), device)?;
+    let mut out = Vec::with_capacity(n_states);
+    for s in 0..n_states {
+        if s > 0 {
+            let w = Tensor::randn(0f32, 1.5 / (d as f32).sqrt(), (d, d), device)?;
+            let noise = Tensor::randn(0f32, 0.05, (n, d), device)?;
+            r = ((&r + (r.matmul(&w)?.tanh()? * 0.5)?)? + noise)?;
+        }
+        // Outlier columns: 1000 (1 + 0.2 h).
+        let outl = ((&r * 199.0)? + 1000.0)?.broadcast_mul(&mask)?;
+        out.push((&r + outl)?);
+    }
+    Ok(Tensor::stack(&out, 0)?)
+}
