@@ -1,9 +1,10 @@
 """PyTorch references for `scripts/bench.sh` (not tests).
 
-  forward MODEL IDS.safetensors ITERS [cuda]
-      transformers (float32; 2 CPU threads, or the GPU with `cuda`) forward pass of the base model
-      with output_hidden_states=True on the same token ids jumplens used; prints JSON {tokens,
-      seconds (median), tokens_per_s}. MODEL is a .gguf file or a Hugging Face folder.
+  forward MODEL IDS.safetensors ITERS [cuda] [f32|bf16|f16]
+      transformers (float32 unless a dtype is given; sdpa attention; 2 CPU threads, or the GPU with
+      `cuda`) forward pass of the base model with output_hidden_states=True on the same token ids
+      jumplens used; prints JSON {tokens, seconds (median), tokens_per_s, peak_gib (GPU: the
+      allocator's peak, weights included)}. MODEL is a .gguf file or a Hugging Face folder.
   collect MODEL.gguf ACTIVATIONS.safetensors
       the paper's pipeline: one forward pass per example over the sentence cut after its sampled
       position (batch 1, output_hidden_states), timing the whole split; prints the same JSON.
@@ -21,7 +22,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 
-def load(model_path, device="cpu"):
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def load(model_path, device="cpu", dtype=torch.float32):
     if device == "cpu":
         torch.set_num_threads(2)
     if os.path.isdir(model_path):
@@ -29,17 +33,20 @@ def load(model_path, device="cpu"):
 
         config = AutoConfig.from_pretrained(model_path)
         auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
-        model = auto.from_pretrained(model_path, dtype=torch.float32)
+        model = auto.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa",
+                                     device_map=device if device != "cpu" else None)
     else:
         folder, name = os.path.split(os.path.abspath(model_path))
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     model.to(device).eval()
     return model
 
 
 @torch.inference_mode()
-def forward(model_path, ids_path, iters, device="cpu"):
-    model = load(model_path, device)
+def forward(model_path, ids_path, iters, device="cpu", dtype="f32"):
+    model = load(model_path, device, DTYPES[dtype])
+    if device != "cpu":
+        torch.cuda.reset_peak_memory_stats()
     ids = load_file(ids_path)["ids"].to(device)
     times = []
     for i in range(iters + 1):
@@ -50,8 +57,9 @@ def forward(model_path, ids_path, iters, device="cpu"):
             times.append(time.perf_counter() - t0)
     s = statistics.median(times)
     n = ids.numel()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else None
     print(json.dumps({"what": "forward, all hidden states (PyTorch)", "tokens": n, "seconds": s, "tokens_per_s": n / s,
-                      "torch": torch.__version__, "device": device}))
+                      "torch": torch.__version__, "device": device, "dtype": dtype, "peak_gib": peak}))
 
 
 @torch.inference_mode()
@@ -74,7 +82,8 @@ def collect(model_path, act_path):
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "forward":
-        forward(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "cpu")
+        forward(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "cpu",
+                sys.argv[6] if len(sys.argv) > 6 else "f32")
     elif cmd == "collect":
         collect(sys.argv[2], sys.argv[3])
     else:

@@ -18,6 +18,13 @@
 #   forward  forward throughput with all hidden states, jumplens vs PyTorch transformers on the
 #            same GPU and token ids: SmolLM2, GPT-2 small/medium/XL, BERT-large shapes
 #            (random weights), batch 32/256/1024 x 24 tokens
+#   bf16     research scale: a Llama-3-8B-shaped random model made in bf16 on the GPU, forward
+#            with all 33 hidden states at 64 x 32, 16 x 512 and 64 x 512 tokens, jumplens
+#            `--dtype bf16` vs PyTorch bf16 (sdpa) on the same ids, with each process's peak GPU
+#            memory (nvidia-smi, sampled every 100 ms: CUDA context and allocator caches
+#            included, for both); then SmolLM2 and GPT-2 shapes in bf16 at 32/256/1024 x 24
+#   study8b  the whole study (collect 9,000 + 3,000 Wikipedia sentences with SmolLM2's tokenizer,
+#            fit, r2, predict, early exit, sub-modules) on the 8B-shaped model in bf16
 #
 # Results in $OUT (default ./device-out): tables.md (the tables, also printed after each section),
 # log.txt, and raw.tgz with one JSON/text file per measurement (the device tool returns at most 8
@@ -35,6 +42,20 @@ BIN=$W/jumplens
 [ -x "$BIN" ] || { xz -dc "$ROOT/dist/jumplens-cuda.xz" >"$BIN" && chmod +x "$BIN"; } || exit 1
 PY=${PYTHON:-python3}
 SECTIONS=${*:-jit agree fit study forward}
+
+# gpu_peak FILE CMD...: runs CMD while sampling the GPU's used memory; writes the peak (MiB) to FILE.
+gpu_peak() {
+  local file=$1
+  shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$file.samples" &
+  local smi=$!
+  "$@"
+  local rc=$?
+  kill $smi 2>/dev/null
+  wait $smi 2>/dev/null
+  sort -n "$file.samples" | tail -1 >"$file"
+  return $rc
+}
 
 log() { echo "== $*" | tee -a "$OUT/log.txt" >&2; }
 # timed NAME CMD...: runs CMD, appends {name, seconds, rc} to $OUT/times.jsonl
@@ -94,6 +115,37 @@ if fw:
         rows.append((m, int(b), a, t))
     order = ["smollm2", "gpt2", "gpt2-medium", "gpt2-xl", "bert-large"]
     rows.sort(key=lambda r: (order.index(r[0]) if r[0] in order else 99, r[1]))
+    for m, b, a, t in rows:
+        ja = f"{a['tokens_per_s']:.0f}" if a else "failed"
+        jt = f"{t['tokens_per_s']:.0f}" if t else "failed"
+        ratio = f"{a['tokens_per_s'] / t['tokens_per_s']:.2f}x" if a and t else "-"
+        print(f"| {m} | {b} | {ja} | {jt} | {ratio} |")
+def mem(p):
+    try:
+        return float(open(p).read().strip()) / 1024
+    except Exception:
+        return None
+f8 = sorted(glob.glob(os.path.join(out, "fwd8b-*-jumplens.json")))
+if f8:
+    print("\n| Llama-3-8B shape, bf16, all 33 hidden states | tokens | jumplens tok/s | PyTorch tok/s | ratio | jumplens peak GiB | PyTorch peak GiB (nvidia-smi / allocator) |\n|---|---|---|---|---|---|---|")
+    for p in sorted(f8, key=lambda p: [int(x) for x in os.path.basename(p)[6:-len("-jumplens.json")].split("x")]):
+        shape = os.path.basename(p)[6:-len("-jumplens.json")]
+        a, t = j(p), j(p.replace("-jumplens.json", "-torch.json"))
+        ma, mt = mem(os.path.join(out, f"mem-8b-{shape}-jumplens.txt")), mem(os.path.join(out, f"mem-8b-{shape}-torch.txt"))
+        ja = f"{a['tokens_per_s']:.0f}" if a else "failed"
+        jt = f"{t['tokens_per_s']:.0f}" if t else "failed"
+        ratio = f"{a['tokens_per_s'] / t['tokens_per_s']:.2f}x" if a and t else "-"
+        fm = lambda v: f"{v:.1f}" if v is not None else "-"
+        tp = f"{t['peak_gib']:.1f}" if t and t.get("peak_gib") else "-"
+        print(f"| 8B | {shape} | {ja} | {jt} | {ratio} | {fm(ma)} | {fm(mt)} / {tp} |")
+fb = sorted(glob.glob(os.path.join(out, "fwdbf16-*-jumplens.json")))
+if fb:
+    print("\n| bf16 forward, all hidden states | batch x 24 | jumplens tok/s | PyTorch tok/s | ratio |\n|---|---|---|---|---|")
+    rows = []
+    for p in fb:
+        m, b = os.path.basename(p)[8:-len("-jumplens.json")].rsplit("-", 1)
+        rows.append((m, int(b), j(p), j(p.replace("-jumplens.json", "-torch.json"))))
+    rows.sort(key=lambda r: (r[0], r[1]))
     for m, b, a, t in rows:
         ja = f"{a['tokens_per_s']:.0f}" if a else "failed"
         jt = f"{t['tokens_per_s']:.0f}" if t else "failed"
@@ -183,6 +235,42 @@ for section in $SECTIONS; do
       done
       rm -rf "${W:?}/models/$m"
     done
+    ;;
+  bf16)
+    log "bf16"
+    M8=$W/models/llama3-8b
+    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b >>"$OUT/log.txt"
+    for shape in 64x32 16x512 64x512; do
+      b=${shape%x*} t=${shape#*x}
+      gpu_peak "$R_OUT/mem-8b-$shape-jumplens.txt" "$BIN" --device cuda --dtype bf16 bench forward "$M8" --batch $b --seq $t --iters 10 \
+        --ids-out "$W/ids.safetensors" >"$R_OUT/fwd8b-$shape-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens 8b $shape"
+      gpu_peak "$R_OUT/mem-8b-$shape-torch.txt" $PY "$ROOT/scripts/bench_torch.py" forward "$M8" "$W/ids.safetensors" 10 cuda bf16 \
+        >"$R_OUT/fwd8b-$shape-torch.json" 2>>"$OUT/log.txt" || log "FAILED torch 8b $shape"
+    done
+    for m in smollm2 gpt2; do
+      [ -f "$W/models/$m/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" $m >>"$OUT/log.txt"
+      for b in 32 256 1024; do
+        "$BIN" --device cuda --dtype bf16 bench forward "$W/models/$m" --batch $b --seq 24 --iters 10 \
+          --ids-out "$W/ids.safetensors" >"$R_OUT/fwdbf16-$m-$b-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens bf16 $m $b"
+        $PY "$ROOT/scripts/bench_torch.py" forward "$W/models/$m" "$W/ids.safetensors" 10 cuda bf16 \
+          >"$R_OUT/fwdbf16-$m-$b-torch.json" 2>>"$OUT/log.txt" || log "FAILED torch bf16 $m $b"
+      done
+    done
+    ;;
+  study8b)
+    log "study8b"
+    M8=$W/models/llama3-8b
+    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b >>"$OUT/log.txt"
+    # SmolLM2's tokenizer (49,152 ids < the model's 128,256): the text is real, the weights random.
+    "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$M8/tokenizer.json" >/dev/null
+    R=$W/study8b
+    rm -rf "$R"
+    timed "study8b collect 9000+3000" "$BIN" --device cuda --dtype bf16 collect "$M8" --corpus "$W/wiki.json" \
+      --out "$R" --train 9000 --val 3000 --quiet
+    for stage in fit r2 predict early-exit submodules; do
+      timed "study8b $stage" "$BIN" --device cuda --dtype bf16 $stage "$R" >"$R_OUT/study8b-$stage.txt"
+    done
+    cp "$R/manifest.json" "$R_OUT/study8b-manifest.json"
     ;;
   *) log "unknown section $section" ;;
   esac
