@@ -324,19 +324,31 @@ pub fn collect(
         articles: articles.len(),
     };
     let options = serde_json::to_value(opts)?;
+    let _lock = run.lock()?;
+    crate::interrupt::install();
+    crate::interrupt::set_message(Some(format!(
+        "collect had finished no part yet; run the same command again to start it in {}",
+        run.root.display()
+    )));
+    for dir in [run.root.clone(), run.root.join("activations"), run.parts_dir()] {
+        crate::data::io::remove_stale_temps(&dir);
+    }
     // A finished run's later stages stay recorded when the same collection is asked for again.
+    // The manifest binds the data already there: a run with collected data and another model,
+    // corpus or option is refused, naming what differs. A manifest without any data (a
+    // collection that failed before its first part) binds nothing and is replaced.
     let mut previous_stages = Default::default();
-    if let Ok(old) = run.read_manifest() {
-        if old.model.sha256 != model_record.sha256
-            || old.corpus.sha256 != corpus_record.sha256
-            || old.options != options
-        {
-            bail!(
-                "{}: this run was collected with another model, corpus or options; use a new --out folder",
-                run.root.display()
-            );
+    let old = run.read_manifest_if_any()?;
+    if let Some(old) = old {
+        if run.collected_data().is_some() {
+            if let Some(diff) = collection_difference(&old, &model_record, &corpus_record, &options) {
+                bail!(
+                    "{}: this run was collected with {diff}; use the same options or a new --out folder",
+                    run.root.display()
+                );
+            }
+            previous_stages = old.stages;
         }
-        previous_stages = old.stages;
     }
     // Tokenize once; sentences too long for the context are skipped and counted.
     let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
@@ -387,7 +399,53 @@ pub fn collect(
         manifest.counts.insert(split.into(), serde_json::to_value(&summary)?);
         run.write_manifest(&manifest)?;
     }
+    crate::interrupt::set_message(None);
     Ok(manifest)
+}
+
+/// Collection options that do not change the collected states (only speed or memory): a
+/// resume with other values is allowed.
+const RESULT_NEUTRAL_OPTIONS: &[&str] = &["batch_tokens"];
+
+/// The first difference between a run's manifest and a new collection's inputs that changes the
+/// data, as "another X (recorded A, now B)"; `None` when they match.
+pub fn collection_difference(
+    old: &Manifest,
+    model: &ModelRecord,
+    corpus: &CorpusRecord,
+    options: &serde_json::Value,
+) -> Option<String> {
+    let differ = |what: &str, a: &dyn std::fmt::Display, b: &dyn std::fmt::Display| {
+        Some(format!("another {what} (recorded {a}, now {b})"))
+    };
+    if old.model.sha256 != model.sha256 {
+        return differ("model (sha256)", &old.model.path, &model.path);
+    }
+    if old.corpus.sha256 != corpus.sha256 {
+        return differ("corpus (sha256)", &old.corpus.path, &corpus.path);
+    }
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        old.options.as_object().unwrap_or(&empty),
+        options.as_object().unwrap_or(&empty),
+    );
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        if RESULT_NEUTRAL_OPTIONS.contains(&k.as_str()) {
+            continue;
+        }
+        let (x, y) = (a.get(k), b.get(k));
+        if x != y {
+            let show = |v: Option<&serde_json::Value>| v.map_or("none".to_string(), |v| v.to_string());
+            let flag = match k.as_str() {
+                "n_train" => "--train".to_string(),
+                "n_val" => "--val".to_string(),
+                other => format!("--{}", other.replace('_', "-")),
+            };
+            return differ(&format!("{k} ({flag})"), &show(x), &show(y));
+        }
+    }
+    None
 }
 
 /// The canonical absolute form of `path` (as given when it cannot be resolved).
@@ -457,10 +515,20 @@ fn write_split(
                 .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
             crate::data::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
         }
+        crate::interrupt::set_message(Some(format!(
+            "collect {split}: {} of {} parts are kept in {}; run the same command again to resume from them",
+            p + 1,
+            chunks.len(),
+            run.parts_dir().display()
+        )));
         offset += n;
         parts.push(part_path);
     }
     bar.finish_and_clear();
+    crate::interrupt::set_message(Some(format!(
+        "collect {split}: every part is kept in {}; run the same command again to resume",
+        run.parts_dir().display()
+    )));
     // Merge the parts into one file [S, N, d] with the per-example metadata.
     let mut states = Vec::with_capacity(parts.len());
     for p in &parts {

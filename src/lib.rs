@@ -11,6 +11,7 @@
 pub mod device;
 pub mod error;
 pub mod host;
+pub mod interrupt;
 pub mod progress;
 
 // The pipeline, in order.

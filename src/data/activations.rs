@@ -79,7 +79,28 @@ fn checked_tokens(path: &Path, positions: Vec<i64>, tokens: Vec<i64>, offsets: V
     })
 }
 
+/// Refuses hidden states holding NaN or infinity, naming the first one's layer and example:
+/// every stage reading a split (fit on train; r2, predict, early exit on val) would otherwise
+/// turn it into NaN scores silently.
+fn check_finite(path: &Path, hidden_states: &Tensor) -> Result<()> {
+    let (_, n, d) = hidden_states.dims3()?;
+    let values = hidden_states
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        let (layer, example, coordinate) = (i / (n * d), (i / d) % n, i % d);
+        bail!(
+            "{}: non-finite hidden state {} (layer {layer}, example {example}, coordinate {coordinate})",
+            path.display(),
+            values[i]
+        );
+    }
+    Ok(())
+}
+
 impl Activations {
+    /// Reads and checks a split: token lists consistent, states [S, N, d] and finite.
     pub fn read(path: &Path) -> Result<Self> {
         let t = crate::data::io::read_safetensors(path)?;
         let get = |n: &str| {
@@ -105,6 +126,7 @@ impl Activations {
                 tok.positions.len()
             );
         }
+        check_finite(path, &hidden_states)?;
         Ok(Self {
             hidden_states,
             positions: tok.positions,

@@ -1,7 +1,7 @@
 //! Writing outputs so that nothing half-written is ever left behind: every file goes to a
 //! temporary name in the same folder and is renamed into place.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,8 +18,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
-/// Runs `write` on a temporary file beside `path`, then fsyncs it and renames it into place;
-/// the temporary file is removed if `write` fails.
+/// Runs `write` on a temporary file beside `path`, then fsyncs it and renames it into place.
+/// The temporary file (`.NAME.<pid>-<n>.tmp`) is removed whenever the write or the rename
+/// fails, and temporary files of processes that are no longer alive (killed mid-write) are
+/// removed from the folder first.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = path
         .parent()
@@ -29,6 +31,10 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     let name = path
         .file_name()
         .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
+    remove_stale_temps(dir);
+    if path.is_dir() {
+        anyhow::bail!("{}: is a folder, cannot write a file there", path.display());
+    }
     // The pid and a per-process counter keep concurrent writers (threads included) of one
     // path apart.
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -45,8 +51,51 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
     if let Ok(f) = std::fs::File::open(&tmp) {
         f.sync_all().ok();
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        std::fs::remove_file(&tmp).ok();
+        return Err(anyhow!("{}: cannot move into place ({e})", path.display()));
+    }
     Ok(())
+}
+
+/// The pid in a temporary name `.NAME.<pid>-<n>.tmp` written by [`write_atomic_with`].
+fn temp_owner(file_name: &str) -> Option<u32> {
+    let stem = file_name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (rest, counter) = stem.rsplit_once('-')?;
+    counter.parse::<u64>().ok()?;
+    let (_, pid) = rest.rsplit_once('.')?;
+    pid.parse().ok()
+}
+
+/// Whether process `pid` is alive (unknown platforms: assume it is, so nothing is removed).
+pub fn process_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
+/// Removes the temporary files in `dir` left by processes that are no longer alive (a kill
+/// during a write); returns how many were removed. Errors are ignored: this is cleanup.
+pub fn remove_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = temp_owner(&name.to_string_lossy()) else {
+            continue;
+        };
+        if !process_alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Writes pretty JSON atomically.
@@ -58,7 +107,10 @@ pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
 
 /// Writes named tensors as a safetensors file (with string metadata in its header), atomically.
 /// The tensors' bytes are streamed to the file from one host copy each (no whole-file buffer):
-/// the all-pairs maps of a 30-layer model are 0.6 GB.
+/// the all-pairs maps of a 30-layer model are 0.6 GB. The bytes depend only on the inputs: the
+/// header's keys are in sorted order (the safetensors crate writes its `HashMap`s in a random
+/// order, so identical data had a different sha256 on every run) and the tensors are laid out
+/// widest dtype first (so every tensor is aligned), then in the given order.
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Tensor)],
@@ -68,29 +120,58 @@ pub fn write_safetensors(
     for (name, t) in tensors {
         owned.push((name.clone(), t.dims().to_vec(), HostData::of(t)?));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
-        .iter()
-        .map(|(n, shape, data)| {
-            let (dtype, bytes) = data.bytes();
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes)?,
-            ))
-        })
-        .collect::<Result<_, safetensors::SafeTensorError>>()
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let header = safetensors_header(&owned, metadata)?;
+    let order = layout_order(&owned);
     write_atomic_with(path, |tmp| {
-        safetensors::serialize_to_file(views, metadata, tmp).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        // safetensors writes through a private (0600) temporary file; give the output the
-        // permissions of every other file jumplens writes.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644))
-                .with_context(|| format!("{}: cannot set permissions", tmp.display()))?;
+        let f = std::fs::File::create(tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        let io = |e: std::io::Error| anyhow!("{}: cannot write ({e})", tmp.display());
+        w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        w.write_all(&header).map_err(io)?;
+        for &i in &order {
+            w.write_all(owned[i].2.bytes().1).map_err(io)?;
         }
+        w.flush().map_err(io)?;
         Ok(())
     })
+}
+
+/// The tensors' positions in the file: widest element first (keeps every tensor aligned to its
+/// element size), ties in the given order.
+fn layout_order(owned: &[(String, Vec<usize>, HostData)]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..owned.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(owned[i].2.bytes().0.bitsize()));
+    order
+}
+
+/// The JSON header of a safetensors file (keys sorted, padded with spaces to a multiple of 8).
+fn safetensors_header(
+    owned: &[(String, Vec<usize>, HostData)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut header = BTreeMap::new();
+    if let Some(m) = metadata {
+        let sorted: BTreeMap<String, String> = m.into_iter().collect();
+        header.insert("__metadata__".to_string(), serde_json::to_value(sorted)?);
+    }
+    let mut offset = 0usize;
+    for i in layout_order(owned) {
+        let (name, shape, data) = &owned[i];
+        if name == "__metadata__" || header.contains_key(name) {
+            anyhow::bail!("tensor name '{name}' is reserved or repeated");
+        }
+        let (dtype, bytes) = data.bytes();
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    // A Value::Object from a BTreeMap serializes in key order whether or not serde_json keeps
+    // insertion order.
+    let mut bytes = serde_json::to_vec(&header)?;
+    bytes.resize(bytes.len().div_ceil(8) * 8, b' ');
+    Ok(bytes)
 }
 
 // safetensors stores little-endian values; the host copies below are written as they are.
@@ -209,5 +290,66 @@ mod tests {
         }
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Issue 19 item 5: the same tensors and metadata give the same bytes (the metadata used to
+    /// be written in `HashMap` order, different for every map built).
+    #[test]
+    fn safetensors_bytes_are_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = candle_core::Device::Cpu;
+        let tensors = vec![
+            ("z".to_string(), Tensor::new(&[1i64, 2, 3], &dev).unwrap()),
+            ("a".to_string(), Tensor::new(&[1f32, 2.0, 3.0], &dev).unwrap()),
+            ("m".to_string(), Tensor::new(&[5f64], &dev).unwrap()),
+        ];
+        let meta = || (0..20).map(|i| (format!("key{i}"), format!("value{i}"))).collect::<HashMap<_, _>>();
+        let (p1, p2) = (dir.path().join("1.safetensors"), dir.path().join("2.safetensors"));
+        write_safetensors(&p1, &tensors, Some(meta())).unwrap();
+        write_safetensors(&p2, &tensors, Some(meta())).unwrap();
+        let (b1, b2) = (std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+        assert_eq!(b1, b2);
+        // And the safetensors crate reads the file back, metadata included.
+        let st = safetensors::SafeTensors::deserialize(&b1).unwrap();
+        assert_eq!(st.tensor("z").unwrap().data(), bytemuck::cast_slice::<i64, u8>(&[1, 2, 3]));
+        let (_, header) = safetensors::SafeTensors::read_metadata(&b1).unwrap();
+        assert_eq!(header.metadata().as_ref().unwrap()["key7"], "value7");
+    }
+
+    /// Issue 19 item 4: a failed rename (the output path is a folder) leaves no temporary file,
+    /// and temporary files of dead processes are removed by the next write in the folder.
+    #[test]
+    fn temporary_files_are_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out.json");
+        std::fs::create_dir(&out).unwrap();
+        let err = write_atomic(&out, b"{}").unwrap_err().to_string();
+        assert!(err.contains("out.json") && err.contains("folder"), "{err}");
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(dir.path()), ["out.json"]);
+        // A write that fails part-way removes its temporary file.
+        let failing = write_atomic_with(&dir.path().join("x.bin"), |tmp| {
+            std::fs::write(tmp, b"half")?;
+            anyhow::bail!("disk full")
+        });
+        assert!(failing.is_err());
+        assert_eq!(names(dir.path()), ["out.json"]);
+        // A dead process's temporary file (pid far above pid_max) goes; a live one's stays.
+        let dead = dir.path().join(".maps.safetensors.4999999-0.tmp");
+        let live = dir.path().join(format!(".maps.safetensors.{}-99.tmp", std::process::id()));
+        std::fs::write(&dead, b"x").unwrap();
+        std::fs::write(&live, b"x").unwrap();
+        write_atomic(&dir.path().join("r2.json"), b"{}").unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists());
+        assert_eq!(temp_owner(".train.safetensors.123-4.tmp"), Some(123));
+        assert_eq!(temp_owner("train.safetensors"), None);
     }
 }

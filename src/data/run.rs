@@ -36,18 +36,153 @@ impl RunDir {
     }
     /// The manifest, or an error saying the folder is not a run.
     pub fn read_manifest(&self) -> Result<Manifest> {
-        let p = self.manifest();
-        if !p.exists() {
-            bail!(
+        match self.read_manifest_if_any()? {
+            Some(m) => Ok(m),
+            None => bail!(
                 "{}: not a jumplens run (no manifest.json); run `jumplens collect` first",
                 self.root.display()
-            );
+            ),
+        }
+    }
+
+    /// The manifest, `None` when the folder has none and holds no outputs (a fresh run); a
+    /// missing manifest beside outputs, or a corrupt one, is an error: the outputs' origin is
+    /// then unknown and reusing them could mix runs.
+    pub fn read_manifest_if_any(&self) -> Result<Option<Manifest>> {
+        let p = self.manifest();
+        if !p.exists() {
+            if let Some(out) = self.existing_output() {
+                bail!(
+                    "{}: outputs without a manifest.json ({} exists); their origin is unknown: \
+                     remove them or use a new --out folder",
+                    self.root.display(),
+                    out.display()
+                );
+            }
+            return Ok(None);
         }
         let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: invalid manifest ({e})", p.display()))
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| anyhow!("{}: invalid manifest ({e}); remove the folder or use a new --out folder", p.display()))
     }
+
+    /// The first collected data file in the run (activations or a finished part), if any.
+    pub fn collected_data(&self) -> Option<PathBuf> {
+        let first_part = std::fs::read_dir(self.parts_dir()).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        });
+        ["train", "val"]
+            .iter()
+            .map(|s| self.activations(s))
+            .find(|p| p.exists())
+            .or(first_part)
+    }
+
+    /// The first output of any stage present in the run, if any.
+    fn existing_output(&self) -> Option<PathBuf> {
+        self.collected_data().or_else(|| {
+            STAGE_OUTPUTS
+                .iter()
+                .map(|f| self.file(f))
+                .find(|p| p.exists())
+        })
+    }
+
+    /// Takes the run's lock (`RUN/.lock`, holding the pid) for as long as the guard lives: a
+    /// second process writing the same run is refused; a lock whose process is dead (killed)
+    /// is taken over. Taking it again in the same process is allowed (the report runs the
+    /// stages, which lock too).
+    pub fn lock(&self) -> Result<RunLock> {
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("{}: cannot create folder", self.root.display()))?;
+        let path = self.root.join(".lock");
+        let me = std::process::id();
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    writeln!(f, "{me}").with_context(|| format!("{}: cannot write", path.display()))?;
+                    crate::interrupt::register_lock(path.clone(), true);
+                    return Ok(RunLock { path: Some(path) });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder: Option<u32> = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|t| t.trim().parse().ok());
+                    match holder {
+                        Some(pid) if pid == me => return Ok(RunLock { path: None }),
+                        Some(pid) if crate::data::io::process_alive(pid) => bail!(
+                            "{}: another jumplens process (pid {pid}) is writing this run; wait for it \
+                             or use a new --out folder (remove {} if that process is not jumplens)",
+                            self.root.display(),
+                            path.display()
+                        ),
+                        // Dead holder, or a lock being written right now / unreadable: a
+                        // dead one is removed and the lock taken again.
+                        Some(_) => {
+                            std::fs::remove_file(&path).ok();
+                        }
+                        None => std::thread::sleep(std::time::Duration::from_millis(50)),
+                    }
+                }
+                Err(e) => bail!("{}: cannot create the lock ({e})", path.display()),
+            }
+        }
+        bail!(
+            "{}: cannot take the lock {} (remove it if no jumplens process is running)",
+            self.root.display(),
+            path.display()
+        )
+    }
+    /// Reads `split`'s activations and checks them against `manifest` (see
+    /// [`Manifest::check_activations`]).
+    pub fn read_split(&self, manifest: &Manifest, split: &str) -> Result<crate::data::Activations> {
+        let act = crate::data::Activations::read(&require(&self.activations(split), "collect")?)?;
+        manifest.check_activations(split, &act)?;
+        Ok(act)
+    }
+
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
         crate::data::io::write_json(&self.manifest(), m)
+    }
+}
+
+/// The files the stages after collect write (a test in `pipeline::stage` keeps this list equal
+/// to theirs); their presence makes a folder a run.
+pub const STAGE_OUTPUTS: &[&str] = &[
+    "maps.safetensors",
+    "maps_affine.safetensors",
+    "r2.json",
+    "r2.svg",
+    "predict.json",
+    "predict_traces.safetensors",
+    "predict.svg",
+    "early_exit.json",
+    "early_exit.svg",
+    "submodules.json",
+    "submodules.svg",
+    "alternation.json",
+    "alternation.svg",
+    "report.html",
+];
+
+/// The run's lock; removed when dropped (a killed process leaves it, and the next one takes it
+/// over since its pid is dead).
+#[derive(Debug)]
+pub struct RunLock {
+    /// `None` when this process already held the lock (the outer guard removes it).
+    path: Option<PathBuf>,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            std::fs::remove_file(p).ok();
+            crate::interrupt::register_lock(p.clone(), false);
+        }
     }
 }
 
@@ -96,6 +231,38 @@ impl Manifest {
     /// Records a finished stage.
     pub fn set_stage(&mut self, name: &str, record: Value) {
         self.stages.insert(name.to_string(), record);
+    }
+
+    /// Refuses activations of `split` that do not match this manifest (layers, width, example
+    /// count), naming the field: a folder whose files were replaced or mixed.
+    pub fn check_activations(&self, split: &str, act: &crate::data::Activations) -> Result<()> {
+        let (s, n, d) = act.hidden_states.dims3()?;
+        let recorded = self
+            .counts
+            .get(split)
+            .and_then(|c| c.get("examples"))
+            .and_then(Value::as_u64);
+        let mismatch = |field: &str, manifest: String, file: usize| {
+            anyhow!(
+                "{}: {field} is {file} but manifest.json records {manifest}; the run folder was \
+                 modified: collect again in a new --out folder",
+                act.path.display()
+            )
+        };
+        if s != self.model.n_layers + 1 {
+            return Err(mismatch("the number of states (n_layers + 1)", (self.model.n_layers + 1).to_string(), s));
+        }
+        if d != self.model.d_model {
+            return Err(mismatch("the width (d_model)", self.model.d_model.to_string(), d));
+        }
+        match recorded {
+            Some(r) if r as usize != n => Err(mismatch(&format!("the example count (counts.{split}.examples)"), r.to_string(), n)),
+            None => bail!(
+                "{}: manifest.json records no finished {split} split (counts.{split}); run `jumplens collect` again",
+                act.path.display()
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// Wall time of each of `stages` as recorded (`stages.<name>.wall_s`; for collect, the sum

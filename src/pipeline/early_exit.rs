@@ -6,7 +6,6 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use crate::data::run::{require, RunDir};
-use crate::data::Activations;
 use crate::eval::early_exit::{analyse, cosine_confidence, EarlyExitReport, LensTrace, ModelFlops};
 pub use crate::eval::early_exit::{EarlyExitOptions, Measure, Rule};
 use crate::eval::predict::Lens;
@@ -15,6 +14,7 @@ use crate::lens::maps::Maps;
 /// Runs the early-exit stage from the run's `predict_traces.safetensors` (and activations).
 pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExitReport> {
     let started = std::time::Instant::now();
+    let _lock = run.lock()?;
     let mut manifest = run.read_manifest()?;
     let traces_path = require(&run.file("predict_traces.safetensors"), "predict")?;
     let traces = crate::data::io::read_safetensors(&traces_path)?;
@@ -35,7 +35,7 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         .into_iter()
         .map(|x| x as u32)
         .collect();
-    let val = Activations::read(&require(&run.activations("val"), "collect")?)?;
+    let val = run.read_split(&manifest, "val")?;
     let masked = manifest.model.attention == "bidirectional";
     let maps = match opts.measure {
         Measure::Cosine => Some(Maps::read(&require(&run.maps(), "fit")?)?),

@@ -10,8 +10,7 @@ use anyhow::Result;
 use candle_core::Device;
 use serde::Serialize;
 
-use crate::data::run::{require, RunDir};
-use crate::data::Activations;
+use crate::data::run::RunDir;
 use crate::lens::fit::{self, FitOptions, FitReport};
 
 /// Which layer pairs to fit.
@@ -39,10 +38,12 @@ pub struct FitSummary {
 /// The states go to `device` for the fit ([`crate::lens::fit::device`] on a GPU); the maps come
 /// back to the host to be written.
 pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -> Result<FitSummary> {
+    let _lock = run.lock()?;
     let mut manifest = run.read_manifest()?;
     let started = Instant::now();
-    let train = Activations::read(&require(&run.activations("train"), "collect")?)?;
+    let train = run.read_split(&manifest, "train")?;
     let (s, n, d) = train.hidden_states.dims3()?;
+    check_ridge(opts.ridge, &train.hidden_states)?;
     let pair_list = match pairs {
         Pairs::All => fit::pairs_all(s),
         Pairs::ToFinal => fit::pairs_to_final(s),
@@ -95,6 +96,34 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
     );
     run.write_manifest(&manifest)?;
     Ok(summary)
+}
+
+/// How far above the largest Gram diagonal entry a ridge may go: beyond it the penalty
+/// dominates every normal equation and shrinks the maps by more than this factor (to zeros in
+/// float32 for huge values such as 1e300), which no one asks for knowingly.
+pub const MAX_RIDGE_OVER_GRAM: f64 = 1e6;
+
+/// Refuses a ridge above [`MAX_RIDGE_OVER_GRAM`] x the largest entry of any layer's Gram
+/// diagonal (sum over examples of a squared coordinate), naming the bound.
+pub fn check_ridge(ridge: f64, states: &candle_core::Tensor) -> Result<()> {
+    if ridge == 0.0 {
+        return Ok(());
+    }
+    anyhow::ensure!(ridge.is_finite() && ridge > 0.0, "--ridge must be a finite number >= 0 (got {ridge})");
+    let diag = states
+        .to_dtype(candle_core::DType::F64)?
+        .sqr()?
+        .sum(1)?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?;
+    let bound = MAX_RIDGE_OVER_GRAM * diag;
+    anyhow::ensure!(
+        ridge <= bound,
+        "--ridge {ridge:e} is above {MAX_RIDGE_OVER_GRAM:e} x the largest Gram diagonal entry ({diag:.3e}), \
+         i.e. above {bound:.3e}: the maps would be shrunk to (nearly) zero; use a smaller ridge"
+    );
+    Ok(())
 }
 
 /// The fit's warnings on stderr. With fewer examples than the width every layer's Gram is

@@ -8,7 +8,6 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::data::Activations;
 use crate::eval::predict::{evaluate, Evaluation, Lens, LensMetrics};
 use crate::lens::maps::Maps;
 
@@ -78,8 +77,9 @@ pub fn run_predict(
     opts: &PredictOptions,
 ) -> Result<PredictReport> {
     let started = std::time::Instant::now();
+    let _lock = run.lock()?;
     let mut manifest = run.read_manifest()?;
-    let val_path = crate::data::run::require(&run.activations("val"), "collect")?;
+    crate::data::run::require(&run.activations("val"), "collect")?;
     let maps_path = match &opts.maps {
         Some(p) => p.clone(),
         None => crate::data::run::require(&run.maps(), "fit")?,
@@ -97,7 +97,7 @@ pub fn run_predict(
     } else {
         None
     };
-    let val = Activations::read(&val_path)?;
+    let val = run.read_split(&manifest, "val")?;
     let mut lenses = vec![
         ("mat".to_string(), Lens::Maps(&maps)),
         ("id".to_string(), Lens::Identity),

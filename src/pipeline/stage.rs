@@ -190,4 +190,24 @@ mod tests {
         let names: Vec<&str> = Stage::REPORT.iter().map(|s| s.name()).collect();
         assert_eq!(names, ["collect", "fit", "r2", "predict", "early_exit", "submodules"]);
     }
+
+    /// The run folder's list of stage outputs (a folder holding any is a run) is every
+    /// stage's outputs but collect's.
+    #[test]
+    fn run_folder_knows_every_stage_output() {
+        let all = [
+            Stage::Fit,
+            Stage::FitAffine,
+            Stage::R2,
+            Stage::Predict,
+            Stage::EarlyExit,
+            Stage::Submodules,
+            Stage::Html,
+        ];
+        let mut outputs: Vec<&str> = all.iter().flat_map(|s| s.outputs().iter().copied()).collect();
+        let mut listed = crate::data::run::STAGE_OUTPUTS.to_vec();
+        outputs.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(outputs, listed);
+    }
 }

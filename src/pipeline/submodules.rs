@@ -6,7 +6,6 @@
 use anyhow::{bail, Result};
 
 use crate::data::run::{require, RunDir};
-use crate::data::Activations;
 pub use crate::eval::submodules::SubmoduleOptions;
 use crate::eval::submodules::{check_r2_shape, experiments, AlternationReport, SubmoduleReport};
 use crate::lens::maps::Maps;
@@ -19,13 +18,21 @@ pub fn run_submodules(
     opts: &SubmoduleOptions,
 ) -> Result<(SubmoduleReport, AlternationReport)> {
     let started = std::time::Instant::now();
+    if opts.n_eval == 0 || opts.n_train == 0 {
+        bail!(
+            "submodules needs at least one evaluation (--val) and one training (--train) example (asked for {} and {})",
+            opts.n_eval,
+            opts.n_train
+        );
+    }
+    let _lock = run.lock()?;
     let mut manifest = run.read_manifest()?;
     let info = lm.model.info().clone();
     if manifest.model.n_layers != info.n_layers || manifest.model.d_model != info.d_model {
         bail!("{}: the run was collected with another model", run.root.display());
     }
-    let train = Activations::read(&require(&run.activations("train"), "collect")?)?;
-    let val = Activations::read(&require(&run.activations("val"), "collect")?)?;
+    let train = run.read_split(&manifest, "train")?;
+    let val = run.read_split(&manifest, "val")?;
     let maps = Maps::read(&require(&run.maps(), "fit")?)?;
     maps.check_model(&manifest.model)?;
     let maps = maps.to_device(lm.model.device())?;

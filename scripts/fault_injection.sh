@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Fault injection on a whole report (issue 19): kill -9 at N random moments of
+# `jumplens report --quick` on BERT MLM and rerun each time; the final outputs must equal an
+# uninterrupted run's bytes and no temporary file or lock may remain. Then a full disk (a small
+# tmpfs; root only, else skipped with a message) and read-only outputs during each stage: each
+# must fail with one error line and no panic, leave no temporary file, and the run must resume.
+#
+#   scripts/fault_injection.sh [N=20]
+#   FI_TRAIN=300 FI_VAL=100 scripts/fault_injection.sh 5   # smaller sizes (faster)
+#   JUMPLENS=path/to/jumplens FI_MODEL=... FI_CORPUS=... scripts/fault_injection.sh
+#
+# Prints one line per kill and a summary: kills survived, files compared, files differing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-20}
+MODEL=${FI_MODEL:-assets/bert_mlm}
+CORPUS=${FI_CORPUS:-assets/wiki/summaries_en-us.json}
+SIZES=()
+[[ -n "${FI_TRAIN:-}" ]] && SIZES+=(--train "$FI_TRAIN")
+[[ -n "${FI_VAL:-}" ]] && SIZES+=(--val "$FI_VAL")
+if [[ -z "${JUMPLENS:-}" ]]; then
+    cargo build --release --quiet
+    JUMPLENS=${CARGO_TARGET_DIR:-target}/release/jumplens
+fi
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/jumplens-fi.XXXXXX")
+trap 'umount "$WORK/disk" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+REPORT=(report "$MODEL" --corpus "$CORPUS" --quick "${SIZES[@]}" --quiet)
+report() { "$JUMPLENS" "${REPORT[@]}" --out "$1"; }
+
+# The run's files without the parts that are times by nature (wall_s, fit_s, gflops in the
+# manifest; the page's timing table), as "sha256  path" lines.
+digest() {
+    (cd "$1" && find . -type f ! -name manifest.json ! -name report.html | sort | xargs sha256sum)
+    python3 - "$1/manifest.json" <<'PY'
+import hashlib, json, sys
+def strip(v):
+    if isinstance(v, dict):
+        return {k: strip(x) for k, x in v.items() if k not in ("wall_s", "fit_s", "gflops", "path")}
+    if isinstance(v, list):
+        return [strip(x) for x in v]
+    return v
+m = strip(json.load(open(sys.argv[1])))
+print(hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest(), " ./manifest.json (times stripped)")
+PY
+}
+leftovers() { find "$1" \( -name '*.tmp' -o -name .lock \) | sort; }
+
+start=$(date +%s.%N)
+# Every run writes to the same path ($WORK/run: predict.json names its run folder), moved aside
+# when finished.
+report "$WORK/run"
+mv "$WORK/run" "$WORK/ref"
+ref_s=$(python3 -c "import time; print(time.time() - $start)")
+echo "uninterrupted report: $(printf %.1f "$ref_s") s"
+digest "$WORK/ref" > "$WORK/ref.sha"
+
+survived=0
+for i in $(seq 1 "$N"); do
+    at=$(python3 -c "import random; print(round(random.uniform(0.02, 1.0) * $ref_s, 2))")
+    "$JUMPLENS" "${REPORT[@]}" --out "$WORK/run" > /dev/null 2>&1 &
+    pid=$!  # jumplens itself (not a subshell), so that kill -9 hits it
+    sleep "$at"
+    if kill -9 "$pid" 2>/dev/null; then what="killed at ${at} s"; else what="finished before ${at} s"; fi
+    wait "$pid" 2>/dev/null || true
+    # The rerun must succeed from whatever the kill left.
+    if report "$WORK/run" > "$WORK/rerun.log" 2>&1; then
+        survived=$((survived + 1))
+        echo "kill $i: $what; rerun ok"
+    else
+        echo "kill $i: $what; RERUN FAILED: $(tail -1 "$WORK/rerun.log")"
+    fi
+    digest "$WORK/run" > "$WORK/killed.sha"
+    if ! diff -q "$WORK/ref.sha" "$WORK/killed.sha" > /dev/null; then
+        echo "kill $i: outputs differ from the uninterrupted run:"; diff "$WORK/ref.sha" "$WORK/killed.sha" || true
+        exit 1
+    fi
+    if [[ -n "$(leftovers "$WORK/run")" ]]; then
+        echo "kill $i: left behind: $(leftovers "$WORK/run")"; exit 1
+    fi
+    # Restart from scratch every few kills so that early stages (collect) are hit again.
+    (( i % 4 == 0 )) && rm -rf "$WORK/run"
+done
+echo "kill -9: $survived of $N reruns succeeded; $(wc -l < "$WORK/ref.sha") files equal the uninterrupted run's bytes; no temporary file or lock left"
+
+one_error_line() {  # $1 = log: non-zero exit already checked; one "error" line, no panic
+    if grep -q panicked "$1"; then echo "PANIC: $(cat "$1")"; return 1; fi
+    [[ $(grep -c '^error' "$1") == 1 ]] || { echo "not one error line: $(cat "$1")"; return 1; }
+}
+
+mkdir -p "$WORK/disk"
+if ! mount -t tmpfs -o size=2m tmpfs "$WORK/disk" 2>/dev/null; then
+    echo "full disk / read-only: skipped (cannot mount a tmpfs here; needs root)"
+    exit 0
+fi
+# Full disk: a 2 MB tmpfs holds the manifest but not the activations.
+if report "$WORK/disk/run" > "$WORK/full.log" 2>&1; then
+    echo "full disk: the report unexpectedly fit in 2 MB"; exit 1
+fi
+one_error_line "$WORK/full.log"
+[[ -z "$(leftovers "$WORK/disk/run")" ]] || { echo "full disk: left $(leftovers "$WORK/disk/run")"; exit 1; }
+echo "full disk: $(grep '^error' "$WORK/full.log")"
+# Resume on a large disk from what the full one kept.
+rm -rf "$WORK/run"
+cp -a "$WORK/disk/run" "$WORK/run"
+report "$WORK/run" > /dev/null 2>&1
+digest "$WORK/run" | diff -q "$WORK/ref.sha" - > /dev/null && echo "full disk: resumed elsewhere, outputs equal the uninterrupted run's"
+umount "$WORK/disk"
+
+# Read-only outputs: a finished run on a tmpfs remounted read-only; every stage must refuse
+# with one line and leave the files as they were.
+mount -t tmpfs -o size=2g tmpfs "$WORK/disk"
+cp -a "$WORK/ref" "$WORK/disk/run"
+mount -o remount,ro "$WORK/disk"
+for stage in "collect $MODEL --corpus $CORPUS --train 1 --val 1" "fit" "r2" "predict" "early-exit" "submodules"; do
+    read -r -a args <<< "$stage"
+    cmd=("$JUMPLENS" "${args[0]}")
+    [[ ${args[0]} == collect ]] && cmd+=("${args[@]:1}" --out "$WORK/disk/run") || cmd+=("$WORK/disk/run")
+    if "${cmd[@]}" --quiet > "$WORK/ro.log" 2>&1; then
+        echo "read-only ${args[0]}: unexpectedly succeeded"; exit 1
+    fi
+    one_error_line "$WORK/ro.log"
+    echo "read-only ${args[0]}: $(grep '^error' "$WORK/ro.log")"
+done
+digest "$WORK/disk/run" | diff -q "$WORK/ref.sha" - > /dev/null && echo "read-only: files unchanged"
+umount "$WORK/disk"
