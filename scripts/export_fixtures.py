@@ -50,16 +50,28 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,8 +194,71 @@ def build_config(name):
             cls_token_id=CLS_ID,  # extra fields, serialised into config.json
             sep_token_id=SEP_ID,
         )
+    if name in ("neox_parallel", "neox_sequential"):
+        return GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_act="gelu",
+            rotary_pct=0.25 if name == "neox_parallel" else 0.5,  # partial rotary: 4 or 8 of 16 dims
+            max_position_embeddings=64,
+            layer_norm_eps=1e-5,
+            use_parallel_residual=(name == "neox_parallel"),
+            attention_bias=True,
+            tie_word_embeddings=False,
+            initializer_range=INIT_RANGE,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        )
+    if name in ("qwen3", "qwen3_tied"):  # head_dim 24 != 64 / 4
+        return Qwen3Config(**llama_like_kwargs(), head_dim=24, tie_word_embeddings=(name == "qwen3_tied"))
+    if name == "olmo2":
+        return Olmo2Config(**llama_like_kwargs(), tie_word_embeddings=False)
+    if name == "mixtral":  # top-2 of 4 experts, window shorter than rows 0 and 2
+        return MixtralConfig(**llama_like_kwargs(), num_local_experts=4, num_experts_per_tok=2,
+                             sliding_window=WINDOW, tie_word_embeddings=False)
+    if name in ("phi3_longrope", "phi3_short"):
+        # partial rotary (8 of 16 dims, 4 frequencies); original_max 4 < T = 7 picks the long
+        # factors for the fixture batch, 16 > T keeps the short ones.
+        orig = 4 if name == "phi3_longrope" else 16
+        kw = llama_like_kwargs()
+        theta = kw.pop("rope_theta")
+        rope = {"rope_type": "longrope", "rope_theta": theta, "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.3, 2.1, 3.7], "long_factor": [1.5, 2.9, 5.3, 11.0],
+                "original_max_position_embeddings": orig}
+        return Phi3Config(**kw, original_max_position_embeddings=orig, rope_parameters=rope,
+                          tie_word_embeddings=False)
+    if name == "gemma2":
+        return Gemma2Config(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=64,
+            rms_norm_eps=1e-6,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,  # != head_dim, so the scale matters
+            hidden_activation="gelu_pytorch_tanh",
+            tie_word_embeddings=True,
+            attn_logit_softcapping=GEMMA2_ATTN_CAP,
+            final_logit_softcapping=GEMMA2_FINAL_CAP,
+            initializer_range=INIT_RANGE,
+            pad_token_id=PAD_ID,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+        )
     raise KeyError(name)
 
+
+GEMMA2_ATTN_CAP = 1.0  # small enough to bite (checked in export_model)
+GEMMA2_FINAL_CAP = 1.5
 
 MODEL_CLASSES = {
     "llama": LlamaForCausalLM,
@@ -198,10 +273,27 @@ MODEL_CLASSES = {
     "gpt2": GPT2LMHeadModel,
     "bert_mlm": BertForMaskedLM,
     "bert": BertModel,
+    "neox_parallel": GPTNeoXForCausalLM,
+    "neox_sequential": GPTNeoXForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "qwen3_tied": Qwen3ForCausalLM,
+    "gemma2": Gemma2ForCausalLM,
+    "olmo2": Olmo2ForCausalLM,
+    "phi3_longrope": Phi3ForCausalLM,
+    "phi3_short": Phi3ForCausalLM,
+    "mixtral": MixtralForCausalLM,
 }
 SEEDS = {"llama": 11, "llama_tied": 12, "qwen2": 13, "mistral": 14, "gemma3": 15, "gpt2": 16, "bert_mlm": 17, "bert": 18,
          "mistral_sliding": 19, "qwen2_sliding": 20, "llama_rope_linear": 21, "llama_rope_llama3": 22}
+SEEDS.update({"neox_parallel": 23, "neox_sequential": 24, "qwen3": 25, "qwen3_tied": 26, "gemma2": 27, "olmo2": 28,
+              "phi3_longrope": 29, "phi3_short": 30, "mixtral": 31})
 NEW_NAMES = ["mistral_sliding", "qwen2_sliding", "llama_rope_linear", "llama_rope_llama3"]
+# Issue 14's architectures: exported with `--only` into new folders (the older fixtures are not
+# regenerated, see docs/adding-an-architecture.md); their tolerances go to ARCHS.md.
+ARCH_NAMES = ["neox_parallel", "neox_sequential", "qwen3", "qwen3_tied", "gemma2", "olmo2", "phi3_longrope",
+              "phi3_short", "mixtral"]
+GEMMA_LIKE = ("gemma3", "gemma2")  # (1 + w) RMSNorms
+POST_NORMED = ("gemma3", "gemma2", "olmo2")  # norms on the attention / MLP outputs
 
 
 def is_norm(module):
@@ -231,8 +323,10 @@ def build_model(name):
     torch.manual_seed(SEEDS[name])
     model = MODEL_CLASSES[name](cfg)
     model.set_attn_implementation("eager")
+    if name == "mixtral":  # the per-expert loop (grouped_mm has no float64 kernel)
+        model.set_experts_implementation("eager")
     gen = torch.Generator().manual_seed(1000 + SEEDS[name])
-    perturb(model, gen, gemma=(name == "gemma3"))
+    perturb(model, gen, gemma=(name in GEMMA_LIKE))
     model.eval()
     return model
 
@@ -245,8 +339,26 @@ class Arch:
     def __init__(self, model, name):
         self.name = name
         self.kind = "bert" if name.startswith("bert") else "prenorm"
-        self.gemma = name == "gemma3"
+        self.gemma = name in POST_NORMED  # taps ln{1,2}_post.hook_in, attn/mlp_out after the post-norms
+        self.no_prenorm = name == "olmo2"  # OLMo 2 has only post-norms
+        self.parallel = name == "neox_parallel"
+        self.moe = name == "mixtral"
         if name == "gpt2":
+            base = model.transformer
+            self.layers = list(base.h)
+            self.final_norm = base.ln_f
+            self.ln1, self.attn, self.ln2, self.mlp = "ln_1", "attn", "ln_2", "mlp"
+        elif name.startswith("neox"):
+            base = model.gpt_neox
+            self.layers = list(base.layers)
+            self.final_norm = base.final_layer_norm
+            self.ln1, self.attn, self.ln2, self.mlp = "input_layernorm", "attention", "post_attention_layernorm", "mlp"
+        elif name == "olmo2":
+            base = model.model
+            self.layers = list(base.layers)
+            self.final_norm = base.norm
+            self.ln1, self.attn, self.ln2, self.mlp = None, "self_attn", None, "mlp"
+        elif False:
             base = model.transformer
             self.layers = list(base.h)
             self.final_norm = base.ln_f
@@ -298,6 +410,8 @@ def install_taps(arch, store):
     if arch.name == "gpt2":
         hs.append(b.wte.register_forward_hook(rec("hook_embed", out_fn), with_kwargs=True))
         hs.append(b.wpe.register_forward_hook(rec("hook_pos_embed", expanded), with_kwargs=True))
+    elif arch.name.startswith("neox"):
+        hs.append(b.embed_in.register_forward_hook(rec("hook_embed", out_fn), with_kwargs=True))
     elif arch.kind == "prenorm":
         hs.append(b.embed_tokens.register_forward_hook(rec("hook_embed", out_fn), with_kwargs=True))
     else:
@@ -311,10 +425,20 @@ def install_taps(arch, store):
         hs.append(layer.register_forward_pre_hook(rec_pre(p + "hook_resid_pre"), with_kwargs=True))
         if arch.kind == "prenorm":
             sub = lambda n: getattr(layer, n)  # noqa: E731
-            hs.append(sub(arch.ln1).register_forward_hook(rec(p + "ln1.hook_normalized", out_fn), with_kwargs=True))
+            if arch.no_prenorm:  # the "normalised" inputs are the raw residual stream
+                hs.append(sub(arch.attn).register_forward_pre_hook(rec_pre(p + "ln1.hook_normalized"), with_kwargs=True))
+            else:
+                hs.append(sub(arch.ln1).register_forward_hook(rec(p + "ln1.hook_normalized", out_fn),
+                                                              with_kwargs=True))
             hs.append(sub(arch.attn).register_forward_hook(rec(p + "attn.hook_pattern", pattern_fn), with_kwargs=True))
-            down = sub(arch.mlp).c_proj if arch.name == "gpt2" else sub(arch.mlp).down_proj
-            hs.append(down.register_forward_hook(rec(p + "mlp.hook_post", in_fn), with_kwargs=True))
+            if arch.name == "gpt2":
+                down = sub(arch.mlp).c_proj
+            elif arch.name.startswith("neox"):
+                down = sub(arch.mlp).dense_4h_to_h
+            else:
+                down = None if arch.moe else sub(arch.mlp).down_proj
+            if down is not None:  # MoE: no single MLP activation
+                hs.append(down.register_forward_hook(rec(p + "mlp.hook_post", in_fn), with_kwargs=True))
             if arch.gemma:
                 hs.append(sub(arch.attn).register_forward_hook(rec(p + "ln1_post.hook_in", out_fn), with_kwargs=True))
                 hs.append(layer.post_attention_layernorm.register_forward_hook(
@@ -325,8 +449,14 @@ def install_taps(arch, store):
             else:
                 hs.append(sub(arch.attn).register_forward_hook(rec(p + "hook_attn_out", out_fn), with_kwargs=True))
                 hs.append(sub(arch.mlp).register_forward_hook(rec(p + "hook_mlp_out", out_fn), with_kwargs=True))
-            hs.append(sub(arch.ln2).register_forward_pre_hook(rec_pre(p + "hook_resid_mid"), with_kwargs=True))
-            hs.append(sub(arch.ln2).register_forward_hook(rec(p + "ln2.hook_normalized", out_fn), with_kwargs=True))
+            if arch.no_prenorm:
+                hs.append(sub(arch.mlp).register_forward_pre_hook(rec_pre(p + "hook_resid_mid"), with_kwargs=True))
+                hs.append(sub(arch.mlp).register_forward_pre_hook(rec_pre(p + "ln2.hook_normalized"), with_kwargs=True))
+            else:
+                if not arch.parallel:  # parallel blocks have no resid_mid (ln2 reads the block input)
+                    hs.append(sub(arch.ln2).register_forward_pre_hook(rec_pre(p + "hook_resid_mid"), with_kwargs=True))
+                hs.append(sub(arch.ln2).register_forward_hook(rec(p + "ln2.hook_normalized", out_fn),
+                                                              with_kwargs=True))
             hs.append(layer.register_forward_hook(rec(p + "hook_resid_post", out_fn), with_kwargs=True))
         else:  # BERT, post-LN: names say what the values are (see src/model/arch/bert.rs)
             so, oo = layer.attention.output, layer.output
@@ -389,7 +519,11 @@ def make_f64(model, name):
     cfg = m.config
     for mod in m.modules():
         cls = type(mod).__name__
-        if "RMSNorm" in cls:
+        if "RMSNorm" in cls and "Olmo2" in cls:  # OLMo 2 casts to the input dtype before the weight
+            def fwd(x, mod=mod):
+                return mod.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon))
+            mod.forward = fwd
+        elif "RMSNorm" in cls:
             if "Gemma" in cls:
                 def fwd(x, mod=mod):
                     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + mod.eps) * (1.0 + mod.weight)
@@ -407,6 +541,10 @@ def make_f64(model, name):
                 return emb.cos(), emb.sin()
 
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            rot_dim = int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0)) \
+                if "Gemma3" not in cls else head_dim
+            if cfg.rope_parameters.get("rope_type") == "longrope":
+                continue  # transformers' own forward: picks the factors and scales cos/sin
             if "Gemma3" in cls:
                 def fwd(x, position_ids, layer_type):
                     return cos_sin(position_ids, inv_freq(cfg.rope_parameters[layer_type]["rope_theta"], head_dim))
@@ -415,10 +553,10 @@ def make_f64(model, name):
                 def fwd(x, position_ids, mod=mod):
                     return cos_sin(position_ids, mod.inv_freq.double())
             else:
-                def fwd(x, position_ids):
-                    return cos_sin(position_ids, inv_freq(cfg.rope_parameters["rope_theta"], head_dim))
+                def fwd(x, position_ids, rot_dim=rot_dim):
+                    return cos_sin(position_ids, inv_freq(cfg.rope_parameters["rope_theta"], rot_dim))
             mod.forward = fwd
-        elif cls == "Gemma3TextScaledWordEmbedding":
+        elif cls in ("Gemma3TextScaledWordEmbedding", "Gemma2ScaledWordEmbedding"):
             mod.embed_scale = torch.tensor(math.sqrt(cfg.hidden_size), dtype=torch.float64)
     return m
 
@@ -524,6 +662,9 @@ def export_model(name, report, conv_notes):
             torch.testing.assert_close(taps[p + "ln1.hook_in"], taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"])
             torch.testing.assert_close(taps[p + "ln2.hook_in"],
                                        taps[p + "ln1.hook_normalized"] + taps[p + "hook_mlp_out"])
+        elif arch.parallel:
+            torch.testing.assert_close(taps[p + "hook_resid_post"],
+                                       taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"] + taps[p + "hook_mlp_out"])
         else:
             torch.testing.assert_close(taps[p + "hook_resid_mid"], taps[p + "hook_resid_pre"] + taps[p + "hook_attn_out"])
             torch.testing.assert_close(taps[p + "hook_resid_post"], taps[p + "hook_resid_mid"] + taps[p + "hook_mlp_out"])
@@ -563,8 +704,39 @@ def export_model(name, report, conv_notes):
             expected[f"replace.{which}.logits"] = rlogits
             reps[which] = W
 
+    # issue 14 variants: the feature under test must change the outputs for these inputs
+    def rerun(**changes):
+        cfg2 = copy.deepcopy(cfg)
+        for k, v in changes.items():
+            setattr(cfg2, k, v)
+        torch.manual_seed(0)
+        m2 = type(model)(cfg2)
+        m2.set_attn_implementation("eager")
+        if name == "mixtral":
+            m2.set_experts_implementation("eager")
+        m2.load_state_dict(model.state_dict())
+        m2.eval()
+        with torch.no_grad():
+            return m2(**inputs).logits
+
+    if name == "gemma2":
+        assert not torch.allclose(rerun(attn_logit_softcapping=None), logits), "attention soft-cap had no effect"
+        assert not torch.allclose(rerun(final_logit_softcapping=None), logits), "final soft-cap had no effect"
+        assert logits.abs().max() < GEMMA2_FINAL_CAP
+        l2 = rerun(layer_types=["full_attention"] * L)
+        assert not torch.allclose(l2[0], logits[0]), "sliding window had no effect"
+        assert torch.equal(l2[1, :4], logits[1, :4]), "real tokens of the length-4 row must be unaffected"
+    if name == "mixtral":
+        l2 = rerun(sliding_window=None)
+        assert not torch.allclose(l2[0], logits[0]), "sliding window had no effect"
+        assert torch.equal(l2[1, :4], logits[1, :4]), "real tokens of the length-4 row must be unaffected"
+        assert not torch.allclose(rerun(num_experts_per_tok=1), logits), "top-2 routing equals top-1"
+    if name.startswith("neox"):
+        l2 = rerun(use_parallel_residual=not cfg.use_parallel_residual)
+        assert not torch.allclose(l2, logits), "parallel and sequential residuals agree"
+
     # gemma3: make sure the sliding window actually matters for these inputs
-    if arch.gemma:
+    if name == "gemma3":
         cfg2 = copy.deepcopy(cfg)
         cfg2.sliding_window = 64
         torch.manual_seed(0)
@@ -625,7 +797,8 @@ def export_model(name, report, conv_notes):
         if f not in ("config.json", "model.safetensors"):
             os.remove(out / f)
     # the saved checkpoint must reproduce the expected outputs
-    reloaded = type(model).from_pretrained(out, attn_implementation="eager").eval()
+    extra = {"experts_implementation": "eager"} if name == "mixtral" else {}
+    reloaded = type(model).from_pretrained(out, attn_implementation="eager", **extra).eval()
     with torch.no_grad():
         o2 = reloaded(**inputs)
     if logits is not None:
@@ -1006,8 +1179,50 @@ def write_lstsq_readme(info):
 
 # ----------------------------------------------------------------------------------------------
 
+def write_archs_readme(report, shapes):
+    lines = [f"# Issue 14 architectures (transformers {transformers.__version__}, torch {torch.__version__})", "",
+             "Exported by `scripts/export_fixtures.py --only " + ",".join(ARCH_NAMES) + "`; same inputs, tensors "
+             "and conventions as README.md, with these differences: GPT-NeoX `neox_parallel` has no "
+             "`hook_resid_mid` (both sub-layers read the block input; resid_post = resid_pre + attn_out + "
+             "mlp_out); OLMo 2 has no pre-norms, so `ln1.hook_normalized` / `ln2.hook_normalized` are the raw "
+             "attention / MLP inputs (= resid_pre / resid_mid) and, as for Gemma, `hook_attn_out` / "
+             "`hook_mlp_out` are after the post-norms with the raw outputs in `ln1_post.hook_in` / "
+             "`ln2_post.hook_in`; Mixtral has no `mlp.hook_post` (no single MLP activation: the sparse MoE "
+             "block is the MLP sub-module, and `replace.mlp` replaces the whole block, router included). "
+             "`replace.attn` on `neox_parallel` replaces the attention of the parallel block only; the MLP "
+             "still reads the block input.", "",
+             "Variants: `neox_parallel` (use_parallel_residual, rotary_pct 0.25), `neox_sequential` (0.5); "
+             "`qwen3` / `qwen3_tied` (head_dim 24 != 64/4); `gemma2` (attention soft-cap "
+             f"{GEMMA2_ATTN_CAP}, final soft-cap {GEMMA2_FINAL_CAP}, both checked to change the logits; sliding "
+             "window 4 on layers 0 and 2, query_pre_attn_scalar 24); `olmo2`; `phi3_longrope` "
+             "(original_max_position_embeddings 4 < T = 7: transformers uses the long factors for the whole "
+             "padded batch, chosen by the largest position id; partial_rotary_factor 0.5) and `phi3_short` "
+             "(16 > T: short factors); `mixtral` (top-2 of 4 experts, sliding window 5, checked to differ "
+             "from top-1 and from no window).", "",
+             "| model | hidden_states rel | taps rel | logits rel | replace.* rel |", "|---|---|---|---|---|"]
+    for k, r in report.items():
+        cell = lambda g: fmt(r[g]["max_rel_err"]) if g in r else "-"  # noqa: E731
+        lines.append(f"| `{k}` | {cell('hidden_states')} | {cell('taps')} | {cell('logits')} | {cell('replace')} |")
+    lines += ["", "(`phi3_*`: the float64 re-run keeps transformers' own float32 longrope table.)", "",
+              "Shapes per folder:", ""]
+    for k, s in shapes.items():
+        lines.append(f"- `{k}`: " + ", ".join(f"{n} {v}" for n, v in s.items()))
+    (TINY / "ARCHS.md").write_text("\n".join(lines) + "\n")
+
+
 def main():
     TINY.mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) == 3 and sys.argv[1] == "--only":
+        report, conv, shapes = {}, {}, {}
+        for name in sys.argv[2].split(","):
+            print(f"[tiny] {name}", flush=True)
+            _, _, expected = export_model(name, report, conv)
+            shapes[name] = {k: list(v.shape) for k, v in expected.items()
+                            if not k.startswith("blocks.") or k.startswith("blocks.0.hook_resid_pre")}
+        if sorted(report) == sorted(ARCH_NAMES):
+            write_archs_readme(report, shapes)
+        print(json.dumps(report, indent=1))
+        return 0
     report, conv, shapes = {}, {}, {}
     legacy = None
     for name in ["llama", "llama_tied", "qwen2", "mistral", "gemma3", "gpt2", "bert_mlm", "bert"] + NEW_NAMES:

@@ -219,6 +219,9 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_positions: f64,
     },
+    /// Phi-3 LongRoPE / "su": frequency i divided by `factors[i]`, cos and sin multiplied by
+    /// `attention_factor`.
+    LongRope { factors: Vec<f64>, attention_factor: f64 },
 }
 
 impl Rope {
@@ -236,6 +239,16 @@ impl Rope {
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= *factor as f32),
+            RopeScaling::LongRope { factors, .. } => {
+                if factors.len() != inv_freq.len() {
+                    candle_core::bail!(
+                        "longrope has {} factors for {} rotary frequencies",
+                        factors.len(),
+                        inv_freq.len()
+                    );
+                }
+                inv_freq.iter_mut().zip(factors).for_each(|(f, e)| *f /= *e as f32)
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -259,14 +272,18 @@ impl Rope {
                 }
             }
         }
+        let amplitude = match scaling {
+            RopeScaling::LongRope { attention_factor, .. } => *attention_factor as f32,
+            _ => 1.0,
+        };
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
             for f in &inv_freq {
                 let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                cos.push(angle.cos() * amplitude);
+                sin.push(angle.sin() * amplitude);
             }
         }
         Ok(Self {

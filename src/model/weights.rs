@@ -104,4 +104,16 @@ impl Weights {
             Ok(None)
         }
     }
+
+    /// These weights with the tensors in `split` replaced by their parts (fused checkpoints:
+    /// `query_key_value` -> q, k, v). Tensors are shared, so this copies nothing, and the
+    /// parameter count is unchanged because each fused tensor is removed.
+    pub fn with_split(&self, split: Vec<(String, Vec<(String, Tensor)>)>) -> Weights {
+        let mut tensors = self.tensors.clone();
+        for (fused, parts) in split {
+            tensors.remove(&fused);
+            tensors.extend(parts);
+        }
+        Weights::new(tensors, self.source.clone(), self.storage.clone())
+    }
 }

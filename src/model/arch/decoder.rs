@@ -37,6 +37,8 @@ pub enum QkNorm {
     None,
     /// One norm over `head_dim`, shared by all heads, before RoPE (Gemma 3, Qwen3).
     PerHead,
+    /// One norm over the whole projection (all heads at once), before RoPE (OLMo 2).
+    Whole,
 }
 
 /// The MLP's shape.
@@ -46,6 +48,9 @@ pub enum MlpKind {
     Gated,
     /// `down(act(up x))` (GPT-NeoX).
     Plain,
+    /// Sparse mixture of gated experts (Mixtral): a router picks `top_k` of `n_experts` per token
+    /// and weights their outputs by the softmax over the picked router logits.
+    Moe { n_experts: usize, top_k: usize },
 }
 
 /// RoPE base and scaling.
@@ -53,6 +58,14 @@ pub enum MlpKind {
 pub struct RopeSpec {
     pub theta: f64,
     pub scaling: RopeScaling,
+}
+
+/// Phi-3's LongRoPE: a second table used when the (padded) batch is longer than
+/// `original_max_positions`, as transformers picks it from the largest position id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeLong {
+    pub scaling: RopeScaling,
+    pub original_max_positions: usize,
 }
 
 /// Checkpoint tensor names: `{layer}` in a block name is `layer_prefix` with the block index.
@@ -69,6 +82,9 @@ pub struct TensorNames {
     pub k_norm: String,
     pub post_attn_norm: String,
     pub ln2: String,
+    /// MoE: the router (`{expert}` names below use `experts` with the expert index).
+    pub router: String,
+    pub experts: String,
     pub gate: String,
     pub up: String,
     pub down: String,
@@ -93,6 +109,8 @@ impl Default for TensorNames {
             k_norm: s("self_attn.k_norm"),
             post_attn_norm: s("post_attention_layernorm"),
             ln2: s("post_attention_layernorm"),
+            router: s("block_sparse_moe.gate"),
+            experts: s("block_sparse_moe.experts"),
             gate: s("mlp.gate_proj"),
             up: s("mlp.up_proj"),
             down: s("mlp.down_proj"),
@@ -120,6 +138,8 @@ pub struct DecoderSpec {
     /// Rows of the RoPE tables built (<= max_positions; longer inputs are refused).
     pub rope_table_len: usize,
     pub norm: NormKind,
+    /// Norms before attention and MLP (false: OLMo 2, whose only block norms are post-norms).
+    pub pre_norms: bool,
     pub qk_norm: QkNorm,
     /// Gemma's norms on the attention and MLP outputs before the residual add.
     pub post_norms: bool,
@@ -141,6 +161,11 @@ pub struct DecoderSpec {
     /// Per layer: does it use the sliding window? (len = n_layers)
     pub sliding_layers: Vec<bool>,
     pub rope: RopeSpec,
+    /// Leading dims of each head that RoPE rotates (`partial_rotary_factor * head_dim`; the rest
+    /// pass through). Equal to `head_dim` for full rotary.
+    pub rotary_dim: usize,
+    /// Phi-3 LongRoPE's long-context table.
+    pub rope_long: Option<RopeLong>,
     /// RoPE of the sliding-window layers when it differs (Gemma 3's local base).
     pub rope_local: Option<RopeSpec>,
     pub names: TensorNames,
@@ -163,12 +188,24 @@ struct Mlp {
     down: Linear,
 }
 
+impl Mlp {
+    fn n_params(&self) -> usize {
+        self.gate.as_ref().map_or(0, |g| g.n_params()) + self.up.n_params() + self.down.n_params()
+    }
+}
+
+/// The MLP sub-layer: one dense MLP, or a router and its experts.
+enum FeedForward {
+    Dense(Mlp),
+    Moe { router: Linear, experts: Vec<Mlp>, top_k: usize },
+}
+
 struct Block {
-    ln1: Norm,
+    ln1: Option<Norm>,
     attn: Attention,
     post_attn_norm: Option<Norm>,
-    ln2: Norm,
-    mlp: Mlp,
+    ln2: Option<Norm>,
+    mlp: FeedForward,
     post_mlp_norm: Option<Norm>,
 }
 
@@ -177,7 +214,7 @@ impl Block {
     fn n_params(&self) -> usize {
         let a = &self.attn;
         let opt_norm = |n: &Option<Norm>| n.as_ref().map_or(0, |n| n.n_params());
-        self.ln1.n_params()
+        opt_norm(&self.ln1)
             + a.q.n_params()
             + a.k.n_params()
             + a.v.n_params()
@@ -185,10 +222,13 @@ impl Block {
             + opt_norm(&a.q_norm)
             + opt_norm(&a.k_norm)
             + opt_norm(&self.post_attn_norm)
-            + self.ln2.n_params()
-            + self.mlp.gate.as_ref().map_or(0, |g| g.n_params())
-            + self.mlp.up.n_params()
-            + self.mlp.down.n_params()
+            + opt_norm(&self.ln2)
+            + match &self.mlp {
+                FeedForward::Dense(m) => m.n_params(),
+                FeedForward::Moe { router, experts, .. } => {
+                    router.n_params() + experts.iter().map(Mlp::n_params).sum::<usize>()
+                }
+            }
             + opt_norm(&self.post_mlp_norm)
     }
 }
@@ -203,13 +243,17 @@ pub struct Decoder {
     lm_head: Linear,
     rope: Rope,
     rope_local: Option<Rope>,
+    /// LongRoPE's long table and the length above which it is used.
+    rope_long: Option<(Rope, usize)>,
     head_dim: usize,
+    rotary_dim: usize,
     attn_scale: f64,
     attn_softcap: Option<f64>,
     final_softcap: Option<f64>,
     sliding_window: Option<usize>,
     activation: Activation,
     parallel_residual: bool,
+    qk_norm: QkNorm,
     sub_modules: &'static [SubModule],
 }
 
@@ -255,10 +299,54 @@ impl Decoder {
         let mut blocks = Vec::with_capacity(s.n_layers);
         for (l, &sliding) in s.sliding_layers.iter().enumerate() {
             let p = format!("{}.{l}", n.layer_prefix);
-            let qk_norm = |name: &str| -> Result<Option<Norm>> {
+            let qk_norm = |name: &str, heads: usize| -> Result<Option<Norm>> {
                 match s.qk_norm {
                     QkNorm::None => Ok(None),
                     QkNorm::PerHead => Ok(Some(norm(&format!("{p}.{name}"), hd)?)),
+                    QkNorm::Whole => Ok(Some(norm(&format!("{p}.{name}"), heads * hd)?)),
+                }
+            };
+            let pre_norm = |name: &str| -> Result<Option<Norm>> {
+                if s.pre_norms {
+                    Ok(Some(norm(&format!("{p}.{name}"), d)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let gated = |gate: &str, up: &str, down: &str| -> Result<Mlp> {
+                Ok(Mlp {
+                    gate: Some(linear(gate, s.d_ff, d, s.mlp_bias)?),
+                    up: linear(up, s.d_ff, d, s.mlp_bias)?,
+                    down: linear(down, d, s.d_ff, s.mlp_bias)?,
+                })
+            };
+            let mlp = match s.mlp {
+                MlpKind::Gated => FeedForward::Dense(gated(
+                    &format!("{p}.{}", n.gate),
+                    &format!("{p}.{}", n.up),
+                    &format!("{p}.{}", n.down),
+                )?),
+                MlpKind::Plain => FeedForward::Dense(Mlp {
+                    gate: None,
+                    up: linear(&format!("{p}.{}", n.up), s.d_ff, d, s.mlp_bias)?,
+                    down: linear(&format!("{p}.{}", n.down), d, s.d_ff, s.mlp_bias)?,
+                }),
+                MlpKind::Moe { n_experts, top_k } => {
+                    if top_k == 0 || top_k > n_experts {
+                        bail!("{}: {top_k} experts per token of {n_experts}", w.source().display());
+                    }
+                    // Mixtral's names: w1 = gate, w3 = up, w2 = down.
+                    let experts = (0..n_experts)
+                        .map(|e| {
+                            let x = format!("{p}.{}.{e}", n.experts);
+                            gated(&format!("{x}.w1"), &format!("{x}.w3"), &format!("{x}.w2"))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    FeedForward::Moe {
+                        router: linear(&format!("{p}.{}", n.router), n_experts, d, false)?,
+                        experts,
+                        top_k,
+                    }
                 }
             };
             let post_norm = |name: &str| -> Result<Option<Norm>> {
@@ -269,26 +357,19 @@ impl Decoder {
                 }
             };
             blocks.push(Block {
-                ln1: norm(&format!("{p}.{}", n.ln1), d)?,
+                ln1: pre_norm(&n.ln1)?,
                 attn: Attention {
                     q: linear(&format!("{p}.{}", n.q), s.n_heads * hd, d, s.qkv_bias)?,
                     k: linear(&format!("{p}.{}", n.k), s.n_kv_heads * hd, d, s.qkv_bias)?,
                     v: linear(&format!("{p}.{}", n.v), s.n_kv_heads * hd, d, s.qkv_bias)?,
                     o: linear(&format!("{p}.{}", n.o), d, s.n_heads * hd, s.o_bias)?,
-                    q_norm: qk_norm(&n.q_norm)?,
-                    k_norm: qk_norm(&n.k_norm)?,
+                    q_norm: qk_norm(&n.q_norm, s.n_heads)?,
+                    k_norm: qk_norm(&n.k_norm, s.n_kv_heads)?,
                     sliding: sliding && s.sliding_window.is_some(),
                 },
                 post_attn_norm: post_norm(&n.post_attn_norm)?,
-                ln2: norm(&format!("{p}.{}", n.ln2), d)?,
-                mlp: Mlp {
-                    gate: match s.mlp {
-                        MlpKind::Gated => Some(linear(&format!("{p}.{}", n.gate), s.d_ff, d, s.mlp_bias)?),
-                        MlpKind::Plain => None,
-                    },
-                    up: linear(&format!("{p}.{}", n.up), s.d_ff, d, s.mlp_bias)?,
-                    down: linear(&format!("{p}.{}", n.down), d, s.d_ff, s.mlp_bias)?,
-                },
+                ln2: pre_norm(&n.ln2)?,
+                mlp,
                 post_mlp_norm: post_norm(&n.post_mlp_norm)?,
             });
         }
@@ -297,9 +378,20 @@ impl Decoder {
             Some(t) => t,
             None => embed_tokens.clone(),
         };
-        let rope = Rope::new(hd, s.rope.theta, &s.rope.scaling, s.rope_table_len, device)?;
+        let rd = s.rotary_dim;
+        if rd == 0 || rd > hd || rd % 2 != 0 {
+            bail!("{}: rotary dimension {rd} for heads of {hd}", w.source().display());
+        }
+        let rope = Rope::new(rd, s.rope.theta, &s.rope.scaling, s.rope_table_len, device)?;
         let rope_local = match &s.rope_local {
-            Some(r) => Some(Rope::new(hd, r.theta, &r.scaling, s.rope_table_len, device)?),
+            Some(r) => Some(Rope::new(rd, r.theta, &r.scaling, s.rope_table_len, device)?),
+            None => None,
+        };
+        let rope_long = match &s.rope_long {
+            Some(r) => Some((
+                Rope::new(rd, s.rope.theta, &r.scaling, s.rope_table_len, device)?,
+                r.original_max_positions,
+            )),
             None => None,
         };
         let info = ModelInfo {
@@ -325,14 +417,19 @@ impl Decoder {
             lm_head: Linear::new(lm_head, None),
             rope,
             rope_local,
+            rope_long,
             head_dim: hd,
+            rotary_dim: rd,
             attn_scale: s.attn_scale,
             attn_softcap: s.attn_softcap,
             final_softcap: s.final_softcap,
             sliding_window: s.sliding_window,
             activation: s.activation,
             parallel_residual: s.parallel_residual,
-            sub_modules: if s.post_norms {
+            qk_norm: s.qk_norm,
+            sub_modules: if !s.pre_norms {
+                &[SubModule::Attn, SubModule::Ln1Post, SubModule::Mlp, SubModule::Ln2Post]
+            } else if s.post_norms {
                 &[
                     SubModule::Ln1,
                     SubModule::Attn,
@@ -356,19 +453,33 @@ impl Decoder {
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let (h, h_kv, hd) = (self.info.n_heads, self.info.n_kv_heads, self.head_dim);
-        let rope = match (&self.rope_local, a.sliding) {
-            (Some(local), true) => local,
+        let rope = match (&self.rope_local, a.sliding, &self.rope_long) {
+            (Some(local), true, _) => local,
+            (_, _, Some((long, original))) if ctx.seq_len > *original => long,
             _ => &self.rope,
         };
+        let whole = matches!(self.qk_norm, QkNorm::Whole);
         let heads = |proj: &Linear, n: usize, norm: &Option<Norm>| -> candle_core::Result<Tensor> {
-            let x = layers::split_heads(&proj.forward(x)?, n, hd)?;
-            match norm {
-                Some(norm) => norm.forward(&x),
-                None => Ok(x),
+            let mut x = proj.forward(x)?;
+            if let (true, Some(norm)) = (whole, norm) {
+                x = norm.forward(&x)?;
+            }
+            let x = layers::split_heads(&x, n, hd)?;
+            match (whole, norm) {
+                (false, Some(norm)) => norm.forward(&x),
+                _ => Ok(x),
             }
         };
-        let q = rope.apply(&heads(&a.q, h, &a.q_norm)?)?;
-        let k = rope.apply(&heads(&a.k, h_kv, &a.k_norm)?)?;
+        let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
+            if self.rotary_dim == hd {
+                return rope.apply(x);
+            }
+            // Partial rotary: only the leading `rotary_dim` dims of each head turn.
+            let turned = rope.apply(&x.narrow(3, 0, self.rotary_dim)?)?;
+            Tensor::cat(&[&turned, &x.narrow(3, self.rotary_dim, hd - self.rotary_dim)?], 3)
+        };
+        let q = rotate(&heads(&a.q, h, &a.q_norm)?)?;
+        let k = rotate(&heads(&a.k, h_kv, &a.k_norm)?)?;
         let v = layers::split_heads(&a.v.forward(x)?, h_kv, hd)?;
         let bias = match (&ctx.bias_local, a.sliding) {
             (Some(local), true) => local,
@@ -378,11 +489,45 @@ impl Decoder {
         Ok(a.o.forward(&out)?)
     }
 
-    fn mlp(&self, layer: usize, m: &Mlp, x: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        match &m.gate {
-            Some(gate) => gated_mlp(layer, gate, &m.up, self.activation, &m.down, x, hooks),
-            None => plain_mlp(layer, &m.up, self.activation, &m.down, x, hooks),
+    fn mlp(&self, layer: usize, f: &FeedForward, x: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        match f {
+            FeedForward::Dense(m) => match &m.gate {
+                Some(gate) => gated_mlp(layer, gate, &m.up, self.activation, &m.down, x, hooks),
+                None => plain_mlp(layer, &m.up, self.activation, &m.down, x, hooks),
+            },
+            FeedForward::Moe { router, experts, top_k } => self.moe(router, experts, *top_k, x),
         }
+    }
+
+    /// Sparse MoE as transformers' Mixtral computes it: per token, softmax over the router logits,
+    /// keep the `top_k` largest, renormalise them (= softmax over the kept logits), and sum the
+    /// kept experts' gated-MLP outputs with those weights. Every expert runs on every token and
+    /// unpicked ones get weight 0 (simple and exact; costs n_experts / top_k times the MLP FLOPs).
+    /// No `mlp.hook_post`: there is no single MLP activation.
+    fn moe(&self, router: &Linear, experts: &[Mlp], top_k: usize, x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let n = experts.len();
+        let logits = router.forward(x)?.reshape((b * t, n))?.to_vec2::<f32>()?;
+        let mut weights = vec![0f32; b * t * n];
+        for (row, token) in logits.iter().enumerate() {
+            let mut order: Vec<usize> = (0..n).collect();
+            // Largest first; ties to the lower index, as torch.topk on CPU.
+            order.sort_by(|&i, &j| token[j].total_cmp(&token[i]).then(i.cmp(&j)));
+            let kept = &order[..top_k];
+            let max = token[kept[0]];
+            let sum: f32 = kept.iter().map(|&e| (token[e] - max).exp()).sum();
+            for &e in kept {
+                weights[row * n + e] = (token[e] - max).exp() / sum;
+            }
+        }
+        let weights = Tensor::from_vec(weights, (b, t, n), x.device())?;
+        let mut out = Tensor::zeros((b, t, d), x.dtype(), x.device())?;
+        for (e, m) in experts.iter().enumerate() {
+            let gate = m.gate.as_ref().expect("experts are gated");
+            let y = m.down.forward(&(self.activation.forward(&gate.forward(x)?)? * m.up.forward(x)?)?)?;
+            out = (out + y.broadcast_mul(&weights.narrow(2, e, 1)?)?)?;
+        }
+        Ok(out)
     }
 }
 
@@ -438,10 +583,16 @@ impl Transformer for Decoder {
             None => Ok(x.clone()),
         };
         PreNormBlock {
-            ln1: &|x| b.ln1.forward(x),
+            ln1: &|x| match &b.ln1 {
+                Some(n) => n.forward(x),
+                None => Ok(x.clone()),
+            },
             attn: &|x, hooks| self.attention(layer, &b.attn, x, ctx, hooks),
             ln1_post: b.post_attn_norm.as_ref().map(|_| &post_attn as Part),
-            ln2: &|x| b.ln2.forward(x),
+            ln2: &|x| match &b.ln2 {
+                Some(n) => n.forward(x),
+                None => Ok(x.clone()),
+            },
             mlp: &|x, hooks| self.mlp(layer, &b.mlp, x, hooks),
             ln2_post: b.post_mlp_norm.as_ref().map(|_| &post_mlp as Part),
             parallel: self.parallel_residual,

@@ -118,6 +118,7 @@ pub fn spec(cfg: &Config) -> Result<DecoderSpec> {
             eps: c.rms_norm_eps,
             plus_one: true,
         },
+        pre_norms: true,
         qk_norm: QkNorm::PerHead,
         post_norms: true,
         // transformers keeps the scale as a tensor in the model dtype: round it to f32 too.
@@ -135,6 +136,8 @@ pub fn spec(cfg: &Config) -> Result<DecoderSpec> {
         sliding_window: Some(c.sliding_window),
         sliding_layers,
         rope: RopeSpec { theta, scaling },
+        rotary_dim: c.head_dim,
+        rope_long: None,
         rope_local: Some(RopeSpec {
             theta: local_theta,
             scaling: local_scaling,

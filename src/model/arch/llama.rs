@@ -108,6 +108,7 @@ pub fn spec(cfg: &Config) -> Result<DecoderSpec> {
             eps: c.rms_norm_eps,
             plus_one: false,
         },
+        pre_norms: true,
         qk_norm: QkNorm::None,
         post_norms: false,
         embed_scale: None,
@@ -124,6 +125,8 @@ pub fn spec(cfg: &Config) -> Result<DecoderSpec> {
         sliding_window,
         sliding_layers,
         rope: RopeSpec { theta, scaling },
+        rotary_dim: head_dim,
+        rope_long: None,
         rope_local: None,
         names: TensorNames::default(),
     })

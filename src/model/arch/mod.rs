@@ -1,15 +1,22 @@
 //! One file per architecture family, and the registry that maps checkpoint metadata to them.
 //!
-//! The Llama-like decoders (Llama, Mistral, Qwen2, Gemma 3) share [`decoder::Decoder`]; their
+//! The Llama-like decoders (Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3, GPT-NeoX,
+//! OLMo 2, Phi-3, Mixtral) share [`decoder::Decoder`]; their
 //! files only turn a typed config into a [`decoder::DecoderSpec`]. GPT-2 and BERT keep their own
 //! structs and reuse the block pieces in `model::block`. Adding an architecture is one file, one
 //! line in [`REGISTRY`] and one fixture (docs/adding-an-architecture.md).
 
 pub mod bert;
 pub mod decoder;
+pub mod gemma2;
 pub mod gemma3;
 pub mod gpt2;
+pub mod gpt_neox;
 pub mod llama;
+pub mod mixtral;
+pub mod olmo2;
+pub mod phi3;
+pub mod qwen3;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -37,6 +44,12 @@ pub struct Architecture {
 pub static REGISTRY: &[Architecture] = &[
     Architecture { model_types: &["llama", "mistral", "qwen2"], hf_classes: &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"], gguf: &["llama"], load: llama::load },
     Architecture { model_types: &["gemma3", "gemma3_text"], hf_classes: &["Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"], gguf: &["gemma3"], load: gemma3::load },
+    Architecture { model_types: &["gpt_neox"], hf_classes: &["GPTNeoXForCausalLM"], gguf: &["gptneox"], load: gpt_neox::load },
+    Architecture { model_types: &["qwen3"], hf_classes: &["Qwen3ForCausalLM"], gguf: &["qwen3"], load: qwen3::load },
+    Architecture { model_types: &["gemma2"], hf_classes: &["Gemma2ForCausalLM"], gguf: &["gemma2"], load: gemma2::load },
+    Architecture { model_types: &["olmo2"], hf_classes: &["Olmo2ForCausalLM"], gguf: &["olmo2"], load: olmo2::load },
+    Architecture { model_types: &["phi3"], hf_classes: &["Phi3ForCausalLM"], gguf: &["phi3"], load: phi3::load },
+    Architecture { model_types: &["mixtral"], hf_classes: &["MixtralForCausalLM"], gguf: &[], load: mixtral::load },
     Architecture { model_types: &["gpt2"], hf_classes: &["GPT2LMHeadModel", "GPT2Model"], gguf: &[], load: gpt2::load },
     Architecture { model_types: &["bert"], hf_classes: &["BertForMaskedLM", "BertModel"], gguf: &[], load: bert::load },
 ];
@@ -104,4 +117,38 @@ pub(crate) fn sliding_from_layer_types(cfg: &Config, types: &[String], n_layers:
             ),
         })
         .collect()
+}
+
+/// RoPE's `partial_rotary_factor` from `rope_parameters` (transformers 5), else the top-level
+/// field, else `legacy` (GPT-NeoX's `rotary_pct`, read by the caller).
+pub(crate) fn partial_rotary_factor(cfg: &Config, legacy: f64) -> Result<f64> {
+    let from = |v: Option<&serde_json::Value>, key: &str| -> Result<Option<f64>> {
+        match v.and_then(|p| p.get("partial_rotary_factor")) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(x) => x.as_f64().map(Some).ok_or_else(|| {
+                anyhow::anyhow!("{}: field '{key}' should be a number, found {x}", cfg.path.display())
+            }),
+        }
+    };
+    let nested = from(cfg.get("rope_parameters"), "rope_parameters.partial_rotary_factor")?;
+    let top = match cfg.get("partial_rotary_factor") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(x) => Some(x.as_f64().ok_or_else(|| {
+            anyhow::anyhow!("{}: field 'partial_rotary_factor' should be a number, found {x}", cfg.path.display())
+        })?),
+    };
+    Ok(nested.or(top).unwrap_or(legacy))
+}
+
+/// The rotated dims of a head, `int(head_dim * factor)` as transformers computes it; must be
+/// even and at least 2.
+pub(crate) fn rotary_dim(cfg: &Config, head_dim: usize, factor: f64) -> Result<usize> {
+    let dim = (head_dim as f64 * factor) as usize;
+    if dim < 2 || dim > head_dim || dim % 2 != 0 {
+        bail!(
+            "{}: partial rotary factor {factor} gives {dim} rotated dims of {head_dim} (need an even number >= 2)",
+            cfg.path.display()
+        );
+    }
+    Ok(dim)
 }

@@ -57,6 +57,13 @@ fn meta_str(content: &gguf_file::Content, key: &str) -> Option<String> {
     content.metadata.get(key).and_then(|v| v.to_string().ok()).cloned()
 }
 
+fn meta_bool(content: &gguf_file::Content, key: &str) -> Option<bool> {
+    match content.metadata.get(key)? {
+        gguf_file::Value::Bool(b) => Some(*b),
+        _ => None,
+    }
+}
+
 fn meta_num(content: &gguf_file::Content, key: &str) -> Option<Value> {
     use gguf_file::Value as G;
     Some(match content.metadata.get(key)? {
@@ -106,17 +113,76 @@ fn gguf_config(content: &gguf_file::Content, arch: &str, path: &Path) -> Result<
         "num_attention_heads": need("attention.head_count")?,
         "num_key_value_heads": opt("attention.head_count_kv").unwrap_or(need("attention.head_count")?),
         "intermediate_size": need("feed_forward_length")?,
-        "rms_norm_eps": need("attention.layer_norm_rms_epsilon")?,
         "max_position_embeddings": need("context_length")?,
         "vocab_size": vocab,
     });
+    if arch == "gptneox" {
+        cfg["layer_norm_eps"] = need("attention.layer_norm_epsilon")?;
+    } else {
+        cfg["rms_norm_eps"] = need("attention.layer_norm_rms_epsilon")?;
+    }
     if let Some(hd) = opt("attention.key_length") {
         cfg["head_dim"] = hd;
     }
+    let head_dim = match (cfg.get("head_dim").and_then(Value::as_f64), cfg["hidden_size"].as_f64(), cfg["num_attention_heads"].as_f64()) {
+        (Some(hd), _, _) => hd,
+        (None, Some(d), Some(h)) => (d / h).floor(),
+        _ => bail!("{}: GGUF metadata: embedding_length and attention.head_count must be numbers", path.display()),
+    };
+    // llama.cpp stores the rotated dims; transformers a fraction of the head.
+    let partial_rotary = opt("rope.dimension_count").and_then(|v| v.as_f64()).map(|n| n / head_dim);
     match arch {
         "llama" => {
             cfg["model_type"] = json!("llama");
             cfg["rope_theta"] = opt("rope.freq_base").unwrap_or(json!(10000.0));
+            // Mixtral is llama.cpp's "llama" with experts.
+            if let Some(n) = opt("expert_count").filter(|n| n.as_u64().is_some_and(|n| n > 0)) {
+                cfg["model_type"] = json!("mixtral");
+                cfg["num_local_experts"] = n;
+                cfg["num_experts_per_tok"] = need("expert_used_count")?;
+            }
+        }
+        "qwen3" | "olmo2" => {
+            cfg["model_type"] = json!(arch);
+            cfg["rope_theta"] = opt("rope.freq_base").unwrap_or(json!(if arch == "qwen3" { 1_000_000.0 } else { 500_000.0 }));
+        }
+        "gemma2" => {
+            cfg["model_type"] = json!("gemma2");
+            cfg["rope_theta"] = opt("rope.freq_base").unwrap_or(json!(10000.0));
+            cfg["sliding_window"] = opt("attention.sliding_window").unwrap_or(json!(4096));
+            for (ours, theirs) in [
+                ("attn_logit_softcapping", "attn_logit_softcapping"),
+                ("final_logit_softcapping", "final_logit_softcapping"),
+            ] {
+                if let Some(v) = opt(theirs) {
+                    cfg[ours] = v;
+                }
+            }
+            // llama.cpp scales by head_dim^-1/2 (27B: (d / heads)^-1/2, not stored).
+            cfg["query_pre_attn_scalar"] = json!(head_dim);
+        }
+        "phi3" => {
+            cfg["model_type"] = json!("phi3");
+            cfg["rope_theta"] = opt("rope.freq_base").unwrap_or(json!(10000.0));
+            if let Some(f) = partial_rotary {
+                cfg["partial_rotary_factor"] = json!(f);
+            }
+            if let Some(w) = opt("attention.sliding_window") {
+                cfg["sliding_window"] = w;
+            }
+            if content.tensor_infos.contains_key("rope_factors_long.weight") {
+                bail!(
+                    "{}: GGUF phi3 with LongRoPE factors (rope_factors_long.weight) is not supported yet; use the Hugging Face folder",
+                    path.display()
+                );
+            }
+        }
+        "gptneox" => {
+            cfg["model_type"] = json!("gpt_neox");
+            cfg["rotary_emb_base"] = opt("rope.freq_base").unwrap_or(json!(10000.0));
+            cfg["rotary_pct"] = json!(partial_rotary.unwrap_or(1.0));
+            cfg["use_parallel_residual"] = json!(meta_bool(content, "gptneox.use_parallel_residual").unwrap_or(true));
+            cfg["tie_word_embeddings"] = json!(false);
         }
         "gemma3" => {
             cfg["model_type"] = json!("gemma3_text");
@@ -133,15 +199,20 @@ fn gguf_config(content: &gguf_file::Content, arch: &str, path: &Path) -> Result<
             }
         }
         other => bail!(
-            "{}: unsupported GGUF architecture '{other}' (supported: llama, gemma3)",
+            "{}: unsupported GGUF architecture '{other}' (supported: llama, gemma3, gemma2, qwen3, olmo2, phi3, gptneox)",
             path.display()
         ),
     }
     Ok(cfg)
 }
 
-/// Hugging Face name of a GGUF tensor, or None for tensors the runtime does not use.
+/// Hugging Face name of a GGUF tensor, or None for tensors the runtime does not use. Stacked
+/// expert tensors (`ffn_*_exps`) map to `...experts.{E}.w*.weight`, split per expert by
+/// `gguf_tensors`.
 fn hf_name(gguf: &str, arch: &str) -> Option<String> {
+    if arch == "gptneox" {
+        return neox_name(gguf);
+    }
     let top = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -155,6 +226,13 @@ fn hf_name(gguf: &str, arch: &str) -> Option<String> {
     let (layer, rest) = rest.split_once('.')?;
     let (part, kind) = rest.rsplit_once('.')?;
     let hf = match (part, arch) {
+        ("ffn_gate_inp", _) => "block_sparse_moe.gate",
+        ("ffn_gate_exps", _) => "block_sparse_moe.experts.{E}.w1",
+        ("ffn_up_exps", _) => "block_sparse_moe.experts.{E}.w3",
+        ("ffn_down_exps", _) => "block_sparse_moe.experts.{E}.w2",
+        ("attn_qkv", "phi3") => "self_attn.qkv_proj",
+        ("ffn_up", "phi3") => "mlp.gate_up_proj",
+        ("ffn_norm", "gemma2") => "pre_feedforward_layernorm",
         ("attn_norm", _) => "input_layernorm",
         ("attn_q", _) => "self_attn.q_proj",
         ("attn_k", _) => "self_attn.k_proj",
@@ -172,6 +250,46 @@ fn hf_name(gguf: &str, arch: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// GPT-NeoX names: `gpt_neox.` prefix, LayerNorm biases, fused `attn_qkv`.
+fn neox_name(gguf: &str) -> Option<String> {
+    let top = match gguf {
+        "token_embd.weight" => Some("gpt_neox.embed_in.weight"),
+        "output_norm.weight" => Some("gpt_neox.final_layer_norm.weight"),
+        "output_norm.bias" => Some("gpt_neox.final_layer_norm.bias"),
+        "output.weight" => Some("embed_out.weight"),
+        _ => None,
+    };
+    if let Some(t) = top {
+        return Some(t.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_qkv" => "attention.query_key_value",
+        "attn_output" => "attention.dense",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_up" => "mlp.dense_h_to_4h",
+        "ffn_down" => "mlp.dense_4h_to_h",
+        _ => return None,
+    };
+    Some(format!("gpt_neox.layers.{layer}.{hf}.{kind}"))
+}
+
+/// llama.cpp's converter reorders NeoX's fused rows [heads, 3, head_dim] to q | k | v; this
+/// puts them back (weight [3d, d] or bias [3d]).
+fn neox_qkv_from_gguf(t: &Tensor, n_heads: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    if n_heads == 0 || !rows.is_multiple_of(3 * n_heads) {
+        bail!("a fused qkv of {rows} rows cannot be split into 3 x {n_heads} heads");
+    }
+    let mut shape = vec![3, n_heads, rows / (3 * n_heads)];
+    shape.extend(&dims[1..]);
+    Ok(t.reshape(shape)?.transpose(0, 1)?.contiguous()?.reshape(dims)?)
 }
 
 /// Reads, dequantizes and renames every tensor, undoing llama.cpp's conversions so the
@@ -208,11 +326,21 @@ fn gguf_tensors(
         let mut t = q
             .dequantize(device)
             .map_err(|e| anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        if arch == "gptneox" && hf.contains("query_key_value") {
+            t = neox_qkv_from_gguf(&t, n_heads)?;
+        }
+        if hf.contains("{E}") {
+            // Stacked experts [E, out, in]: one tensor per expert, as Mixtral checkpoints have.
+            for e in 0..t.dim(0)? {
+                tensors.insert(hf.replace("{E}", &e.to_string()), t.get(e)?);
+            }
+            continue;
+        }
         if arch == "llama" && (hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight")) {
             let heads = if hf.ends_with("q_proj.weight") { n_heads } else { n_kv };
             t = unpermute_qk(&t, heads)?;
         }
-        if arch == "gemma3" && hf.contains("norm.weight") {
+        if (arch == "gemma3" || arch == "gemma2") && hf.contains("norm.weight") {
             // llama.cpp stores Gemma's norm multiplier 1 + w; the model file expects w.
             t = (t - 1.0)?;
         }
@@ -295,6 +423,78 @@ mod tests {
             let e = gguf_config(&c, "llama", Path::new("m.gguf")).unwrap_err().to_string();
             assert!(e.contains("m.gguf") && e.contains(key), "{e}");
         }
+    }
+
+    /// The llama.cpp names of each new architecture land on the names its family file loads.
+    #[test]
+    fn tensor_names_of_the_issue_14_architectures() {
+        for (gguf, arch, hf) in [
+            ("blk.3.attn_q_norm.weight", "qwen3", "model.layers.3.self_attn.q_norm.weight"),
+            ("blk.0.ffn_norm.weight", "qwen3", "model.layers.0.post_attention_layernorm.weight"),
+            ("blk.1.post_attention_norm.weight", "olmo2", "model.layers.1.post_attention_layernorm.weight"),
+            ("blk.1.post_ffw_norm.weight", "olmo2", "model.layers.1.post_feedforward_layernorm.weight"),
+            ("blk.1.attn_k_norm.weight", "olmo2", "model.layers.1.self_attn.k_norm.weight"),
+            ("blk.2.ffn_norm.weight", "gemma2", "model.layers.2.pre_feedforward_layernorm.weight"),
+            ("blk.2.post_ffw_norm.weight", "gemma2", "model.layers.2.post_feedforward_layernorm.weight"),
+            ("blk.0.attn_qkv.weight", "phi3", "model.layers.0.self_attn.qkv_proj.weight"),
+            ("blk.0.ffn_up.weight", "phi3", "model.layers.0.mlp.gate_up_proj.weight"),
+            ("blk.0.ffn_gate_inp.weight", "llama", "model.layers.0.block_sparse_moe.gate.weight"),
+            ("blk.4.ffn_down_exps.weight", "llama", "model.layers.4.block_sparse_moe.experts.{E}.w2.weight"),
+            ("token_embd.weight", "gptneox", "gpt_neox.embed_in.weight"),
+            ("output.weight", "gptneox", "embed_out.weight"),
+            ("output_norm.bias", "gptneox", "gpt_neox.final_layer_norm.bias"),
+            ("blk.5.attn_qkv.bias", "gptneox", "gpt_neox.layers.5.attention.query_key_value.bias"),
+            ("blk.5.ffn_norm.weight", "gptneox", "gpt_neox.layers.5.post_attention_layernorm.weight"),
+            ("blk.5.ffn_up.weight", "gptneox", "gpt_neox.layers.5.mlp.dense_h_to_4h.weight"),
+        ] {
+            assert_eq!(hf_name(gguf, arch).as_deref(), Some(hf), "{arch} {gguf}");
+        }
+        assert_eq!(hf_name("rope_factors_long.weight", "phi3"), None);
+    }
+
+    /// q | k | v rows (llama.cpp) back to NeoX's per-head [heads, 3, head_dim], the inverse of
+    /// the split the family file does.
+    #[test]
+    fn neox_qkv_round_trip() {
+        // heads 2, head_dim 2: q = 0..4, k = 4..8, v = 8..12 in llama.cpp's order.
+        let t = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap();
+        let neox = neox_qkv_from_gguf(&t, 2).unwrap();
+        assert_eq!(
+            neox.to_vec1::<f32>().unwrap(),
+            vec![0.0, 1.0, 4.0, 5.0, 8.0, 9.0, 2.0, 3.0, 6.0, 7.0, 10.0, 11.0]
+        );
+        let [q, k, v] = crate::model::arch::gpt_neox::split_qkv(&neox, 2, 2).unwrap();
+        assert_eq!(q.to_vec1::<f32>().unwrap(), vec![0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(k.to_vec1::<f32>().unwrap(), vec![4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(v.to_vec1::<f32>().unwrap(), vec![8.0, 9.0, 10.0, 11.0]);
+        assert!(neox_qkv_from_gguf(&t, 5).is_err());
+    }
+
+    /// Metadata of a Mixtral GGUF (llama with experts) and a GPT-NeoX one.
+    #[test]
+    fn configs_of_mixtral_and_gptneox() {
+        let mut c = content(&[100, 8]);
+        c.metadata.insert("llama.expert_count".into(), gguf_file::Value::U32(4));
+        c.metadata.insert("llama.expert_used_count".into(), gguf_file::Value::U32(2));
+        let cfg = gguf_config(&c, "llama", Path::new("m.gguf")).unwrap();
+        assert_eq!((cfg["model_type"].as_str(), cfg["num_local_experts"].as_u64()), (Some("mixtral"), Some(4)));
+        assert_eq!(cfg["num_experts_per_tok"], 2);
+        let mut n = content(&[100, 8]);
+        n.metadata = n
+            .metadata
+            .into_iter()
+            .filter(|(k, _)| !k.contains("rms"))
+            .map(|(k, v)| (k.replace("llama.", "gptneox."), v))
+            .collect();
+        n.metadata.insert("gptneox.attention.layer_norm_epsilon".into(), gguf_file::Value::F32(1e-5));
+        n.metadata.insert("gptneox.rope.dimension_count".into(), gguf_file::Value::U32(1));
+        n.metadata.insert("gptneox.use_parallel_residual".into(), gguf_file::Value::Bool(false));
+        let cfg = gguf_config(&n, "gptneox", Path::new("m.gguf")).unwrap();
+        assert_eq!(cfg["model_type"], "gpt_neox");
+        assert_eq!(cfg["rotary_pct"], 0.25); // 1 of 8 / 2 heads = 4 dims
+        assert_eq!(cfg["use_parallel_residual"], false);
+        let e = gguf_config(&n, "olmo2", Path::new("m.gguf")).unwrap_err().to_string();
+        assert!(e.contains("olmo2.embedding_length"), "{e}");
     }
 
     #[test]
