@@ -6,7 +6,9 @@
 #      (apt-get, which needs root; or set JUMPLENS_CHROMIUM=/path/to/chrome),
 #   3. sets JUMPLENS_REQUIRE_ASSETS=1, so a missing asset or browser fails instead of skipping,
 #   4. runs cargo fmt --check, clippy (warnings are errors), cargo test --release, and the unit
-#      tests again with overflow checks on.
+#      tests again with overflow checks on,
+#   5. builds the Python package into a fresh venv (`pip install ./python`) and runs its
+#      pytest suite (python/tests) against the CLI just built.
 # A plain `cargo test --release` skips (with a message) every test whose asset is missing.
 #
 # Usage: bash scripts/test.sh [ARGS...]   (ARGS go to `cargo test --release`, e.g. a filter)
@@ -47,3 +49,12 @@ if [[ $# -eq 0 ]]; then
     step "unit tests with overflow checks"
     cargo test --release --lib --config 'profile.release.package.jumplens.overflow-checks=true'
 fi
+
+step "Python bindings: pip install ./python into a fresh venv, pytest python/tests"
+# The extension build shares the target folder, so the CLI's compiled dependencies are reused
+# where their features agree.
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+VENV="$(mktemp -d)/venv"
+python3 -m venv "$VENV"
+CARGO_TARGET_DIR="$TARGET_DIR" "$VENV/bin/pip" install -q ./python pytest safetensors
+JUMPLENS_BIN="$TARGET_DIR/release/jumplens" "$VENV/bin/python" -m pytest -q python/tests

@@ -242,6 +242,7 @@ fn run_part(
     let (s, d) = (info.n_layers + 1, info.d_model);
     let mut out = vec![0f32; s * n_examples * d];
     for ub in unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, lm.model.device())? {
+        crate::cancel::check()?;
         let states = model::hidden_states(lm.model.as_ref(), &ub.batch).map_err(|e| {
             let what = format!(
                 "running a batch of {} x {} tokens",

@@ -8,6 +8,7 @@
 //! [`render`]). [`cli`] is a thin layer over the same calls. `docs/architecture.md` has the map.
 
 // Shared infrastructure.
+pub mod cancel;
 pub mod device;
 pub mod error;
 pub mod host;

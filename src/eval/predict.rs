@@ -140,6 +140,7 @@ pub fn evaluate(
     let bar = crate::progress::bar((n * s * lenses.len()) as u64, "predict", progress);
     let batch = batch.max(1);
     for start in (0..n).step_by(batch) {
+        crate::cancel::check()?;
         let rows = batch.min(n - start);
         let h_last = val
             .hidden_states

@@ -179,8 +179,14 @@ mod tests {
         assert_eq!(q.to_vec1::<f32>().unwrap(), vec![0.0, 1.0, 6.0, 7.0]);
         assert_eq!(k.to_vec1::<f32>().unwrap(), vec![2.0, 3.0, 8.0, 9.0]);
         assert_eq!(v.to_vec1::<f32>().unwrap(), vec![4.0, 5.0, 10.0, 11.0]);
-        let w = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((12, 2)).unwrap();
+        let w = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((12, 2))
+            .unwrap();
         let [q, _, _] = split_qkv(&w, 2, 2).unwrap();
-        assert_eq!(q.to_vec2::<f32>().unwrap(), vec![vec![0.0, 1.0], vec![2.0, 3.0], vec![12.0, 13.0], vec![14.0, 15.0]]);
+        assert_eq!(
+            q.to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 1.0], vec![2.0, 3.0], vec![12.0, 13.0], vec![14.0, 15.0]]
+        );
     }
 }
