@@ -14,6 +14,11 @@ What it produces (all deterministic, fixed seeds, CPU, one thread):
       (used to choose the Rust test tolerances); regenerated on every run.
   tests/fixtures/lstsq/cases.safetensors (+ README.md)
       least-squares cases solved with scikit-learn's LinearRegression.
+  tests/fixtures/tiny/<name>/expected_{bf16,f16}.safetensors   (only with --half)
+      the same inputs through the SAME model.safetensors loaded with transformers in
+      bfloat16 / float16 (eager attention): hidden states and logits, stored as float32
+      upcasts of the 16-bit values. Only these files are written; the float32 fixtures
+      are left untouched.
 
 How to rerun (from the repository root):
 
@@ -1210,7 +1215,41 @@ def write_archs_readme(report, shapes):
     (TINY / "ARCHS.md").write_text("\n".join(lines) + "\n")
 
 
+HALF_NAMES = ["llama", "qwen2", "gemma3", "gpt2", "bert_mlm"]
+
+
+def export_half():
+    """expected_{bf16,f16}.safetensors from the committed checkpoints (nothing else is written)."""
+    from safetensors import safe_open
+
+    summary = {}
+    for name in HALF_NAMES:
+        folder = TINY / name
+        ref = load_file(folder / "expected.safetensors")
+        inputs = {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]}
+        if "token_type_ids" in ref:
+            inputs["token_type_ids"] = ref["token_type_ids"]
+        for tag, dt in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+            model = MODEL_CLASSES[name].from_pretrained(folder, dtype=dt, attn_implementation="eager").eval()
+            arch = Arch(model, name)
+            _, hidden, logits, _ = forward(model, arch, inputs)
+            assert hidden.dtype == dt, (name, tag, hidden.dtype)
+            out = {"hidden_states": hidden.float().contiguous()}
+            if logits is not None:
+                out["logits"] = logits.float().contiguous()
+            # The 16-bit run's own distance from the float32 run (normwise, per layer), for the README.
+            err = [((hidden[l].float() - ref["hidden_states"][l]).norm() / ref["hidden_states"][l].norm()).item()
+                   for l in range(hidden.shape[0])]
+            summary[f"{name}.{tag}"] = {"max_normwise_vs_f32": max(err), "logits_dtype": str(logits.dtype) if logits is not None else None}
+            save_file(out, folder / f"expected_{tag}.safetensors",
+                      metadata={"format": "pt", "dtype": tag, "torch": torch.__version__,
+                                "transformers": transformers.__version__})
+    print(json.dumps(summary, indent=1))
+
+
 def main():
+    if sys.argv[1:] == ["--half"]:
+        return export_half()
     TINY.mkdir(parents=True, exist_ok=True)
     if len(sys.argv) == 3 and sys.argv[1] == "--only":
         report, conv, shapes = {}, {}, {}

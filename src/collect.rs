@@ -253,7 +253,8 @@ fn run_part(
         })?;
         // Only the sampled rows leave the device, all layers in one copy.
         let picked = states.iter().map(|h| ub.rows(h)).collect::<Result<Vec<_>>>()?;
-        let picked: Vec<f32> = Tensor::stack(&picked, 0)?
+        // Stored as f32 whatever the compute dtype (upcast on the device, before the copy).
+        let picked: Vec<f32> = crate::model::layers::f32(Tensor::stack(&picked, 0)?)?
             .to_device(&Device::Cpu)?
             .flatten_all()?
             .to_vec1()?;
@@ -317,6 +318,7 @@ pub fn collect(
         vocab_size: info.vocab_size,
         attention: format!("{:?}", info.attention).to_lowercase(),
         block_params: info.block_params,
+        dtype: info.dtype.clone(),
     };
     let corpus_record = CorpusRecord {
         path: absolute(corpus_path),

@@ -21,7 +21,7 @@ use crate::data::assets;
 use crate::data::run::RunDir;
 use crate::eval::peek;
 use crate::lens::fit::{FitOptions, GramPrecision};
-use crate::model::{load_model, Batch, TapRecorder};
+use crate::model::{load_model_with, Batch, DtypeChoice, LoadOptions, TapRecorder};
 use crate::pipeline::early_exit::{self, EarlyExitOptions};
 use crate::pipeline::predict::{self, PredictOptions};
 use crate::pipeline::report::{self, ReportOptions};
@@ -48,6 +48,31 @@ struct Cli {
     /// `--features cuda`).
     #[arg(long, global = true, default_value = "cpu", value_name = "cpu|cuda[:N]")]
     device: String,
+    /// Compute dtype of the model: auto = f32 on the CPU; on a GPU the checkpoint's stored
+    /// bf16 / f16 (f32 checkpoints stay f32, GGUF runs in bf16). Stages after collect default
+    /// to the dtype the run was collected with.
+    #[arg(long, global = true, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
+}
+
+/// `--dtype`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DtypeArg> for DtypeChoice {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::Auto => DtypeChoice::Auto,
+            DtypeArg::F32 => DtypeChoice::F32,
+            DtypeArg::Bf16 => DtypeChoice::Bf16,
+            DtypeArg::F16 => DtypeChoice::F16,
+        }
+    }
 }
 
 /// Which layer pairs `fit` fits.
@@ -470,13 +495,17 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let device = crate::device::parse(&cli.device)?;
+    let load = LoadOptions {
+        device: device.clone(),
+        dtype: cli.dtype.into(),
+    };
     match cli.command {
         Command::Inspect {
             model,
             json,
             save_tokenizer,
         } => {
-            let lm = load_model(&model, &device)?;
+            let lm = load_model_with(&model, &load)?;
             if let Some(path) = save_tokenizer {
                 let text = lm
                     .tokenizer()?
@@ -502,6 +531,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("context       {}", i.max_positions);
                 println!("parameters    {}", i.n_params);
                 println!("storage       {}", s.storage);
+                println!("dtype         {}", i.dtype);
                 println!("tokenizer     {}", s.tokenizer);
             }
         }
@@ -512,7 +542,7 @@ fn run(cli: Cli) -> Result<()> {
             mask_position,
             tap,
         } => {
-            let lm = load_model(&model, &device)?;
+            let lm = load_model_with(&model, &load)?;
             let st = lm.text_states(&text, mask_position)?;
             let n = st.input_ids.len();
             let mut tensors = vec![
@@ -563,7 +593,7 @@ fn run(cli: Cli) -> Result<()> {
                 text_field,
                 batch_tokens,
             };
-            let lm = load_model(&model, &device)?;
+            let lm = load_model_with(&model, &load)?;
             let run = RunDir::new(&out);
             collect::collect(&lm, &corpus, &run, &opts, !common.quiet)?;
             eprintln!(
@@ -624,7 +654,7 @@ fn run(cli: Cli) -> Result<()> {
             common,
         } => {
             let run = RunDir::new(&run);
-            let lm = run_model(&run, model, &device)?;
+            let lm = run_model(&run, model, &load)?;
             let opts = PredictOptions {
                 maps,
                 batch,
@@ -675,7 +705,7 @@ fn run(cli: Cli) -> Result<()> {
             common,
         } => {
             let run = RunDir::new(&run);
-            let lm = run_model(&run, model, &device)?;
+            let lm = run_model(&run, model, &load)?;
             let opts = SubmoduleOptions {
                 n_eval: val,
                 n_train: train,
@@ -703,7 +733,7 @@ fn run(cli: Cli) -> Result<()> {
             html,
             mask,
         } => {
-            let lm = load_model(&model, &device)?;
+            let lm = load_model_with(&model, &load)?;
             let maps = maps.map(|p| crate::lens::maps::Maps::read(&p)).transpose()?;
             if let Some(m) = &maps {
                 m.check_model_info(lm.model.info())?;
@@ -730,7 +760,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(run) = html_only {
                 let run = RunDir::new(run);
                 // The model is only needed for the peek grids: without it the page has none.
-                let lm = match run_model(&run, model, &device) {
+                let lm = match run_model(&run, model, &load) {
                     Ok(lm) => Some(lm),
                     Err(e) => {
                         eprintln!("warning: no peek grids ({})", crate::error::one_line(&format!("{e:#}")));
@@ -752,6 +782,7 @@ fn run(cli: Cli) -> Result<()> {
             opts.submodule_train = opts.submodule_train.min(opts.n_train);
             opts.progress = !common.quiet;
             opts.device = device.clone();
+            opts.dtype = load.dtype;
             let started = std::time::Instant::now();
             let path = report::run_report(&opts)?;
             let m = RunDir::new(&opts.out).read_manifest()?;
@@ -786,7 +817,7 @@ fn run(cli: Cli) -> Result<()> {
                 (BenchWhat::Collect, None) => bail!("bench collect needs --activations"),
                 (_, a) => a,
             };
-            let lm = load_model(&model, &device)?;
+            let lm = load_model_with(&model, &load)?;
             let t = match (what, activations) {
                 (BenchWhat::Collect, Some(path)) => {
                     let act = crate::data::Activations::read(&path)?;
@@ -880,12 +911,20 @@ fn mask_word_index(lm: &crate::model::LoadedModel, text: &str, word: &str) -> Re
 }
 
 /// The model given on the command line, else the one recorded in the run's manifest.
-fn run_model(run: &RunDir, model: Option<String>, device: &Device) -> Result<crate::model::LoadedModel> {
+/// With `--dtype auto`, the dtype the run was collected with.
+fn run_model(run: &RunDir, model: Option<String>, load: &LoadOptions) -> Result<crate::model::LoadedModel> {
+    let mut load = load.clone();
+    if load.dtype == DtypeChoice::Auto {
+        if let Ok(m) = run.read_manifest() {
+            load.dtype = DtypeChoice::parse(&m.model.dtype)
+                .map_err(|e| anyhow!("{}: model.dtype: {e}", run.manifest().display()))?;
+        }
+    }
     let model = match model {
         Some(m) => m,
         None => {
             let recorded = run.read_manifest()?.model.path;
-            return load_model(&recorded, device).map_err(|e| {
+            return load_model_with(&recorded, &load).map_err(|e| {
                 // Manifests written before model paths were stored absolute hold the path as typed.
                 let hint = if Path::new(&recorded).is_relative() {
                     " (a relative path: run from the folder the run was collected in, or pass --model)"
@@ -896,5 +935,5 @@ fn run_model(run: &RunDir, model: Option<String>, device: &Device) -> Result<cra
             });
         }
     };
-    load_model(&model, device)
+    load_model_with(&model, &load)
 }

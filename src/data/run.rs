@@ -196,6 +196,13 @@ pub struct ModelRecord {
     /// Parameters of all blocks together (for FLOP estimates).
     #[serde(default)]
     pub block_params: usize,
+    /// Compute dtype of the forward passes (`--dtype`); runs made before it was recorded are f32.
+    #[serde(default = "f32_label")]
+    pub dtype: String,
+}
+
+fn f32_label() -> String {
+    "f32".into()
 }
 
 /// Where the text came from.

@@ -63,6 +63,7 @@ impl Hooks for SubRecorder<'_> {
         entry.0.extend(
             self.batch
                 .rows(input)?
+                .to_dtype(candle_core::DType::F32)?
                 .to_device(&Device::Cpu)?
                 .flatten_all()?
                 .to_vec1::<f32>()?,
@@ -70,6 +71,7 @@ impl Hooks for SubRecorder<'_> {
         entry.1.extend(
             self.batch
                 .rows(output)?
+                .to_dtype(candle_core::DType::F32)?
                 .to_device(&Device::Cpu)?
                 .flatten_all()?
                 .to_vec1::<f32>()?,

@@ -29,8 +29,10 @@ pub struct PairMap {
 }
 
 impl PairMap {
-    /// `x @ A^T (+ b)` for states `x` [n, d] already on the map's device and dtype.
+    /// `x @ A^T (+ b)` for states `x` [n, d] already on the map's device (cast to the map's
+    /// dtype: a bf16 model's states are mapped in f32).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let x = crate::model::layers::to_dtype(x, self.a.dtype())?;
         let y = x.matmul(&self.a.t()?)?;
         Ok(match &self.intercept {
             Some(b) => y.broadcast_add(b)?,

@@ -195,7 +195,8 @@ pub(crate) fn emit(hooks: &mut dyn Hooks, tap: Tap, value: Tensor) -> Result<Ten
                     value.dims()
                 );
             }
-            Ok(patched)
+            // A patch (often f32) continues in the model's dtype.
+            Ok(crate::model::layers::to_dtype(&patched, value.dtype())?)
         }
     }
 }
@@ -219,7 +220,8 @@ pub(crate) fn run_sub(
                     input.dims()
                 );
             }
-            out
+            // A replacement (e.g. an f32 linear map) continues in the model's dtype.
+            crate::model::layers::to_dtype(&out, input.dtype())?
         }
         None => real(input, hooks)?,
     };

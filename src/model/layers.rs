@@ -1,4 +1,10 @@
 //! Small numeric building blocks shared by the architecture files.
+//!
+//! Dtypes (see `model::dtype`): Linear, embeddings, RoPE and activations run in the dtype of
+//! their input / weights (the compute dtype); norms and the attention softmax upcast to f32,
+//! compute, and cast back, as transformers does. On the CPU a Linear with 16-bit weights
+//! converts the weight to f32 in row blocks and runs faer's f32 GEMM (f32 accumulation, one
+//! rounding of the output), so a bf16 checkpoint is held once, in bf16.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -14,12 +20,20 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// Applies the layer to x [..., in].
+    /// Applies the layer to x [..., in]; x is first cast to the weight's dtype (states from
+    /// outside the model, e.g. f32 lens outputs, enter a bf16 model in bf16).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = &to_dtype(x, self.weight.dtype())?;
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, inner))?;
+        if let Some(y) = cpu_matmul_wt_half(&x2, &self.weight, self.bias.as_ref())? {
+            let mut out_dims = dims;
+            let last = out_dims.len() - 1;
+            out_dims[last] = self.weight.dims()[0];
+            return y.reshape(out_dims);
+        }
         // One 2-D GEMM against the transposed (strided, not copied) weight is the fast path.
         let y = match cpu_matmul_wt(&x2, &self.weight)? {
             Some(y) => y,
@@ -76,6 +90,82 @@ fn cpu_matmul_wt(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(out, (m, n), &Device::Cpu)?))
 }
 
+/// Rows of a 16-bit weight converted to f32 at a time: 4 MiB of f32 at d = 1024, 16 MiB at
+/// d = 4096, so the temporary stays small next to the weights.
+const HALF_WEIGHT_BLOCK_ELEMS: usize = 1 << 22;
+
+/// `x @ w^T (+ b)` for bf16 / f16 CPU tensors x [m, k] and w [n, k] (same dtype): x and row
+/// blocks of w are converted to f32 and multiplied with faer (f32 accumulation), the bias is added
+/// in f32, and the result is rounded once to the input dtype, as PyTorch's CPU bf16 `linear`.
+/// `None` for other devices and dtypes.
+fn cpu_matmul_wt_half(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    use faer::{Accum, MatMut, MatRef, Par};
+    use rayon::prelude::*;
+    let dtype = w.dtype();
+    if !x.device().is_cpu() || !matches!(dtype, DType::BF16 | DType::F16) || x.dtype() != dtype {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let (n, k_w) = w.dims2()?;
+    if k != k_w || k == 0 {
+        return Ok(None); // let candle report the shape mismatch
+    }
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let w = w.contiguous()?;
+    let mut out = vec![0f32; m * n];
+    let rows_per_block = (HALF_WEIGHT_BLOCK_ELEMS / k).clamp(1, n.max(1));
+    let mut block = vec![0f32; rows_per_block * k];
+    let msg = |e: anyhow::Error| candle_core::Error::Msg(format!("{e:#}"));
+    let (storage, layout) = w.storage_and_layout();
+    let (start, _) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("a contiguous weight".into()))?;
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    crate::host::with_f32_slice(&x32, |xs| {
+        let xm = MatRef::from_row_major_slice(xs, m, k);
+        let mut om = MatMut::from_row_major_slice_mut(&mut out, m, n);
+        for r0 in (0..n).step_by(rows_per_block) {
+            let rows = rows_per_block.min(n - r0);
+            let dst = &mut block[..rows * k];
+            let range = start + r0 * k..start + (r0 + rows) * k;
+            // (The element types are `half`'s, reached through candle's storage.)
+            match cpu {
+                candle_core::CpuStorage::BF16(all) => {
+                    dst.par_chunks_mut(k).zip(all[range].par_chunks(k)).for_each(|(d, s)| {
+                        d.iter_mut().zip(s).for_each(|(d, s)| *d = s.to_f32());
+                    });
+                }
+                candle_core::CpuStorage::F16(all) => {
+                    dst.par_chunks_mut(k).zip(all[range].par_chunks(k)).for_each(|(d, s)| {
+                        d.iter_mut().zip(s).for_each(|(d, s)| *d = s.to_f32());
+                    });
+                }
+                _ => return Err(anyhow::anyhow!("a 16-bit weight")),
+            }
+            faer::linalg::matmul::matmul(
+                faer::reborrow::ReborrowMut::rb_mut(&mut om).subcols_mut(r0, rows),
+                Accum::Replace,
+                xm,
+                MatRef::from_row_major_slice(dst, rows, k).transpose(),
+                1.0f32,
+                Par::rayon(0),
+            );
+        }
+        Ok(())
+    })
+    .map_err(msg)?;
+    drop(storage);
+    clear_upper_vector_state();
+    let y = Tensor::from_vec(out, (m, n), &Device::Cpu)?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    Ok(Some(y.to_dtype(dtype)?))
+}
+
 /// Runs `vzeroupper` on every rayon thread and this one. faer's AVX-512 kernels leave the upper
 /// halves of the vector registers dirty, and on Intel cores every later legacy-SSE instruction
 /// then pays a transition penalty: glibc's `exp` in the predict scorer ran 5x slower after them.
@@ -109,9 +199,17 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// In f32 (weight and bias upcast), output in the weight's dtype, as PyTorch's `layer_norm`
+    /// on 16-bit inputs.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)
+        let out_dtype = self.weight.dtype();
+        if x.dtype() == DType::F32 && out_dtype == DType::F32 {
+            let x = x.contiguous()?;
+            return candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let (w, b) = (self.weight.to_dtype(DType::F32)?, self.bias.to_dtype(DType::F32)?);
+        candle_nn::ops::layer_norm(&x, &w, &b, self.eps as f32)?.to_dtype(out_dtype)
     }
 
     pub fn n_params(&self) -> usize {
@@ -121,16 +219,32 @@ impl LayerNorm {
 
 /// RMSNorm `x / sqrt(mean(x^2) + eps) * scale`. `scale` is the effective multiplier: Gemma's
 /// `1 + w` is folded in at load time.
+///
+/// Outside f32 the normalisation runs in f32 and the output is in `dtype` (the compute dtype).
+/// Where the scale is applied follows transformers: a `scale` in the compute dtype multiplies
+/// after the cast (LlamaRMSNorm: `w * normed.to(dtype)`); an f32 `scale` multiplies before it
+/// (Gemma3RMSNorm: `(normed * (1 + w.float())).type_as(x)`).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub scale: Tensor,
     pub eps: f64,
+    pub dtype: DType,
 }
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        candle_nn::ops::rms_norm(&x, &self.scale, self.eps as f32)
+        if x.dtype() == DType::F32 && self.dtype == DType::F32 {
+            let x = x.contiguous()?;
+            let scale = to_dtype(&self.scale, DType::F32)?;
+            return candle_nn::ops::rms_norm(&x, &scale, self.eps as f32);
+        }
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        if self.scale.dtype() == DType::F32 {
+            return candle_nn::ops::rms_norm(&x, &self.scale, self.eps as f32)?.to_dtype(self.dtype);
+        }
+        let ones = Tensor::ones(x.dim(candle_core::D::Minus1)?, DType::F32, x.device())?;
+        let normed = candle_nn::ops::rms_norm(&x, &ones, self.eps as f32)?.to_dtype(self.dtype)?;
+        normed.broadcast_mul(&to_dtype(&self.scale, self.dtype)?)
     }
 }
 
@@ -304,8 +418,9 @@ impl Rope {
                 self.cos.dim(0)?
             );
         }
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
+        // The f32 tables are cast to the input's dtype, as transformers' rotary embedding does.
+        let cos = to_dtype(&self.cos.narrow(0, 0, t)?, x.dtype())?;
+        let sin = to_dtype(&self.sin.narrow(0, 0, t)?, x.dtype())?;
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
 }
@@ -327,14 +442,17 @@ pub fn repeat_kv(x: &Tensor, n_heads: usize) -> Result<Tensor> {
 
 /// Attention probabilities softmax(q k^T * scale [soft-capped] + bias) [B, H, T, T].
 ///
-/// q [B, H, T, hd], k [B, H, T, hd] (already repeated), bias [B, 1, T, T] additive.
+/// q [B, H, T, hd], k [B, H, T, hd] (already repeated), bias [B, 1, T, T] additive (f32).
+/// The scores come out of the GEMM in q's dtype; soft-cap, mask and softmax run in f32 and the
+/// probabilities are cast back to q's dtype (transformers' eager attention).
 pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
-    let mut scores = (q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?;
+    let dtype = q.dtype();
+    let mut scores = to_dtype(&(q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?, DType::F32)?;
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
-    let scores = scores.broadcast_add(bias)?;
-    candle_nn::ops::softmax_last_dim(&scores)
+    let scores = scores.broadcast_add(&to_dtype(bias, DType::F32)?)?;
+    to_dtype(&candle_nn::ops::softmax_last_dim(&scores)?, dtype)
 }
 
 /// Splits x [B, T, H * hd] into heads [B, H, T, hd].
@@ -363,11 +481,20 @@ pub fn softcap(x: &Tensor, cap: Option<f64>) -> Result<Tensor> {
     }
 }
 
-/// Makes sure a tensor is f32, the dtype all computation here uses.
+/// Makes sure a tensor is f32 (the dtype of logits and collected states).
 pub fn f32(t: Tensor) -> Result<Tensor> {
     if t.dtype() == DType::F32 {
         Ok(t)
     } else {
         t.to_dtype(DType::F32)
+    }
+}
+
+/// `t` in `dtype`: the same tensor (no copy) when it already is.
+pub fn to_dtype(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
     }
 }

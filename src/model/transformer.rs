@@ -36,6 +36,9 @@ pub struct ModelInfo {
     pub n_params: usize,
     /// Parameters of all blocks together (for FLOP estimates), counted from the loaded blocks.
     pub block_params: usize,
+    /// Compute dtype the weights were loaded in and the GEMMs run in ("f32", "bf16", "f16");
+    /// norms and softmax run in f32, logits leave the model as f32.
+    pub dtype: String,
 }
 
 /// One transformer, split at the points the paper's linear shortcuts connect.

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use crate::collect::CollectOptions;
 use crate::data::assets::{default_out, default_path};
 use crate::data::run::{Manifest, RunDir};
-use crate::model::{load_model, LoadedModel};
+use crate::model::LoadedModel;
 use crate::pipeline::stage::{limit_value, Stage};
 use crate::render::html::fmt_secs;
 
@@ -82,6 +82,8 @@ pub struct ReportOptions {
     pub progress: bool,
     /// Where the model runs (`Device::Cpu` unless set).
     pub device: Device,
+    /// Compute dtype of the model (`auto` unless set).
+    pub dtype: crate::model::DtypeChoice,
 }
 
 impl ReportOptions {
@@ -106,6 +108,7 @@ impl ReportOptions {
             batch_tokens: CollectOptions::default().batch_tokens,
             progress: true,
             device: Device::Cpu,
+            dtype: crate::model::DtypeChoice::Auto,
         }
     }
 
@@ -162,7 +165,13 @@ pub fn run_report(opts: &ReportOptions) -> Result<PathBuf> {
         }
     };
     say(&format!("loading {}", opts.model));
-    let lm = load_model(&opts.model, &opts.device)?;
+    let lm = crate::model::load_model_with(
+        &opts.model,
+        &crate::model::LoadOptions {
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+        },
+    )?;
     let collect_opts = collect_options_value(opts)?;
     let total = Stage::REPORT.len() + 1;
     // Which stages ran in this call (their dependants must run again).

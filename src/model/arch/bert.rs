@@ -197,6 +197,7 @@ impl Bert {
             max_positions: n_pos,
             n_params: w.n_params(),
             block_params: blocks.iter().map(Block::n_params).sum(),
+            dtype: crate::model::dtype::label(w.dtype()).into(),
         };
         Ok(Self {
             info,
@@ -280,7 +281,8 @@ impl Transformer for Bert {
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
         let b = &self.blocks[layer];
         let tap = |t: BlockTap| Tap::Block(layer, t);
-        let h = emit(hooks, tap(BlockTap::ResidPre), h.clone())?;
+        // States from outside (lens outputs, f32) enter in the compute dtype.
+        let h = emit(hooks, tap(BlockTap::ResidPre), layers::to_dtype(h, self.word.dtype())?)?;
         let attn_out = run_sub(hooks, layer, SubModule::Attn, &h, |x, hooks| {
             self.attention(layer, b, x, ctx, hooks)
         })?;
@@ -311,7 +313,8 @@ impl Transformer for Bert {
             anyhow::anyhow!("this BERT checkpoint has no masked-LM head (a plain BertModel): it has no logits")
         })?;
         let t = self.act.forward(&head.dense.forward(h)?)?;
-        Ok(head.decoder.forward(&head.ln.forward(&t)?)?)
+        // Logits leave the model in f32 (scored in f32 everywhere).
+        Ok(layers::f32(head.decoder.forward(&head.ln.forward(&t)?)?)?)
     }
 
     fn sub_modules(&self) -> &'static [SubModule] {

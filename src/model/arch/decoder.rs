@@ -287,9 +287,17 @@ impl Decoder {
             Ok(match s.norm {
                 NormKind::Rms { eps, plus_one } => {
                     let weight = w.get(&format!("{name}.weight"), &[dim])?;
-                    // Gemma stores w and multiplies by (1 + w); fold the 1 in once here.
-                    let scale = if plus_one { (weight + 1.0)? } else { weight };
-                    Norm::Rms(RmsNorm { scale, eps })
+                    // Gemma stores w and multiplies by (1 + w) in f32; fold the 1 in once here.
+                    let scale = if plus_one {
+                        (layers::f32(weight)? + 1.0)?
+                    } else {
+                        weight
+                    };
+                    Norm::Rms(RmsNorm {
+                        scale,
+                        eps,
+                        dtype: w.dtype(),
+                    })
                 }
                 NormKind::Layer { eps } => Norm::Layer(LayerNorm {
                     weight: w.get(&format!("{name}.weight"), &[dim])?,
@@ -410,6 +418,7 @@ impl Decoder {
             max_positions: s.max_positions,
             n_params: w.n_params(),
             block_params: blocks.iter().map(Block::n_params).sum(),
+            dtype: crate::model::dtype::label(w.dtype()).into(),
         };
         Ok(Self {
             info,
@@ -579,6 +588,8 @@ impl Transformer for Decoder {
     }
 
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        // States from outside (lens outputs, f32) enter in the compute dtype.
+        let h = &layers::to_dtype(h, self.embed_tokens.dtype())?;
         let b = &self.blocks[layer];
         let post_attn = |x: &Tensor| match &b.post_attn_norm {
             Some(n) => n.forward(x),
@@ -612,7 +623,8 @@ impl Transformer for Decoder {
 
     fn unembed(&self, h: &Tensor) -> Result<Tensor> {
         let logits = self.lm_head.forward(h)?;
-        Ok(layers::softcap(&logits, self.final_softcap)?)
+        // Logits leave the model in f32 (scored in f32 everywhere).
+        Ok(layers::f32(layers::softcap(&logits, self.final_softcap)?)?)
     }
 
     fn sub_modules(&self) -> &'static [SubModule] {

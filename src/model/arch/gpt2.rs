@@ -135,6 +135,7 @@ impl Gpt2 {
             max_positions: c.n_positions,
             n_params: w.n_params(),
             block_params: blocks.iter().map(Block::n_params).sum(),
+            dtype: crate::model::dtype::label(w.dtype()).into(),
         };
         Ok(Self {
             info,
@@ -213,6 +214,8 @@ impl Transformer for Gpt2 {
     }
 
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        // States from outside (lens outputs, f32) enter in the compute dtype.
+        let h = &layers::to_dtype(h, self.wte.dtype())?;
         let b = &self.blocks[layer];
         PreNormBlock {
             ln1: &|x| b.ln1.forward(x),
@@ -231,6 +234,7 @@ impl Transformer for Gpt2 {
     }
 
     fn unembed(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(h)?)
+        // Logits leave the model in f32 (scored in f32 everywhere).
+        Ok(layers::f32(self.lm_head.forward(h)?)?)
     }
 }

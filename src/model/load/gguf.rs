@@ -1,5 +1,6 @@
 //! GGUF files: llama.cpp's metadata and tensor names translated into a Hugging Face config and
-//! Hugging Face tensor names (dequantized to f32, llama.cpp's conversions undone), so the
+//! Hugging Face tensor names (dequantized to f32, llama.cpp's conversions undone, then in the
+//! compute dtype), so the
 //! architecture files see one format. The per-architecture tables live here.
 
 use std::collections::HashMap;
@@ -15,10 +16,11 @@ use serde_json::{json, Value};
 use super::LoadedModel;
 use crate::model::arch;
 use crate::model::config::Config;
+use crate::model::dtype::{DtypeChoice, Stored};
 use crate::model::weights::Weights;
 use crate::tokenizer::Tokenizer;
 
-pub(super) fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
+pub(super) fn load_gguf(path: &Path, device: &Device, choice: DtypeChoice) -> Result<LoadedModel> {
     let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let content =
         gguf_file::Content::read(&mut file).map_err(|e| anyhow!("{}: not a valid GGUF file ({e})", path.display()))?;
@@ -36,8 +38,9 @@ pub(super) fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel> {
         );
     }
     let cfg = Config::from_value(gguf_config(&content, &arch, path)?, path.to_path_buf());
-    let (tensors, storage) = gguf_tensors(&content, &mut file, &arch, &cfg, path, device)?;
-    let weights = Weights::new(tensors, path.to_path_buf(), storage.clone());
+    let dtype = choice.resolve(device, Stored::Gguf)?;
+    let (tensors, storage) = gguf_tensors(&content, &mut file, &arch, &cfg, path, device, dtype)?;
+    let weights = Weights::new(tensors, path.to_path_buf(), storage.clone(), dtype);
     let model = arch::build(&cfg, &weights, device)?;
     let inner =
         crate::tokenizer::gguf::tokenizer_from_gguf(&content).map_err(|e| anyhow!("{}: {e}", path.display()))?;
@@ -303,6 +306,7 @@ fn neox_qkv_from_gguf(t: &Tensor, n_heads: usize) -> Result<Tensor> {
 
 /// Reads, dequantizes and renames every tensor, undoing llama.cpp's conversions so the
 /// architecture files see Hugging Face tensors.
+#[allow(clippy::too_many_arguments)]
 fn gguf_tensors(
     content: &gguf_file::Content,
     file: &mut File,
@@ -310,6 +314,7 @@ fn gguf_tensors(
     cfg: &Config,
     path: &Path,
     device: &Device,
+    dtype: candle_core::DType,
 ) -> Result<(HashMap<String, Tensor>, String)> {
     let count = |key: &str| -> Result<usize> {
         match cfg.get(key).and_then(|v| v.as_u64()) {
@@ -352,6 +357,10 @@ fn gguf_tensors(
         if (arch == "gemma3" || arch == "gemma2") && hf.contains("norm.weight") {
             // llama.cpp stores Gemma's norm multiplier 1 + w; the model file expects w.
             t = (t - 1.0)?;
+        }
+        // Dequantized (and un-permuted) in f32, then rounded once to the compute dtype.
+        if t.dtype() != dtype {
+            t = t.to_dtype(dtype)?;
         }
         tensors.insert(hf, t);
     }

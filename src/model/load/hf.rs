@@ -10,17 +10,18 @@ use serde_json::Value;
 use super::LoadedModel;
 use crate::model::arch;
 use crate::model::config::Config;
+use crate::model::dtype::DtypeChoice;
 use crate::model::weights::Weights;
 use crate::tokenizer::Tokenizer;
 
-pub(super) fn load_folder(dir: &Path, device: &Device) -> Result<LoadedModel> {
+pub(super) fn load_folder(dir: &Path, device: &Device, dtype: DtypeChoice) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         bail!("{}: no config.json in the model folder", dir.display());
     }
     let cfg = Config::read(&config_path)?;
     let shards = safetensors_files(dir)?;
-    let weights = Weights::from_safetensors(&shards, device)?;
+    let weights = Weights::from_safetensors(&shards, device, dtype)?;
     let model = arch::build(&cfg, &weights, device)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {

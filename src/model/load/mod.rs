@@ -1,6 +1,6 @@
 //! Finding and loading a model: a Hugging Face folder (`hf`), a model id in the local Hugging
 //! Face cache, or a GGUF file (`gguf`, dequantized to f32 so it computes what the reference
-//! computes). The architecture comes from `model::arch::REGISTRY`.
+//! computes; then converted to the compute dtype). The architecture comes from `model::arch::REGISTRY`.
 
 mod gguf;
 mod hf;
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
 
+pub use crate::model::dtype::{DtypeChoice, LoadOptions};
 use crate::model::hooks::{Tap, TapRecorder};
 use crate::model::Transformer;
 use crate::tokenizer::Tokenizer;
@@ -39,16 +40,23 @@ impl LoadedModel {
     }
 }
 
-/// Loads MODEL: a folder, a `.gguf` file, or a hub id (`org/name`) found in the local cache.
+/// Loads MODEL: a folder, a `.gguf` file, or a hub id (`org/name`) found in the local cache,
+/// in the `auto` compute dtype (f32 on the CPU).
 pub fn load_model(spec: &str, device: &Device) -> Result<LoadedModel> {
+    load_model_with(spec, &LoadOptions::new(device))
+}
+
+/// [`load_model`] with a chosen compute dtype (`ModelInfo::dtype` says what it resolved to).
+pub fn load_model_with(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     let path = resolve(spec)?;
+    let (device, dtype) = (&opts.device, opts.dtype);
     if path.is_dir() {
-        hf::load_folder(&path, device)
+        hf::load_folder(&path, device, dtype)
     } else if is_gguf(&path)? {
-        gguf::load_gguf(&path, device)
+        gguf::load_gguf(&path, device, dtype)
     } else if path.extension().is_some_and(|e| e == "safetensors") {
         let dir = path.parent().unwrap_or(Path::new("."));
-        hf::load_folder(dir, device)
+        hf::load_folder(dir, device, dtype)
     } else {
         bail!(
             "{}: not a model folder, a .gguf file or a .safetensors file",
