@@ -172,7 +172,7 @@ impl Weights {
             tensors.remove(&fused);
             tensors.extend(parts);
         }
-        Weights::new(tensors, self.source.clone(), self.storage.clone())
+        Weights::new(tensors, self.source.clone(), self.storage.clone(), self.dtype)
     }
 }
 
