@@ -137,7 +137,10 @@ fn run_full(name: &str) {
         assert!(c.expected.contains_key(key), "{name}: the fixture lacks {key}");
     }
     if name == "neox_parallel" {
-        assert!(!rec.values.contains_key("blocks.0.hook_resid_mid"), "{name}: a parallel block reported resid_mid");
+        assert!(
+            !rec.values.contains_key("blocks.0.hook_resid_mid"),
+            "{name}: a parallel block reported resid_mid"
+        );
     }
     // The TransformerLens invariant, for every architecture: each block's resid_post is the
     // next block's resid_pre and the hidden state h_{l+1}.
@@ -593,6 +596,30 @@ fn bad_config_fields_are_errors() {
         (
             "mistral_sliding",
             "\"sliding_window\": 5",
+            "\"sliding_window\": 0",
+            "sliding_window",
+        ),
+        (
+            "mixtral",
+            "\"num_experts_per_tok\": 2",
+            "\"num_experts_per_tok\": 5",
+            "num_experts_per_tok",
+        ),
+        (
+            "neox_parallel",
+            "\"partial_rotary_factor\": 0.25",
+            "\"partial_rotary_factor\": 0.05",
+            "partial_rotary_factor",
+        ),
+        (
+            "phi3_longrope",
+            "\"partial_rotary_factor\": 0.5",
+            "\"partial_rotary_factor\": 0.25",
+            "short_factor",
+        ),
+        (
+            "gemma2",
+            "\"sliding_window\": 4",
             "\"sliding_window\": 0",
             "sliding_window",
         ),

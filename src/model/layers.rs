@@ -221,7 +221,10 @@ pub enum RopeScaling {
     },
     /// Phi-3 LongRoPE / "su": frequency i divided by `factors[i]`, cos and sin multiplied by
     /// `attention_factor`.
-    LongRope { factors: Vec<f64>, attention_factor: f64 },
+    LongRope {
+        factors: Vec<f64>,
+        attention_factor: f64,
+    },
 }
 
 impl Rope {

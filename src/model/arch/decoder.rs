@@ -197,7 +197,11 @@ impl Mlp {
 /// The MLP sub-layer: one dense MLP, or a router and its experts.
 enum FeedForward {
     Dense(Mlp),
-    Moe { router: Linear, experts: Vec<Mlp>, top_k: usize },
+    Moe {
+        router: Linear,
+        experts: Vec<Mlp>,
+        top_k: usize,
+    },
 }
 
 struct Block {
@@ -379,7 +383,7 @@ impl Decoder {
             None => embed_tokens.clone(),
         };
         let rd = s.rotary_dim;
-        if rd == 0 || rd > hd || rd % 2 != 0 {
+        if rd == 0 || rd > hd || !rd.is_multiple_of(2) {
             bail!("{}: rotary dimension {rd} for heads of {hd}", w.source().display());
         }
         let rope = Rope::new(rd, s.rope.theta, &s.rope.scaling, s.rope_table_len, device)?;
@@ -524,7 +528,9 @@ impl Decoder {
         let mut out = Tensor::zeros((b, t, d), x.dtype(), x.device())?;
         for (e, m) in experts.iter().enumerate() {
             let gate = m.gate.as_ref().expect("experts are gated");
-            let y = m.down.forward(&(self.activation.forward(&gate.forward(x)?)? * m.up.forward(x)?)?)?;
+            let y = m
+                .down
+                .forward(&(self.activation.forward(&gate.forward(x)?)? * m.up.forward(x)?)?)?;
             out = (out + y.broadcast_mul(&weights.narrow(2, e, 1)?)?)?;
         }
         Ok(out)

@@ -6,6 +6,9 @@
 //! Parallel: h += W_o attn(rope(q), rope(k), v)(LN_1(h)) + W_down(gelu(W_up LN_2(h))), both read
 //! the block input; sequential: the usual two residual adds. logits = W_out LN_f(h_L).
 //!
+//! Sub-modules of a parallel block: replacing attention (or the MLP) by a linear map replaces
+//! that branch only; the other branch still reads the block input, and both are added to it.
+//!
 //! The checkpoint fuses q, k and v into `attention.query_key_value` with rows laid out
 //! [heads, 3, head_dim]; [`split_qkv`] cuts it into per-projection tensors at load.
 
@@ -179,8 +182,14 @@ mod tests {
         assert_eq!(q.to_vec1::<f32>().unwrap(), vec![0.0, 1.0, 6.0, 7.0]);
         assert_eq!(k.to_vec1::<f32>().unwrap(), vec![2.0, 3.0, 8.0, 9.0]);
         assert_eq!(v.to_vec1::<f32>().unwrap(), vec![4.0, 5.0, 10.0, 11.0]);
-        let w = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((12, 2)).unwrap();
+        let w = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((12, 2))
+            .unwrap();
         let [q, _, _] = split_qkv(&w, 2, 2).unwrap();
-        assert_eq!(q.to_vec2::<f32>().unwrap(), vec![vec![0.0, 1.0], vec![2.0, 3.0], vec![12.0, 13.0], vec![14.0, 15.0]]);
+        assert_eq!(
+            q.to_vec2::<f32>().unwrap(),
+            vec![vec![0.0, 1.0], vec![2.0, 3.0], vec![12.0, 13.0], vec![14.0, 15.0]]
+        );
     }
 }

@@ -125,16 +125,20 @@ pub(crate) fn partial_rotary_factor(cfg: &Config, legacy: f64) -> Result<f64> {
     let from = |v: Option<&serde_json::Value>, key: &str| -> Result<Option<f64>> {
         match v.and_then(|p| p.get("partial_rotary_factor")) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(x) => x.as_f64().map(Some).ok_or_else(|| {
-                anyhow::anyhow!("{}: field '{key}' should be a number, found {x}", cfg.path.display())
-            }),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| anyhow::anyhow!("{}: field '{key}' should be a number, found {x}", cfg.path.display())),
         }
     };
     let nested = from(cfg.get("rope_parameters"), "rope_parameters.partial_rotary_factor")?;
     let top = match cfg.get("partial_rotary_factor") {
         None | Some(serde_json::Value::Null) => None,
         Some(x) => Some(x.as_f64().ok_or_else(|| {
-            anyhow::anyhow!("{}: field 'partial_rotary_factor' should be a number, found {x}", cfg.path.display())
+            anyhow::anyhow!(
+                "{}: field 'partial_rotary_factor' should be a number, found {x}",
+                cfg.path.display()
+            )
         })?),
     };
     Ok(nested.or(top).unwrap_or(legacy))
@@ -144,9 +148,9 @@ pub(crate) fn partial_rotary_factor(cfg: &Config, legacy: f64) -> Result<f64> {
 /// even and at least 2.
 pub(crate) fn rotary_dim(cfg: &Config, head_dim: usize, factor: f64) -> Result<usize> {
     let dim = (head_dim as f64 * factor) as usize;
-    if dim < 2 || dim > head_dim || dim % 2 != 0 {
+    if dim < 2 || dim > head_dim || !dim.is_multiple_of(2) {
         bail!(
-            "{}: partial rotary factor {factor} gives {dim} rotated dims of {head_dim} (need an even number >= 2)",
+            "{}: field 'partial_rotary_factor' ({factor}) gives {dim} rotated dims of {head_dim} (need an even number >= 2)",
             cfg.path.display()
         );
     }

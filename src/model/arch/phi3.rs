@@ -33,7 +33,11 @@ struct LongRope {
 }
 
 fn longrope(cfg: &Config) -> Result<Option<LongRope>> {
-    let key = if cfg.has("rope_parameters") { "rope_parameters" } else { "rope_scaling" };
+    let key = if cfg.has("rope_parameters") {
+        "rope_parameters"
+    } else {
+        "rope_scaling"
+    };
     let Some(p) = cfg.get(key) else { return Ok(None) };
     let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str);
     if !matches!(kind, Some("longrope" | "su")) {

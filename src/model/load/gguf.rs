@@ -124,13 +124,22 @@ fn gguf_config(content: &gguf_file::Content, arch: &str, path: &Path) -> Result<
     if let Some(hd) = opt("attention.key_length") {
         cfg["head_dim"] = hd;
     }
-    let head_dim = match (cfg.get("head_dim").and_then(Value::as_f64), cfg["hidden_size"].as_f64(), cfg["num_attention_heads"].as_f64()) {
+    let head_dim = match (
+        cfg.get("head_dim").and_then(Value::as_f64),
+        cfg["hidden_size"].as_f64(),
+        cfg["num_attention_heads"].as_f64(),
+    ) {
         (Some(hd), _, _) => hd,
         (None, Some(d), Some(h)) => (d / h).floor(),
-        _ => bail!("{}: GGUF metadata: embedding_length and attention.head_count must be numbers", path.display()),
+        _ => bail!(
+            "{}: GGUF metadata: embedding_length and attention.head_count must be numbers",
+            path.display()
+        ),
     };
     // llama.cpp stores the rotated dims; transformers a fraction of the head.
-    let partial_rotary = opt("rope.dimension_count").and_then(|v| v.as_f64()).map(|n| n / head_dim);
+    let partial_rotary = opt("rope.dimension_count")
+        .and_then(|v| v.as_f64())
+        .map(|n| n / head_dim);
     match arch {
         "llama" => {
             cfg["model_type"] = json!("llama");
@@ -429,23 +438,75 @@ mod tests {
     #[test]
     fn tensor_names_of_the_issue_14_architectures() {
         for (gguf, arch, hf) in [
-            ("blk.3.attn_q_norm.weight", "qwen3", "model.layers.3.self_attn.q_norm.weight"),
-            ("blk.0.ffn_norm.weight", "qwen3", "model.layers.0.post_attention_layernorm.weight"),
-            ("blk.1.post_attention_norm.weight", "olmo2", "model.layers.1.post_attention_layernorm.weight"),
-            ("blk.1.post_ffw_norm.weight", "olmo2", "model.layers.1.post_feedforward_layernorm.weight"),
-            ("blk.1.attn_k_norm.weight", "olmo2", "model.layers.1.self_attn.k_norm.weight"),
-            ("blk.2.ffn_norm.weight", "gemma2", "model.layers.2.pre_feedforward_layernorm.weight"),
-            ("blk.2.post_ffw_norm.weight", "gemma2", "model.layers.2.post_feedforward_layernorm.weight"),
-            ("blk.0.attn_qkv.weight", "phi3", "model.layers.0.self_attn.qkv_proj.weight"),
+            (
+                "blk.3.attn_q_norm.weight",
+                "qwen3",
+                "model.layers.3.self_attn.q_norm.weight",
+            ),
+            (
+                "blk.0.ffn_norm.weight",
+                "qwen3",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.1.post_attention_norm.weight",
+                "olmo2",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.1.post_ffw_norm.weight",
+                "olmo2",
+                "model.layers.1.post_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.1.attn_k_norm.weight",
+                "olmo2",
+                "model.layers.1.self_attn.k_norm.weight",
+            ),
+            (
+                "blk.2.ffn_norm.weight",
+                "gemma2",
+                "model.layers.2.pre_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.2.post_ffw_norm.weight",
+                "gemma2",
+                "model.layers.2.post_feedforward_layernorm.weight",
+            ),
+            (
+                "blk.0.attn_qkv.weight",
+                "phi3",
+                "model.layers.0.self_attn.qkv_proj.weight",
+            ),
             ("blk.0.ffn_up.weight", "phi3", "model.layers.0.mlp.gate_up_proj.weight"),
-            ("blk.0.ffn_gate_inp.weight", "llama", "model.layers.0.block_sparse_moe.gate.weight"),
-            ("blk.4.ffn_down_exps.weight", "llama", "model.layers.4.block_sparse_moe.experts.{E}.w2.weight"),
+            (
+                "blk.0.ffn_gate_inp.weight",
+                "llama",
+                "model.layers.0.block_sparse_moe.gate.weight",
+            ),
+            (
+                "blk.4.ffn_down_exps.weight",
+                "llama",
+                "model.layers.4.block_sparse_moe.experts.{E}.w2.weight",
+            ),
             ("token_embd.weight", "gptneox", "gpt_neox.embed_in.weight"),
             ("output.weight", "gptneox", "embed_out.weight"),
             ("output_norm.bias", "gptneox", "gpt_neox.final_layer_norm.bias"),
-            ("blk.5.attn_qkv.bias", "gptneox", "gpt_neox.layers.5.attention.query_key_value.bias"),
-            ("blk.5.ffn_norm.weight", "gptneox", "gpt_neox.layers.5.post_attention_layernorm.weight"),
-            ("blk.5.ffn_up.weight", "gptneox", "gpt_neox.layers.5.mlp.dense_h_to_4h.weight"),
+            (
+                "blk.5.attn_qkv.bias",
+                "gptneox",
+                "gpt_neox.layers.5.attention.query_key_value.bias",
+            ),
+            (
+                "blk.5.ffn_norm.weight",
+                "gptneox",
+                "gpt_neox.layers.5.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.5.ffn_up.weight",
+                "gptneox",
+                "gpt_neox.layers.5.mlp.dense_h_to_4h.weight",
+            ),
         ] {
             assert_eq!(hf_name(gguf, arch).as_deref(), Some(hf), "{arch} {gguf}");
         }
@@ -475,9 +536,13 @@ mod tests {
     fn configs_of_mixtral_and_gptneox() {
         let mut c = content(&[100, 8]);
         c.metadata.insert("llama.expert_count".into(), gguf_file::Value::U32(4));
-        c.metadata.insert("llama.expert_used_count".into(), gguf_file::Value::U32(2));
+        c.metadata
+            .insert("llama.expert_used_count".into(), gguf_file::Value::U32(2));
         let cfg = gguf_config(&c, "llama", Path::new("m.gguf")).unwrap();
-        assert_eq!((cfg["model_type"].as_str(), cfg["num_local_experts"].as_u64()), (Some("mixtral"), Some(4)));
+        assert_eq!(
+            (cfg["model_type"].as_str(), cfg["num_local_experts"].as_u64()),
+            (Some("mixtral"), Some(4))
+        );
         assert_eq!(cfg["num_experts_per_tok"], 2);
         let mut n = content(&[100, 8]);
         n.metadata = n
@@ -486,9 +551,14 @@ mod tests {
             .filter(|(k, _)| !k.contains("rms"))
             .map(|(k, v)| (k.replace("llama.", "gptneox."), v))
             .collect();
-        n.metadata.insert("gptneox.attention.layer_norm_epsilon".into(), gguf_file::Value::F32(1e-5));
-        n.metadata.insert("gptneox.rope.dimension_count".into(), gguf_file::Value::U32(1));
-        n.metadata.insert("gptneox.use_parallel_residual".into(), gguf_file::Value::Bool(false));
+        n.metadata.insert(
+            "gptneox.attention.layer_norm_epsilon".into(),
+            gguf_file::Value::F32(1e-5),
+        );
+        n.metadata
+            .insert("gptneox.rope.dimension_count".into(), gguf_file::Value::U32(1));
+        n.metadata
+            .insert("gptneox.use_parallel_residual".into(), gguf_file::Value::Bool(false));
         let cfg = gguf_config(&n, "gptneox", Path::new("m.gguf")).unwrap();
         assert_eq!(cfg["model_type"], "gpt_neox");
         assert_eq!(cfg["rotary_pct"], 0.25); // 1 of 8 / 2 heads = 4 dims
