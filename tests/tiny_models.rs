@@ -599,6 +599,30 @@ fn bad_config_fields_are_errors() {
             "\"sliding_window\": 0",
             "sliding_window",
         ),
+        (
+            "mixtral",
+            "\"num_experts_per_tok\": 2",
+            "\"num_experts_per_tok\": 5",
+            "num_experts_per_tok",
+        ),
+        (
+            "neox_parallel",
+            "\"partial_rotary_factor\": 0.25",
+            "\"partial_rotary_factor\": 0.05",
+            "partial_rotary_factor",
+        ),
+        (
+            "phi3_longrope",
+            "\"partial_rotary_factor\": 0.5",
+            "\"partial_rotary_factor\": 0.25",
+            "short_factor",
+        ),
+        (
+            "gemma2",
+            "\"sliding_window\": 4",
+            "\"sliding_window\": 0",
+            "sliding_window",
+        ),
     ] {
         let dir = tempfile::tempdir().unwrap();
         for f in ["config.json", "model.safetensors"] {

@@ -6,6 +6,9 @@
 //! Parallel: h += W_o attn(rope(q), rope(k), v)(LN_1(h)) + W_down(gelu(W_up LN_2(h))), both read
 //! the block input; sequential: the usual two residual adds. logits = W_out LN_f(h_L).
 //!
+//! Sub-modules of a parallel block: replacing attention (or the MLP) by a linear map replaces
+//! that branch only; the other branch still reads the block input, and both are added to it.
+//!
 //! The checkpoint fuses q, k and v into `attention.query_key_value` with rows laid out
 //! [heads, 3, head_dim]; [`split_qkv`] cuts it into per-projection tensors at load.
 

@@ -150,7 +150,7 @@ pub(crate) fn rotary_dim(cfg: &Config, head_dim: usize, factor: f64) -> Result<u
     let dim = (head_dim as f64 * factor) as usize;
     if dim < 2 || dim > head_dim || !dim.is_multiple_of(2) {
         bail!(
-            "{}: partial rotary factor {factor} gives {dim} rotated dims of {head_dim} (need an even number >= 2)",
+            "{}: field 'partial_rotary_factor' ({factor}) gives {dim} rotated dims of {head_dim} (need an even number >= 2)",
             cfg.path.display()
         );
     }
