@@ -83,7 +83,10 @@ fn run_seeds(dir: &Path) -> (Vec<u8>, Vec<u8>) {
     let cpu = Device::Cpu;
     let h: Vec<f32> = (0..2 * 3 * 4).map(|i| i as f32 * 0.5).collect();
     let act = vec![
-        ("hidden_states".to_string(), Tensor::from_vec(h, (2, 3, 4), &cpu).unwrap()),
+        (
+            "hidden_states".to_string(),
+            Tensor::from_vec(h, (2, 3, 4), &cpu).unwrap(),
+        ),
         ("positions".to_string(), Tensor::new(&[0i64, 1, 1], &cpu).unwrap()),
         ("tokens".to_string(), Tensor::new(&[5i64, 6, 7, 8, 9, 1], &cpu).unwrap()),
         ("offsets".to_string(), Tensor::new(&[0i64, 2, 4, 6], &cpu).unwrap()),
@@ -114,7 +117,8 @@ fn targets(scratch: &Path) -> Vec<Target> {
     let tiny = root().join("tests/fixtures/tiny");
     let (act, maps) = run_seeds(scratch);
     let manifest = br#"{"tool":"jumplens","version":"0.1.0","model":{"path":"/m","sha256":"ab","arch":"gpt2","n_layers":2,"d_model":4,"vocab_size":10,"attention":"causal","block_params":10},"corpus":{"path":"/c","sha256":"cd","format":"lines","articles":3},"seed":0,"options":{"n_train":1,"n_val":1},"counts":{"train":{"examples":1}},"stages":{"fit":{"wall_s":1.0}}}"#.to_vec();
-    let wiki = br#"{"A": {"title": "A", "extract": "One sentence. Two sentences here."}, "B": {"extract": "Third."}}"#.to_vec();
+    let wiki = br#"{"A": {"title": "A", "extract": "One sentence. Two sentences here."}, "B": {"extract": "Third."}}"#
+        .to_vec();
     let gpt2 = tiny.join("gpt2");
     let others = |skip: &str| -> Vec<PathBuf> {
         std::fs::read_dir(&gpt2)
@@ -267,9 +271,18 @@ fn mutate(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
             _ => {
                 // Replace a digit run (JSON numbers, including the safetensors header's
                 // offsets and shapes) with a huge number.
-                if let Some(i) = (0..v.len()).map(|_| pos(rng, v.len())).take(16).find(|&i| v[i].is_ascii_digit()) {
+                if let Some(i) = (0..v.len())
+                    .map(|_| pos(rng, v.len()))
+                    .take(16)
+                    .find(|&i| v[i].is_ascii_digit())
+                {
                     let j = (i..v.len()).find(|&j| !v[j].is_ascii_digit()).unwrap_or(v.len());
-                    let big = ["1152921504606846976", "18446744073709551615", "4294967296", "99999999999"];
+                    let big = [
+                        "1152921504606846976",
+                        "18446744073709551615",
+                        "4294967296",
+                        "99999999999",
+                    ];
                     v.splice(i..j, big[rng.random_range(0..big.len())].bytes());
                 }
             }
@@ -304,7 +317,10 @@ fn exec(target: &Target, dir: &Path, input: &[u8], tally: &mut Tally) -> Option<
     let largest = LARGEST.load(Ordering::Relaxed);
     if result.is_err() {
         tally.panics += 1;
-        return Some(format!("panic: {}", LAST_PANIC.lock().map(|m| m.clone()).unwrap_or_default()));
+        return Some(format!(
+            "panic: {}",
+            LAST_PANIC.lock().map(|m| m.clone()).unwrap_or_default()
+        ));
     }
     if started.elapsed() > SLOW {
         tally.slow += 1;
@@ -312,7 +328,10 @@ fn exec(target: &Target, dir: &Path, input: &[u8], tally: &mut Tally) -> Option<
     }
     if largest > MAX_ALLOC.max(input.len() * 64) {
         tally.huge_allocations += 1;
-        return Some(format!("allocated {largest} bytes at once for a {}-byte input", input.len()));
+        return Some(format!(
+            "allocated {largest} bytes at once for a {}-byte input",
+            input.len()
+        ));
     }
     None
 }
@@ -381,7 +400,9 @@ fn fuzz(per_target: usize, budget: Duration, seed: u64, save: Option<&Path>) -> 
 
 /// A stable name for a saved input.
 fn fxhash(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf29ce484222325u64, |h, &x| (h ^ x as u64).wrapping_mul(0x100000001b3))
+    b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// CI: the saved interesting inputs and 150 fixed-seed mutations per target, no failure.
@@ -402,9 +423,21 @@ fn replay_and_short_fuzz() {
 #[test]
 #[ignore]
 fn fuzz_for_a_while() {
-    let secs: u64 = std::env::var("JUMPLENS_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    let seed: u64 = std::env::var("JUMPLENS_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let secs: u64 = std::env::var("JUMPLENS_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let seed: u64 = std::env::var("JUMPLENS_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     let out = std::env::var("JUMPLENS_FUZZ_OUT").map_or_else(|_| root().join("target/fuzz-findings"), PathBuf::from);
     let failures = fuzz(usize::MAX, Duration::from_secs(secs), seed, Some(&out));
-    assert!(failures.is_empty(), "{} failing inputs (saved under {}):\n{}", failures.len(), out.display(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failing inputs (saved under {}):\n{}",
+        failures.len(),
+        out.display(),
+        failures.join("\n")
+    );
 }

@@ -132,7 +132,10 @@ fn manifest_missing_or_corrupt_beside_data_is_refused() {
     let manifest = Path::new(&out).join("manifest.json");
     let good = std::fs::read(&manifest).unwrap();
     std::fs::remove_file(&manifest).unwrap();
-    fails_with(&s.collect_args(&out, &[]), &["outputs without a manifest.json", "train.safetensors"]);
+    fails_with(
+        &s.collect_args(&out, &[]),
+        &["outputs without a manifest.json", "train.safetensors"],
+    );
     fails_with(&["fit", &out, "--quiet"], &["manifest.json"]);
     std::fs::write(&manifest, &good[..good.len() / 2]).unwrap();
     fails_with(&s.collect_args(&out, &[]), &["manifest.json", "invalid manifest"]);
@@ -140,7 +143,10 @@ fn manifest_missing_or_corrupt_beside_data_is_refused() {
     let other = s.out("other");
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(Path::new(&other).join("maps.safetensors"), b"x").unwrap();
-    fails_with(&s.collect_args(&other, &[]), &["maps.safetensors", "without a manifest"]);
+    fails_with(
+        &s.collect_args(&other, &[]),
+        &["maps.safetensors", "without a manifest"],
+    );
 }
 
 /// Items 1 and 2: the refusal names the option that differs; batch sizes never block a resume;
@@ -153,7 +159,10 @@ fn resume_refusal_names_the_option_and_ignores_batch_size() {
     let mut other = s.collect_args(&out, &[]);
     other[7] = "41";
     fails_with(&other, &["n_train (--train)", "recorded 40, now 41", "new --out"]);
-    fails_with(&s.collect_args(&out, &["--seed", "3"]), &["seed (--seed)", "recorded 0, now 3"]);
+    fails_with(
+        &s.collect_args(&out, &["--seed", "3"]),
+        &["seed (--seed)", "recorded 0, now 3"],
+    );
     ok(&s.collect_args(&out, &["--batch-tokens", "64"]));
     // Only the manifest left (as after a failure before the first part): any retry starts over.
     std::fs::remove_dir_all(Path::new(&out).join("activations")).unwrap();
@@ -174,7 +183,10 @@ fn stages_check_activations_against_the_manifest() {
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
     m["counts"]["train"]["examples"] = serde_json::json!(39);
     std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
-    fails_with(&["fit", &out, "--quiet"], &["train.safetensors", "counts.train.examples", "39"]);
+    fails_with(
+        &["fit", &out, "--quiet"],
+        &["train.safetensors", "counts.train.examples", "39"],
+    );
 }
 
 /// Item 1: a lock keeps a second writer out; a dead process's lock is taken over and released.
@@ -186,7 +198,10 @@ fn run_lock_refuses_a_live_writer_and_takes_over_a_dead_one() {
     let lock = Path::new(&out).join(".lock");
     let mut live = Command::new("sleep").arg("30").spawn().unwrap();
     std::fs::write(&lock, format!("{}\n", live.id())).unwrap();
-    fails_with(&s.collect_args(&out, &[]), &["another jumplens process", &live.id().to_string()]);
+    fails_with(
+        &s.collect_args(&out, &[]),
+        &["another jumplens process", &live.id().to_string()],
+    );
     live.kill().ok();
     live.wait().ok();
     std::fs::write(&lock, "4999999\n").unwrap();
@@ -202,7 +217,10 @@ fn bad_numbers_are_refused() {
     let out = s.out("run");
     ok(&s.collect_args(&out, &[]));
     ok(&["fit", &out, "--quiet"]);
-    fails_with(&["fit", &out, "--quiet", "--ridge", "1e300"], &["--ridge", "largest Gram diagonal"]);
+    fails_with(
+        &["fit", &out, "--quiet", "--ridge", "1e300"],
+        &["--ridge", "largest Gram diagonal"],
+    );
     let val = Path::new(&out).join("activations/val.safetensors");
     let mut t = jumplens::data::io::read_safetensors(&val).unwrap();
     let h = &t["hidden_states"];
@@ -216,14 +234,19 @@ fn bad_numbers_are_refused() {
     let mut tensors: Vec<(String, candle_core::Tensor)> = t.into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     jumplens::data::io::write_safetensors(&val, &tensors, None).unwrap();
-    fails_with(&["r2", &out], &["val.safetensors", "non-finite", "layer 2", "example 5"]);
+    fails_with(
+        &["r2", &out],
+        &["val.safetensors", "non-finite", "layer 2", "example 5"],
+    );
 }
 
 /// Item 3: a NaN score is an error, never a `null` beside the "not fitted" nulls.
 #[test]
 fn nan_scores_never_become_null() {
     let table = vec![vec![None, Some(0.5)], vec![None, Some(f64::NAN)]];
-    let err = jumplens::pipeline::r2::check_finite_table("mat", &table).unwrap_err().to_string();
+    let err = jumplens::pipeline::r2::check_finite_table("mat", &table)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("1 -> 1") && err.contains("NaN"), "{err}");
     assert!(jumplens::pipeline::r2::check_finite_table("mat", &table[..1]).is_ok());
 }
@@ -237,7 +260,11 @@ fn same_command_same_bytes() {
         ok(&s.collect_args(out, &[]));
         ok(&["fit", out, "--quiet"]);
     }
-    for f in ["activations/train.safetensors", "activations/val.safetensors", "maps.safetensors"] {
+    for f in [
+        "activations/train.safetensors",
+        "activations/val.safetensors",
+        "maps.safetensors",
+    ] {
         let x = std::fs::read(Path::new(&a).join(f)).unwrap();
         let y = std::fs::read(Path::new(&b).join(f)).unwrap();
         assert!(x == y, "{f} differs between two identical runs");
@@ -254,7 +281,15 @@ fn kill_nine_then_rerun_gives_the_same_bytes() {
         s.collect_args(out, &[])
             .iter()
             .map(|a| a.to_string())
-            .map(|a| if a == "40" { "1000".into() } else if a == "20" { "300".into() } else { a })
+            .map(|a| {
+                if a == "40" {
+                    "1000".into()
+                } else if a == "20" {
+                    "300".into()
+                } else {
+                    a
+                }
+            })
             .collect()
     };
     let started = std::time::Instant::now();
@@ -299,14 +334,20 @@ fn ctrl_c_says_what_was_kept() {
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
         let o = child.wait_with_output().unwrap();
         if o.status.success() {
             continue; // finished before the signal
         }
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(130), "{err}");
-        let line = err.lines().find(|l| l.starts_with("interrupted")).unwrap_or_else(|| panic!("{err}"));
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("interrupted"))
+            .unwrap_or_else(|| panic!("{err}"));
         assert!(line.contains("run the same command again"), "{line}");
         assert!(!Path::new(&out).join(".lock").exists(), "lock left after Ctrl-C");
         interrupted += 1;

@@ -303,7 +303,11 @@ mod tests {
             ("a".to_string(), Tensor::new(&[1f32, 2.0, 3.0], &dev).unwrap()),
             ("m".to_string(), Tensor::new(&[5f64], &dev).unwrap()),
         ];
-        let meta = || (0..20).map(|i| (format!("key{i}"), format!("value{i}"))).collect::<HashMap<_, _>>();
+        let meta = || {
+            (0..20)
+                .map(|i| (format!("key{i}"), format!("value{i}")))
+                .collect::<HashMap<_, _>>()
+        };
         let (p1, p2) = (dir.path().join("1.safetensors"), dir.path().join("2.safetensors"));
         write_safetensors(&p1, &tensors, Some(meta())).unwrap();
         write_safetensors(&p2, &tensors, Some(meta())).unwrap();
@@ -311,7 +315,10 @@ mod tests {
         assert_eq!(b1, b2);
         // And the safetensors crate reads the file back, metadata included.
         let st = safetensors::SafeTensors::deserialize(&b1).unwrap();
-        assert_eq!(st.tensor("z").unwrap().data(), bytemuck::cast_slice::<i64, u8>(&[1, 2, 3]));
+        assert_eq!(
+            st.tensor("z").unwrap().data(),
+            bytemuck::cast_slice::<i64, u8>(&[1, 2, 3])
+        );
         let (_, header) = safetensors::SafeTensors::read_metadata(&b1).unwrap();
         assert_eq!(header.metadata().as_ref().unwrap()["key7"], "value7");
     }
@@ -343,7 +350,9 @@ mod tests {
         assert_eq!(names(dir.path()), ["out.json"]);
         // A dead process's temporary file (pid far above pid_max) goes; a live one's stays.
         let dead = dir.path().join(".maps.safetensors.4999999-0.tmp");
-        let live = dir.path().join(format!(".maps.safetensors.{}-99.tmp", std::process::id()));
+        let live = dir
+            .path()
+            .join(format!(".maps.safetensors.{}-99.tmp", std::process::id()));
         std::fs::write(&dead, b"x").unwrap();
         std::fs::write(&live, b"x").unwrap();
         write_atomic(&dir.path().join("r2.json"), b"{}").unwrap();

@@ -62,9 +62,12 @@ impl RunDir {
             return Ok(None);
         }
         let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| anyhow!("{}: invalid manifest ({e}); remove the folder or use a new --out folder", p.display()))
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            anyhow!(
+                "{}: invalid manifest ({e}); remove the folder or use a new --out folder",
+                p.display()
+            )
+        })
     }
 
     /// The first collected data file in the run (activations or a finished part), if any.
@@ -83,12 +86,8 @@ impl RunDir {
 
     /// The first output of any stage present in the run, if any.
     fn existing_output(&self) -> Option<PathBuf> {
-        self.collected_data().or_else(|| {
-            STAGE_OUTPUTS
-                .iter()
-                .map(|f| self.file(f))
-                .find(|p| p.exists())
-        })
+        self.collected_data()
+            .or_else(|| STAGE_OUTPUTS.iter().map(|f| self.file(f)).find(|p| p.exists()))
     }
 
     /// Takes the run's lock (`RUN/.lock`, holding the pid) for as long as the guard lives: a
@@ -109,9 +108,7 @@ impl RunDir {
                     return Ok(RunLock { path: Some(path) });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let holder: Option<u32> = std::fs::read_to_string(&path)
-                        .ok()
-                        .and_then(|t| t.trim().parse().ok());
+                    let holder: Option<u32> = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok());
                     match holder {
                         Some(pid) if pid == me => return Ok(RunLock { path: None }),
                         Some(pid) if crate::data::io::process_alive(pid) => bail!(
@@ -250,13 +247,21 @@ impl Manifest {
             )
         };
         if s != self.model.n_layers + 1 {
-            return Err(mismatch("the number of states (n_layers + 1)", (self.model.n_layers + 1).to_string(), s));
+            return Err(mismatch(
+                "the number of states (n_layers + 1)",
+                (self.model.n_layers + 1).to_string(),
+                s,
+            ));
         }
         if d != self.model.d_model {
             return Err(mismatch("the width (d_model)", self.model.d_model.to_string(), d));
         }
         match recorded {
-            Some(r) if r as usize != n => Err(mismatch(&format!("the example count (counts.{split}.examples)"), r.to_string(), n)),
+            Some(r) if r as usize != n => Err(mismatch(
+                &format!("the example count (counts.{split}.examples)"),
+                r.to_string(),
+                n,
+            )),
             None => bail!(
                 "{}: manifest.json records no finished {split} split (counts.{split}); run `jumplens collect` again",
                 act.path.display()

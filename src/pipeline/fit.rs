@@ -109,7 +109,10 @@ pub fn check_ridge(ridge: f64, states: &candle_core::Tensor) -> Result<()> {
     if ridge == 0.0 {
         return Ok(());
     }
-    anyhow::ensure!(ridge.is_finite() && ridge > 0.0, "--ridge must be a finite number >= 0 (got {ridge})");
+    anyhow::ensure!(
+        ridge.is_finite() && ridge > 0.0,
+        "--ridge must be a finite number >= 0 (got {ridge})"
+    );
     let diag = states
         .to_dtype(candle_core::DType::F64)?
         .sqr()?
