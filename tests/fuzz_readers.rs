@@ -294,6 +294,9 @@ fn mutate(seed: &[u8], rng: &mut ChaCha8Rng) -> Vec<u8> {
     v
 }
 
+/// The message of the last caught panic.
+static LAST_PANIC: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
 #[derive(Default, Debug)]
 struct Tally {
     executions: usize,
@@ -314,7 +317,10 @@ fn exec(target: &Target, dir: &Path, input: &[u8], tally: &mut Tally) -> Option<
     let largest = LARGEST.load(Ordering::Relaxed);
     if result.is_err() {
         tally.panics += 1;
-        return Some("panic".into());
+        return Some(format!(
+            "panic: {}",
+            LAST_PANIC.lock().map(|m| m.clone()).unwrap_or_default()
+        ));
     }
     if started.elapsed() > SLOW {
         tally.slow += 1;
@@ -336,7 +342,11 @@ fn fuzz(per_target: usize, budget: Duration, seed: u64, save: Option<&Path>) -> 
     let mut failures = vec![];
     // The panic message of a caught panic would flood the output: count them instead.
     let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    std::panic::set_hook(Box::new(|info| {
+        if let Ok(mut m) = LAST_PANIC.lock() {
+            *m = info.to_string().lines().collect::<Vec<_>>().join(" ");
+        }
+    }));
     for target in targets(scratch.path()) {
         let dir = scratch.path().join(target.name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -398,11 +408,13 @@ fn fxhash(b: &[u8]) -> u64 {
 /// CI: the saved interesting inputs and 150 fixed-seed mutations per target, no failure.
 #[test]
 fn replay_and_short_fuzz() {
-    let failures = fuzz(150, Duration::from_secs(20), 19, None);
+    let out = root().join("target/fuzz-findings");
+    let failures = fuzz(150, Duration::from_secs(8), 19, Some(&out));
     assert!(
         failures.is_empty(),
-        "{} failing inputs:\n{}",
+        "{} failing inputs (saved under {}):\n{}",
         failures.len(),
+        out.display(),
         failures.join("\n")
     );
 }

@@ -19,7 +19,13 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: cannot read ({e})", path.display()))?;
+        // tokenizers 0.23 panics ("Helper") on a decoder that is not valid JSON instead of
+        // returning its error (found by tests/fuzz_readers.rs): check the JSON first.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| anyhow!("{}: not valid JSON ({e})", path.display()))?;
+        let inner: tokenizers::Tokenizer = text
+            .parse()
             .map_err(|e| anyhow!("{}: not a valid tokenizer.json ({e})", path.display()))?;
         Ok(Self::wrap(inner, "tokenizer.json".into()))
     }
