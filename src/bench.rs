@@ -52,12 +52,7 @@ pub fn forward(lm: &LoadedModel, ids: &[Vec<u32>], iters: usize) -> Result<Timin
         let t0 = Instant::now();
         let states = model::hidden_states(lm.model.as_ref(), &batch)?;
         // Make sure the work is done (device backends are asynchronous).
-        states
-            .last()
-            .expect("h_L")
-            .sum_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_scalar::<f32>()?;
+        crate::model::layers::f32(states.last().expect("h_L").sum_all()?)?.to_scalar::<f32>()?;
         if i > 0 {
             times.push(t0.elapsed().as_secs_f64());
         }

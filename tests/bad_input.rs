@@ -512,3 +512,35 @@ fn report_html_only_on_a_folder_that_is_not_a_run() {
         &["not a jumplens run"],
     );
 }
+
+#[test]
+fn unknown_dtype() {
+    fails_with(
+        &["--dtype", "int8", "inspect", tiny("llama").to_str().unwrap()],
+        &["--dtype", "int8"],
+    );
+}
+
+/// A weight stored as integers cannot be converted to the compute dtype: the error names the
+/// file, the tensor, its stored dtype and --dtype.
+#[test]
+fn integer_weights_cannot_be_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny("llama"), dir.path());
+    let path = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let w = tensors["model.norm.weight"].to_dtype(candle_core::DType::I64).unwrap();
+    tensors.insert("model.norm.weight".into(), w);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    for dtype in ["f32", "bf16"] {
+        fails_with(
+            &["--dtype", dtype, "inspect", dir.path().to_str().unwrap()],
+            &[
+                "model.safetensors",
+                "model.norm.weight",
+                "I64",
+                &format!("--dtype {dtype}"),
+            ],
+        );
+    }
+}

@@ -161,3 +161,39 @@ fn auto_is_f32_on_the_cpu() {
     let b: Vec<f32> = f32.hidden.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a, b);
 }
+
+/// `hidden-states --dtype bf16` writes f32 states and logits (upcast, never 16-bit on disk).
+#[test]
+fn hidden_states_are_written_in_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture("llama")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let vocab: Vec<String> = (0..100).map(|i| format!("\"w{i}\": {i}")).collect();
+    let tok = format!(
+        r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+        "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
+        vocab.join(",")
+    );
+    std::fs::write(dir.path().join("tokenizer.json"), tok).unwrap();
+    let out = dir.path().join("h.safetensors");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_jumplens"))
+        .args([
+            "--dtype",
+            "bf16",
+            "hidden-states",
+            dir.path().to_str().unwrap(),
+            "--text",
+            "w1 w2 w3",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let t = jumplens::data::io::read_safetensors(&out).unwrap();
+    assert_eq!(t["hidden_states"].dtype(), DType::F32);
+    assert_eq!(t["logits"].dtype(), DType::F32);
+}

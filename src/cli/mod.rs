@@ -82,6 +82,8 @@ enum PairsArg {
     All,
     /// Only l -> L (enough for predict and early exit).
     ToFinal,
+    /// All, unless the maps would exceed 4 GiB (d = 4096: 35 GB): then to-final.
+    Auto,
 }
 
 impl From<PairsArg> for Pairs {
@@ -89,6 +91,7 @@ impl From<PairsArg> for Pairs {
         match p {
             PairsArg::All => Pairs::All,
             PairsArg::ToFinal => Pairs::ToFinal,
+            PairsArg::Auto => Pairs::Auto,
         }
     }
 }
@@ -287,7 +290,7 @@ enum Command {
         /// Run folder (made by `jumplens collect`).
         run: PathBuf,
         /// Which layer pairs to fit.
-        #[arg(long, value_enum, default_value_t = PairsArg::All)]
+        #[arg(long, value_enum, default_value_t = PairsArg::Auto)]
         pairs: PairsArg,
         /// Fit an intercept too (written to maps_affine.safetensors; predict's `affine` lens).
         #[arg(long)]
@@ -625,7 +628,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!(
                     "fit: {} pairs of {} by least squares...",
                     match pairs {
-                        PairsArg::All => "all",
+                        PairsArg::All | PairsArg::Auto => "all",
                         PairsArg::ToFinal => "the to-final",
                     },
                     run.activations("train").display()

@@ -21,6 +21,35 @@ pub enum Pairs {
     All,
     /// Only l -> L (enough for predict and early exit).
     ToFinal,
+    /// All, unless the all-pairs maps would exceed [`ALL_PAIRS_MAX_BYTES`]; then to-final.
+    Auto,
+}
+
+/// Largest all-pairs map file `Pairs::Auto` fits (4 GiB: SmolLM2's 31 states x 576 are 0.6 GB;
+/// a Llama-3-8B's 33 x 4096 are 35 GB).
+pub const ALL_PAIRS_MAX_BYTES: u64 = 4 << 30;
+
+impl Pairs {
+    /// What `Auto` means for `n_states` states of width `d` (f32 maps of d x d per pair), and
+    /// the line saying so when it is not `All`.
+    pub fn resolve(self, n_states: usize, d: usize) -> (Pairs, Option<String>) {
+        if self != Pairs::Auto {
+            return (self, None);
+        }
+        let pairs = (n_states * n_states.saturating_sub(1) / 2) as u64;
+        let bytes = pairs * (d as u64) * (d as u64) * 4;
+        if bytes <= ALL_PAIRS_MAX_BYTES {
+            (Pairs::All, None)
+        } else {
+            let note = format!(
+                "fit: all-pairs maps would take {:.1} GB ({pairs} pairs of {d} x {d}) > {:.1} GB: fitting \
+                 --pairs to-final (pass --pairs all to override)",
+                bytes as f64 / 1e9,
+                ALL_PAIRS_MAX_BYTES as f64 / 1e9
+            );
+            (Pairs::ToFinal, Some(note))
+        }
+    }
 }
 
 /// What the fit stage did.
@@ -44,8 +73,12 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
     let train = run.read_split(&manifest, "train")?;
     let (s, n, d) = train.hidden_states.dims3()?;
     check_ridge(opts.ridge, &train.hidden_states)?;
+    let (pairs, note) = pairs.resolve(s, d);
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     let pair_list = match pairs {
-        Pairs::All => fit::pairs_all(s),
+        Pairs::All | Pairs::Auto => fit::pairs_all(s),
         Pairs::ToFinal => fit::pairs_to_final(s),
     };
     let (mut maps, report) =
@@ -142,5 +175,26 @@ fn print_warnings(report: &FitReport, n: usize, d: usize) {
     }
     for w in &report.warnings {
         eprintln!("warning: {w}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_pairs_fall_back_to_to_final_above_the_size() {
+        // SmolLM2: 31 states x 576 -> 0.62 GB of all-pairs maps: all.
+        assert_eq!(Pairs::Auto.resolve(31, 576), (Pairs::All, None));
+        // Llama-3-8B: 33 states x 4096 -> 35.4 GB: to-final, with a line saying why.
+        let (p, note) = Pairs::Auto.resolve(33, 4096);
+        assert_eq!(p, Pairs::ToFinal);
+        let note = note.unwrap();
+        assert!(note.contains("35.4 GB") && note.contains("--pairs all"), "{note}");
+        // An explicit choice is kept.
+        assert_eq!(Pairs::All.resolve(33, 4096), (Pairs::All, None));
+        // One pair of 8192 x 8192 (256 MiB) is all pairs.
+        let d = 1usize << 13; // 2 states: one pair of 8192^2 x 4 B = 256 MiB
+        assert_eq!(Pairs::Auto.resolve(2, d).0, Pairs::All);
     }
 }

@@ -103,8 +103,9 @@ impl Stage {
     /// checked against the whole collection options instead).
     pub fn expected_record(self, opts: &ReportOptions) -> Value {
         match self {
-            Stage::Fit => json!({"pairs": "all", "intercept": false, "ridge": 0.0}),
-            Stage::FitAffine => json!({"pairs": "all", "intercept": true, "ridge": 0.0}),
+            // `pairs` is Auto: all pairs, or to-final above the size limit (fit.rs).
+            Stage::Fit => json!({"intercept": false, "ridge": 0.0}),
+            Stage::FitAffine => json!({"intercept": true, "ridge": 0.0}),
             Stage::R2 | Stage::Predict => json!({"n_val": opts.n_val}),
             Stage::EarlyExit => json!({"rule": "paper", "measure": "top1-top2"}),
             Stage::Submodules => {
@@ -126,7 +127,7 @@ impl Stage {
                     progress: opts.progress,
                     ..FitOptions::default()
                 };
-                let s = run_fit(run, Pairs::All, &fit, &opts.device)?;
+                let s = run_fit(run, Pairs::Auto, &fit, &opts.device)?;
                 if opts.progress {
                     eprintln!("      {} pairs, {:.0} GFLOP/s", s.pairs, s.gflops);
                 }
