@@ -267,9 +267,11 @@ for section in $SECTIONS; do
     rm -rf "$R"
     timed "study8b collect 9000+3000" "$BIN" --device cuda --dtype bf16 collect "$M8" --corpus "$W/wiki.json" \
       --out "$R" --train 9000 --val 3000 --quiet
-    for stage in fit r2 predict early-exit submodules; do
+    for stage in fit r2 predict early-exit; do
       timed "study8b $stage" "$BIN" --device cuda --dtype bf16 $stage "$R" >"$R_OUT/study8b-$stage.txt"
     done
+    # Sub-modules last, bounded: alternation needs all-pair maps, which an 8B model does not get.
+    timed "study8b submodules" timeout 150 "$BIN" --device cuda --dtype bf16 submodules "$R" >"$R_OUT/study8b-submodules.txt"
     cp "$R/manifest.json" "$R_OUT/study8b-manifest.json"
     ;;
   *) log "unknown section $section" ;;
