@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 
 /// The top-level modules in pipeline order; the shared infrastructure (rank 0) may be used by all.
 const ORDER: &[(&str, usize)] = &[
+    ("cancel", 0),
     ("device", 0),
     ("error", 0),
     ("host", 0),
+    ("interrupt", 0),
     ("progress", 0),
     ("data", 1),
     ("tokenizer", 2),
