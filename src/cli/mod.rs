@@ -628,7 +628,8 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!(
                     "fit: {} pairs of {} by least squares...",
                     match pairs {
-                        PairsArg::All | PairsArg::Auto => "all",
+                        PairsArg::All => "all",
+                        PairsArg::Auto => "all (to-final if their maps would exceed 4 GiB)",
                         PairsArg::ToFinal => "the to-final",
                     },
                     run.activations("train").display()
