@@ -113,6 +113,14 @@ impl Config {
     }
 
     /// An error unless `n_heads` is a multiple of `n_kv_heads` (grouped-query attention).
+    /// `num_key_value_heads` (one per attention head when absent), checked against
+    /// `num_attention_heads` by [`Config::check_heads`].
+    pub fn kv_heads(&self, n_heads: usize, n_kv: Option<usize>) -> Result<usize> {
+        let n_kv = n_kv.unwrap_or(n_heads);
+        self.check_heads("num_attention_heads", n_heads, "num_key_value_heads", n_kv)?;
+        Ok(n_kv)
+    }
+
     pub fn check_heads(&self, heads_field: &str, n_heads: usize, kv_field: &str, n_kv: usize) -> Result<()> {
         self.positive(heads_field, n_heads)?;
         self.positive(kv_field, n_kv)?;

@@ -78,13 +78,7 @@ fn default_act() -> String {
 pub fn spec(cfg: &Config) -> Result<DecoderSpec> {
     let c: Gemma3Config = cfg.typed()?;
     cfg.positive("hidden_size", c.hidden_size)?;
-    let n_kv = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
-    cfg.check_heads(
-        "num_attention_heads",
-        c.num_attention_heads,
-        "num_key_value_heads",
-        n_kv,
-    )?;
+    let n_kv = cfg.kv_heads(c.num_attention_heads, c.num_key_value_heads)?;
     cfg.positive("head_dim", c.head_dim)?;
     cfg.positive("sliding_window", c.sliding_window)?;
     let sliding_layers = match &c.layer_types {
