@@ -328,7 +328,6 @@ pub fn collect(
     };
     let options = serde_json::to_value(opts)?;
     let _lock = run.lock()?;
-    crate::interrupt::install();
     crate::interrupt::set_message(Some(format!(
         "collect had finished no part yet; run the same command again to start it in {}",
         run.root.display()

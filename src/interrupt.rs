@@ -16,7 +16,9 @@ static LOCKS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static INSTALL: Once = Once::new();
 
 /// Installs the handler (once per process; later calls do nothing). A handler another library
-/// installed first is left alone.
+/// installed first is left alone. Only the command line calls this: a library call must never
+/// take SIGINT from its host (in Python, Ctrl-C has to stay a `KeyboardInterrupt`, see
+/// `python/src/lib.rs`), so stages only set the message.
 pub fn install() {
     INSTALL.call_once(|| {
         let _ = ctrlc::set_handler(|| {
