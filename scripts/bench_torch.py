@@ -5,6 +5,9 @@
       `cuda`) forward pass of the base model with output_hidden_states=True on the same token ids
       jumplens used; prints JSON {tokens, seconds (median), tokens_per_s, peak_gib (GPU: the
       allocator's peak, weights included)}. MODEL is a .gguf file or a Hugging Face folder.
+  profile MODEL IDS.safetensors cuda [f32|bf16|f16]
+      where the time of one forward goes on the GPU: torch.profiler over 3 forwards (after a
+      warm-up), the 25 operators with the most device time, as JSON lines {op, cuda_ms, calls}.
   collect MODEL.gguf ACTIVATIONS.safetensors
       the paper's pipeline: one forward pass per example over the sentence cut after its sampled
       position (batch 1, output_hidden_states), timing the whole split; prints the same JSON.
@@ -63,6 +66,26 @@ def forward(model_path, ids_path, iters, device="cpu", dtype="f32"):
 
 
 @torch.inference_mode()
+def profile(model_path, ids_path, device="cuda", dtype="bf16"):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = load(model_path, device, DTYPES[dtype])
+    ids = load_file(ids_path)["ids"].to(device)
+    model.base_model(input_ids=ids, output_hidden_states=True)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            model.base_model(input_ids=ids, output_hidden_states=True)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    rows.sort(key=lambda e: -e.self_device_time_total)
+    for e in rows[:25]:
+        print(json.dumps({"op": e.key[:90], "cuda_ms_per_forward": e.self_device_time_total / 3e3,
+                          "calls_per_forward": e.count / 3}))
+
+
+@torch.inference_mode()
 def collect(model_path, act_path):
     model = load(model_path)
     t = load_file(act_path)
@@ -84,6 +107,9 @@ if __name__ == "__main__":
     if cmd == "forward":
         forward(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else "cpu",
                 sys.argv[6] if len(sys.argv) > 6 else "f32")
+    elif cmd == "profile":
+        profile(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "cuda",
+                sys.argv[5] if len(sys.argv) > 5 else "bf16")
     elif cmd == "collect":
         collect(sys.argv[2], sys.argv[3])
     else:

@@ -25,6 +25,9 @@
 #            included, for both); then SmolLM2 and GPT-2 shapes in bf16 at 32/256/1024 x 24
 #   study8b  the whole study (collect 9,000 + 3,000 Wikipedia sentences with SmolLM2's tokenizer,
 #            fit, r2, predict, early exit, sub-modules) on the 8B-shaped model in bf16
+#   profile  where a forward's time goes: the 8B shape cut to 4 blocks in bf16 at 16 x 512 and
+#            64 x 32, jumplens `bench forward --profile` (time per block part) next to PyTorch's
+#            profiler (device time per operator), and the plain forward rates of both
 #
 # Results in $OUT (default ./device-out): tables.md (the tables, also printed after each section),
 # log.txt, and raw.tgz with one JSON/text file per measurement (the device tool returns at most 8
@@ -273,6 +276,46 @@ for section in $SECTIONS; do
     # Sub-modules last, bounded: alternation needs all-pair maps, which an 8B model does not get.
     timed "study8b submodules" timeout 150 "$BIN" --device cuda --dtype bf16 submodules "$R" >"$R_OUT/study8b-submodules.txt"
     cp "$R/manifest.json" "$R_OUT/study8b-manifest.json"
+    ;;
+  profile)
+    log "profile"
+    M4=$W/models/llama3-8b-4l
+    [ -f "$M4/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b-4l >>"$OUT/log.txt"
+    for shape in 16x512 64x32; do
+      b=${shape%x*} t=${shape#*x}
+      "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 5 --profile \
+        --ids-out "$W/ids.safetensors" >"$R_OUT/profile-$shape-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens profile $shape"
+      $PY "$ROOT/scripts/bench_torch.py" forward "$M4" "$W/ids.safetensors" 5 cuda bf16 \
+        >"$R_OUT/profile-$shape-torch-forward.json" 2>>"$OUT/log.txt" || log "FAILED torch forward $shape"
+      $PY "$ROOT/scripts/bench_torch.py" profile "$M4" "$W/ids.safetensors" cuda bf16 \
+        >"$R_OUT/profile-$shape-torch.jsonl" 2>>"$OUT/log.txt" || log "FAILED torch profile $shape"
+      # Kernel by kernel (Nsight Compute reads the durations where the runtime lets it): one
+      # forward after the warm-up, summed by kernel name.
+      if command -v ncu >/dev/null 2>&1; then
+        timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum \
+          "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 1 \
+          >"$R_OUT/ncu-$shape.csv" 2>>"$OUT/log.txt" || log "ncu failed or timed out ($shape)"
+        $PY - "$R_OUT/ncu-$shape.csv" <<'NCU' >"$R_OUT/ncu-$shape.txt" 2>&1
+import csv, collections, sys
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+head, body = rows[0], rows[1:]
+ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("Metric Unit")
+tot, cnt = collections.Counter(), collections.Counter()
+for r in body:
+    v = float(r[vi].replace(",", ""))
+    v *= {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(r[ui], 1.0)
+    k = r[ki][:90]
+    tot[k] += v
+    cnt[k] += 1
+print(f"total {sum(tot.values()):.2f} ms over {sum(cnt.values())} kernels (2 forwards: warm-up + 1)")
+for k, v in tot.most_common(25):
+    print(f"{v:9.2f} ms {cnt[k]:5d} x  {k}")
+NCU
+        cat "$R_OUT/ncu-$shape.txt"
+      fi
+      echo "--- $shape jumplens"; cat "$R_OUT/profile-$shape-jumplens.json"
+      echo "--- $shape torch"; cat "$R_OUT/profile-$shape-torch-forward.json" "$R_OUT/profile-$shape-torch.jsonl"
+    done
     ;;
   *) log "unknown section $section" ;;
   esac

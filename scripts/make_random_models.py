@@ -7,7 +7,7 @@ model.safetensors), for GPU benchmarks where real weights cannot be carried.
 
 Names: smollm2 (SmolLM2-135M), gpt2 (124M), gpt2-medium, gpt2-xl, bert-large (BertForMaskedLM),
 llama3-8b (Llama-3-8B shape: 32 layers, d 4096, ffn 14336, 32/8 heads, vocabulary 128,256; 8.03B
-parameters, 16 GB in bf16). Each folder is OUT_DIR/NAME. Weights are initialised by transformers
+parameters, 16 GB in bf16), llama3-8b-4l (the same cut to 4 blocks, for profiling). Each folder is OUT_DIR/NAME. Weights are initialised by transformers
 (seed 0) on the GPU when there is one, in float32 unless `--dtype bf16|f16` (then created in that
 dtype directly, so an 8B model never needs 32 GB of host memory), and saved as safetensors shards
 of at most 5 GB. Speed does not depend on the values; the correctness checks use real weights.
@@ -34,6 +34,15 @@ SHAPES = {
     "llama3-8b": lambda: tf.LlamaForCausalLM(
         tf.LlamaConfig(
             vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+            rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+            bos_token_id=128000, eos_token_id=128001,
+        )
+    ),
+    # The 8B shape cut to 4 blocks: the same per-block work in 2 GB, for profiling a block.
+    "llama3-8b-4l": lambda: tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
             rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
             bos_token_id=128000, eos_token_id=128001,

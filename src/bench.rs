@@ -37,6 +37,9 @@ pub struct Timing {
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// `bench forward --profile`: where the time goes (see [`forward_profile`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<ProfilePart>>,
 }
 
 /// Forward throughput with all hidden states returned: median over `iters` runs after one
@@ -64,6 +67,7 @@ pub fn forward(lm: &LoadedModel, ids: &[Vec<u32>], iters: usize) -> Result<Timin
         tokens,
         seconds,
         tokens_per_s: tokens as f64 / seconds,
+        profile: None,
     })
 }
 
@@ -90,6 +94,7 @@ pub fn collect_split(lm: &LoadedModel, act: &Activations, batch_tokens: usize) -
         tokens,
         seconds,
         tokens_per_s: tokens as f64 / seconds,
+        profile: None,
     };
     Ok((t, Tensor::stack(&rows, 0)?))
 }
@@ -170,4 +175,82 @@ pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Re
         layers_pseudo_inverse: report.layers.iter().filter(|l| l.pseudo_inverse).count(),
         max_cond_unscaled: report.layers.iter().map(|l| l.cond_unscaled).fold(0.0, f64::max),
     })
+}
+
+/// Where the time of one forward pass goes: seconds from each tap to the next, summed over the
+/// blocks under the tap's suffix (`ln1.hook_normalized` = the first norm, `attn.hook_pattern` =
+/// q/k/v projections, RoPE and the softmax, `hook_attn_out` = probabilities x values and the
+/// output projection, ...). The device is synchronised at every tap, so the parts add up to a
+/// forward slower than the unprofiled one (no overlap of host and device work); the shares are
+/// what to look at.
+#[derive(Debug, Serialize)]
+pub struct ProfilePart {
+    pub tap: String,
+    pub seconds: f64,
+    pub share: f64,
+}
+
+struct TapTimer {
+    device: Device,
+    last: Instant,
+    parts: Vec<(String, f64)>,
+}
+
+impl crate::model::Hooks for TapTimer {
+    fn tap(&mut self, tap: crate::model::Tap, _value: &Tensor) -> Result<Option<Tensor>> {
+        self.device.synchronize()?;
+        let now = Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        let name = tap.name();
+        // blocks.{l}.suffix -> suffix: one entry per point of the block, summed over blocks.
+        let key = match name.strip_prefix("blocks.").and_then(|r| r.split_once('.')) {
+            Some((_, suffix)) => suffix.to_string(),
+            None => name,
+        };
+        match self.parts.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, s)) => *s += dt,
+            None => self.parts.push((key, dt)),
+        }
+        Ok(None)
+    }
+}
+
+/// The median of `iters` profiled forwards (after one warm-up), per tap, in execution order.
+pub fn forward_profile(lm: &LoadedModel, ids: &[Vec<u32>], iters: usize) -> Result<Vec<ProfilePart>> {
+    let device = lm.model.device().clone();
+    let batch = Batch::from_sequences(ids, lm.tokenizer().map(|t| t.pad_id).unwrap_or(0), &device)?;
+    let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
+    for i in 0..=iters.max(1) {
+        device.synchronize()?;
+        let mut timer = TapTimer {
+            device: device.clone(),
+            last: Instant::now(),
+            parts: Vec::new(),
+        };
+        let states = model::hidden_states_with(lm.model.as_ref(), &batch, &mut timer)?;
+        drop(states);
+        if i > 0 {
+            runs.push(timer.parts);
+        }
+    }
+    let first = &runs[0];
+    let mut parts: Vec<ProfilePart> = first
+        .iter()
+        .enumerate()
+        .map(|(j, (tap, _))| {
+            let mut v: Vec<f64> = runs.iter().map(|r| r[j].1).collect();
+            v.sort_by(f64::total_cmp);
+            ProfilePart {
+                tap: tap.clone(),
+                seconds: v[v.len() / 2],
+                share: 0.0,
+            }
+        })
+        .collect();
+    let total: f64 = parts.iter().map(|p| p.seconds).sum();
+    for p in &mut parts {
+        p.share = p.seconds / total;
+    }
+    Ok(parts)
 }

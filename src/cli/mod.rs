@@ -475,6 +475,10 @@ enum Command {
         /// collect: the activations file whose examples to re-collect.
         #[arg(long, value_name = "FILE")]
         activations: Option<PathBuf>,
+        /// forward: also time each part of the blocks (the device synchronised at every tap),
+        /// reported as `profile` [{tap, seconds, share}] summed over the blocks.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -804,6 +808,7 @@ fn run(cli: Cli) -> Result<()> {
             iters,
             ids_out,
             activations,
+            profile,
             states,
             n,
             d,
@@ -833,7 +838,11 @@ fn run(cli: Cli) -> Result<()> {
                     if let Some(p) = ids_out {
                         crate::bench::write_ids(&p, &ids)?;
                     }
-                    crate::bench::forward(&lm, &ids, iters)?
+                    let mut t = crate::bench::forward(&lm, &ids, iters)?;
+                    if profile {
+                        t.profile = Some(crate::bench::forward_profile(&lm, &ids, iters)?);
+                    }
+                    t
                 }
             };
             println!("{}", serde_json::to_string(&t)?);

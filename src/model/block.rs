@@ -77,11 +77,9 @@ pub(crate) fn attend(
     hooks: &mut dyn Hooks,
 ) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
-    let k = layers::repeat_kv(k, h)?;
-    let v = layers::repeat_kv(v, h)?;
-    let probs = layers::attention_probs(q, &k, bias, scale, softcap)?;
+    let probs = layers::attention_probs(q, k, bias, scale, softcap)?;
     let probs = emit(hooks, Tap::Block(layer, BlockTap::AttnPattern), probs)?;
-    let out = probs.matmul(&v.contiguous()?)?;
+    let out = layers::attention_mix(&probs, v)?;
     Ok(out.transpose(1, 2)?.reshape((b, t, h * hd))?)
 }
 

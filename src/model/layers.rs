@@ -425,34 +425,48 @@ impl Rope {
     }
 }
 
-/// Key or value heads [B, Hkv, T, hd] repeated to `n_heads` heads (grouped-query attention).
-pub fn repeat_kv(x: &Tensor, n_heads: usize) -> Result<Tensor> {
-    let (b, h_kv, t, hd) = x.dims4()?;
-    if h_kv == n_heads {
-        return Ok(x.clone());
-    }
-    if h_kv == 0 || !n_heads.is_multiple_of(h_kv) {
-        candle_core::bail!("{n_heads} attention heads cannot share {h_kv} key/value heads");
-    }
-    let rep = n_heads / h_kv;
-    x.unsqueeze(2)?
-        .expand((b, h_kv, rep, t, hd))?
-        .reshape((b, n_heads, t, hd))
-}
-
 /// Attention probabilities softmax(q k^T * scale [soft-capped] + bias) [B, H, T, T].
 ///
-/// q [B, H, T, hd], k [B, H, T, hd] (already repeated), bias [B, 1, T, T] additive (f32).
-/// The scores come out of the GEMM in q's dtype; soft-cap, mask and softmax run in f32 and the
-/// probabilities are cast back to q's dtype (transformers' eager attention).
+/// q [B, H, T, hd], k [B, Hkv, T, hd] with H a multiple of Hkv (grouped-query attention: query
+/// heads g*j..g*(j+1) share key head j), bias [B, 1, T, T] additive (f32). The query heads of a
+/// group are folded into the row axis, so one GEMM per key head serves the whole group and k is
+/// never copied H/Hkv times (on the GPU those copies and the g-times-smaller GEMMs cost more than
+/// the products). The scores come out of the GEMM in q's dtype; soft-cap, mask and softmax run in
+/// f32 and the probabilities are cast back to q's dtype (transformers' eager attention).
 pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
     let dtype = q.dtype();
-    let mut scores = to_dtype(&(q.contiguous()?.matmul(&k.contiguous()?.t()?)? * scale)?, DType::F32)?;
+    let (b, h, t, hd) = q.dims4()?;
+    let (_, h_kv, s, _) = k.dims4()?;
+    let g = group_size(h, h_kv)?;
+    let q = q.contiguous()?.reshape((b, h_kv, g * t, hd))?;
+    let scores = q.matmul(&k.contiguous()?.t()?)?.reshape((b, h, t, s))?;
+    let mut scores = to_dtype(&(scores * scale)?, DType::F32)?;
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
     }
     let scores = scores.broadcast_add(&to_dtype(bias, DType::F32)?)?;
     to_dtype(&candle_nn::ops::softmax_last_dim(&scores)?, dtype)
+}
+
+/// probs [B, H, T, S] x v [B, Hkv, S, hd] -> [B, H, T, hd], the query heads of a group sharing
+/// their value head as in [`attention_probs`].
+pub fn attention_mix(probs: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, t, s) = probs.dims4()?;
+    let (_, h_kv, _, hd) = v.dims4()?;
+    let g = group_size(h, h_kv)?;
+    probs
+        .contiguous()?
+        .reshape((b, h_kv, g * t, s))?
+        .matmul(&v.contiguous()?)?
+        .reshape((b, h, t, hd))
+}
+
+/// Query heads per key/value head.
+fn group_size(n_heads: usize, h_kv: usize) -> Result<usize> {
+    if h_kv == 0 || !n_heads.is_multiple_of(h_kv) {
+        candle_core::bail!("{n_heads} attention heads cannot share {h_kv} key/value heads");
+    }
+    Ok(n_heads / h_kv)
 }
 
 /// Splits x [B, T, H * hd] into heads [B, H, T, hd].
