@@ -8,6 +8,9 @@
   profile MODEL IDS.safetensors cuda [f32|bf16|f16]
       where the time of one forward goes on the GPU: torch.profiler over 3 forwards (after a
       warm-up), the 25 operators with the most device time, as JSON lines {op, cuda_ms, calls}.
+  states MODEL IDS.safetensors OUT.safetensors [cuda] [f32|bf16|f16] [eager|sdpa]
+      the hidden states of one forward on the ids, as `hidden_states` [L+1, B, T, d] in f32
+      (transformers' eager attention by default: the arithmetic jumplens follows).
   collect MODEL.gguf ACTIVATIONS.safetensors
       the paper's pipeline: one forward pass per example over the sentence cut after its sampled
       position (batch 1, output_hidden_states), timing the whole split; prints the same JSON.
@@ -28,7 +31,7 @@ from transformers import AutoModelForCausalLM
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
-def load(model_path, device="cpu", dtype=torch.float32):
+def load(model_path, device="cpu", dtype=torch.float32, attn="sdpa"):
     if device == "cpu":
         torch.set_num_threads(2)
     if os.path.isdir(model_path):
@@ -36,7 +39,7 @@ def load(model_path, device="cpu", dtype=torch.float32):
 
         config = AutoConfig.from_pretrained(model_path)
         auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
-        model = auto.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa",
+        model = auto.from_pretrained(model_path, dtype=dtype, attn_implementation=attn,
                                      device_map=device if device != "cpu" else None)
     else:
         folder, name = os.path.split(os.path.abspath(model_path))
@@ -86,6 +89,17 @@ def profile(model_path, ids_path, device="cuda", dtype="bf16"):
 
 
 @torch.inference_mode()
+def states(model_path, ids_path, out_path, device="cuda", dtype="bf16", attn="eager"):
+    from safetensors.torch import save_file
+
+    model = load(model_path, device, DTYPES[dtype], attn)
+    ids = load_file(ids_path)["ids"].to(device)
+    out = model.base_model(input_ids=ids, output_hidden_states=True)
+    hs = torch.stack([h.float() for h in out.hidden_states]).cpu().contiguous()
+    save_file({"hidden_states": hs}, out_path)
+
+
+@torch.inference_mode()
 def collect(model_path, act_path):
     model = load(model_path)
     t = load_file(act_path)
@@ -110,6 +124,9 @@ if __name__ == "__main__":
     elif cmd == "profile":
         profile(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "cuda",
                 sys.argv[5] if len(sys.argv) > 5 else "bf16")
+    elif cmd == "states":
+        a = sys.argv[5:]
+        states(sys.argv[2], sys.argv[3], sys.argv[4], *(a + ["cuda", "bf16", "eager"][len(a):]))
     elif cmd == "collect":
         collect(sys.argv[2], sys.argv[3])
     else:

@@ -28,6 +28,13 @@
 #   profile  where a forward's time goes: the 8B shape cut to 4 blocks in bf16 at 16 x 512 and
 #            64 x 32, jumplens `bench forward --profile` (time per block part) next to PyTorch's
 #            profiler (device time per operator), and the plain forward rates of both
+#   blocks   forward rates on the 8B shape cut to 4 blocks (the same per-block work in 2 GB, made
+#            in seconds) in bf16 at 16 x 512, 64 x 32 and 64 x 512, jumplens vs PyTorch (sdpa)
+#   fused    the fused GPU kernels (masked softmax, RMSNorm) against PyTorch on the same ids:
+#            hidden states of jumplens on the GPU vs transformers' eager attention (the arithmetic
+#            jumplens follows) and, as a yardstick, PyTorch's sdpa vs its eager; the 8B shape cut
+#            to 4 blocks and SmolLM2's shape, bf16 and f32 (states h_0..h_{L-1}; transformers'
+#            last state is after the final norm)
 #
 # Results in $OUT (default ./device-out): tables.md (the tables, also printed after each section),
 # log.txt, and raw.tgz with one JSON/text file per measurement (the device tool returns at most 8
@@ -315,6 +322,41 @@ NCU
       fi
       echo "--- $shape jumplens"; cat "$R_OUT/profile-$shape-jumplens.json"
       echo "--- $shape torch"; cat "$R_OUT/profile-$shape-torch-forward.json" "$R_OUT/profile-$shape-torch.jsonl"
+    done
+    ;;
+  blocks)
+    log "blocks"
+    M4=$W/models/llama3-8b-4l
+    [ -f "$M4/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b-4l >>"$OUT/log.txt"
+    for shape in 16x512 64x32 64x512; do
+      b=${shape%x*} t=${shape#*x}
+      "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 10 \
+        --ids-out "$W/ids.safetensors" >"$R_OUT/fwd8b4l-$shape-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens 8b-4l $shape"
+      $PY "$ROOT/scripts/bench_torch.py" forward "$M4" "$W/ids.safetensors" 10 cuda bf16 \
+        >"$R_OUT/fwd8b4l-$shape-torch.json" 2>>"$OUT/log.txt" || log "FAILED torch 8b-4l $shape"
+      cat "$R_OUT/fwd8b4l-$shape-jumplens.json" "$R_OUT/fwd8b4l-$shape-torch.json"
+    done
+    ;;
+  fused)
+    log "fused"
+    for m in llama3-8b-4l smollm2; do
+      [ -f "$W/models/$m/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" $m >>"$OUT/log.txt"
+      for dt in bf16 f32; do
+        "$BIN" --device cuda --dtype $dt bench forward "$W/models/$m" --batch 4 --seq 200 --iters 1 \
+          --ids-out "$W/ids.safetensors" --states-out "$W/st-j.safetensors" >/dev/null 2>>"$OUT/log.txt" || log "FAILED jumplens states $m $dt"
+        $PY "$ROOT/scripts/bench_torch.py" states "$W/models/$m" "$W/ids.safetensors" "$W/st-e.safetensors" cuda $dt eager 2>>"$OUT/log.txt"
+        $PY "$ROOT/scripts/bench_torch.py" states "$W/models/$m" "$W/ids.safetensors" "$W/st-s.safetensors" cuda $dt sdpa 2>>"$OUT/log.txt"
+        $PY - "$W" "$m" "$dt" <<'CMP' | tee "$R_OUT/fused-$m-$dt.txt"
+import sys, numpy as np
+from safetensors.numpy import load_file
+w, m, dt = sys.argv[1:]
+j, e, s = (load_file(f"{w}/st-{k}.safetensors")["hidden_states"].astype(np.float64) for k in "jes")
+rel = lambda a, b: [float(np.linalg.norm(a[l] - b[l]) / np.linalg.norm(b[l])) for l in range(b.shape[0] - 1)]
+rj, rs = rel(j, e), rel(s, e)
+print(f"{m} {dt}: jumplens vs eager worst {max(rj):.2e} (layer {int(np.argmax(rj))}), last {rj[-1]:.2e}; "
+      f"PyTorch sdpa vs eager worst {max(rs):.2e}, last {rs[-1]:.2e}")
+CMP
+      done
     done
     ;;
   *) log "unknown section $section" ;;

@@ -99,6 +99,22 @@ pub fn collect_split(lm: &LoadedModel, act: &Activations, batch_tokens: usize) -
     Ok((t, Tensor::stack(&rows, 0)?))
 }
 
+/// Writes the hidden states of one forward on `ids` as `hidden_states` [L + 1, B, T, d] (f32) for
+/// comparing with a reference's states on the same ids.
+pub fn write_states(lm: &LoadedModel, ids: &[Vec<u32>], path: &Path) -> Result<()> {
+    let batch = Batch::from_sequences(ids, lm.tokenizer().map(|t| t.pad_id).unwrap_or(0), lm.model.device())?;
+    let states = model::hidden_states(lm.model.as_ref(), &batch)?;
+    let states: Vec<Tensor> = states
+        .into_iter()
+        .map(|h| {
+            crate::model::layers::f32(h)?
+                .to_device(&Device::Cpu)
+                .map_err(Into::into)
+        })
+        .collect::<Result<_>>()?;
+    crate::data::io::write_safetensors(path, &[("hidden_states".into(), Tensor::stack(&states, 0)?)], None)
+}
+
 /// Writes ids as a safetensors file `ids` [B, T] (i64) for the reference script.
 pub fn write_ids(path: &Path, ids: &[Vec<u32>]) -> Result<()> {
     let (b, t) = (ids.len(), ids.first().map_or(0, Vec::len));

@@ -479,6 +479,10 @@ enum Command {
         /// reported as `profile` [{tap, seconds, share}] summed over the blocks.
         #[arg(long)]
         profile: bool,
+        /// forward: also write the hidden states of one forward here (safetensors
+        /// `hidden_states` [L+1, B, T, d], f32), to compare with a reference on the same ids.
+        #[arg(long, value_name = "FILE")]
+        states_out: Option<PathBuf>,
     },
 }
 
@@ -809,6 +813,7 @@ fn run(cli: Cli) -> Result<()> {
             ids_out,
             activations,
             profile,
+            states_out,
             states,
             n,
             d,
@@ -841,6 +846,9 @@ fn run(cli: Cli) -> Result<()> {
                     let mut t = crate::bench::forward(&lm, &ids, iters)?;
                     if profile {
                         t.profile = Some(crate::bench::forward_profile(&lm, &ids, iters)?);
+                    }
+                    if let Some(p) = states_out {
+                        crate::bench::write_states(&lm, &ids, &p)?;
                     }
                     t
                 }

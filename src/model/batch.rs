@@ -81,13 +81,40 @@ impl Batch {
     }
 }
 
+/// How attention is masked for one batch: on the CPU the additive bias [B, 1, T, T] (candle's
+/// softmax path); on a GPU only the row lengths, which the fused softmax
+/// ([`crate::model::fused`]) turns into the same mask on the fly (the bias and its broadcast add
+/// cost more than the rest of the softmax there).
+#[derive(Debug, Clone)]
+pub enum AttentionMask {
+    Bias(Tensor),
+    Fused(super::fused::MaskSpec),
+}
+
+impl Batch {
+    /// The mask of `kind` (and `window`) for this batch on `device`, in the form the device's
+    /// attention uses.
+    pub fn attention_mask(&self, kind: AttentionKind, window: Option<usize>, device: &Device) -> Result<AttentionMask> {
+        if device.is_cpu() {
+            return Ok(AttentionMask::Bias(self.attention_bias(kind, window, device)?));
+        }
+        let lengths: Vec<u32> = self.lengths.iter().map(|&l| l as u32).collect();
+        let n = lengths.len();
+        Ok(AttentionMask::Fused(super::fused::MaskSpec {
+            lengths: Tensor::from_vec(lengths, n, device)?,
+            causal: kind == AttentionKind::Causal,
+            window,
+        }))
+    }
+}
+
 /// Per-batch state a model precomputes once (attention masks) and reuses in every block.
 pub struct BatchContext {
     pub seq_len: usize,
-    /// Bias for full (global) attention layers.
-    pub bias: Tensor,
-    /// Bias for sliding-window layers, when the model has any.
-    pub bias_local: Option<Tensor>,
+    /// Mask for full (global) attention layers.
+    pub bias: AttentionMask,
+    /// Mask for sliding-window layers, when the model has any.
+    pub bias_local: Option<AttentionMask>,
     pub token_type_ids: Option<Tensor>,
 }
 

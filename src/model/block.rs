@@ -5,6 +5,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
+use super::batch::AttentionMask;
 use super::hooks::{emit, run_sub, BlockTap, Hooks, SubModule, Tap};
 use super::layers::{self, Activation, Linear};
 
@@ -64,14 +65,14 @@ impl PreNormBlock<'_> {
 /// Scaled dot-product attention of block `layer` with grouped key/value heads, reporting the
 /// probabilities as `attn.hook_pattern` (a patched pattern is what mixes the values).
 ///
-/// q [B, H, T, hd], k and v [B, Hkv, T, hd], bias [B, 1, T, T] additive. Returns [B, T, H * hd].
+/// q [B, H, T, hd], k and v [B, Hkv, T, hd], the batch's mask. Returns [B, T, H * hd].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend(
     layer: usize,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    bias: &Tensor,
+    bias: &AttentionMask,
     scale: f64,
     softcap: Option<f64>,
     hooks: &mut dyn Hooks,

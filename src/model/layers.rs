@@ -233,6 +233,16 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // On a GPU one fused kernel with the same rounding (see crate::model::fused).
+        if !x.device().is_cpu() && x.dtype() == self.dtype {
+            let sd = self.scale.dtype();
+            if sd == self.dtype || sd == DType::F32 {
+                let round_first = sd != DType::F32;
+                if let Some(y) = crate::model::fused::rms_norm(x, &self.scale, self.eps, round_first)? {
+                    return Ok(y);
+                }
+            }
+        }
         if x.dtype() == DType::F32 && self.dtype == DType::F32 {
             let x = x.contiguous()?;
             let scale = to_dtype(&self.scale, DType::F32)?;
@@ -428,18 +438,33 @@ impl Rope {
 /// Attention probabilities softmax(q k^T * scale [soft-capped] + bias) [B, H, T, T].
 ///
 /// q [B, H, T, hd], k [B, Hkv, T, hd] with H a multiple of Hkv (grouped-query attention: query
-/// heads g*j..g*(j+1) share key head j), bias [B, 1, T, T] additive (f32). The query heads of a
+/// heads g*j..g*(j+1) share key head j), the batch's mask (the additive bias [B, 1, T, T] on the
+/// CPU; on a GPU the fused kernel of [`crate::model::fused`] does scale, cap, mask and softmax in
+/// one pass with the same rounding). The query heads of a
 /// group are folded into the row axis, so one GEMM per key head serves the whole group and k is
 /// never copied H/Hkv times (on the GPU those copies and the g-times-smaller GEMMs cost more than
 /// the products). The scores come out of the GEMM in q's dtype; soft-cap, mask and softmax run in
 /// f32 and the probabilities are cast back to q's dtype (transformers' eager attention).
-pub fn attention_probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64, softcap: Option<f64>) -> Result<Tensor> {
+pub fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &crate::model::batch::AttentionMask,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let dtype = q.dtype();
     let (b, h, t, hd) = q.dims4()?;
     let (_, h_kv, s, _) = k.dims4()?;
     let g = group_size(h, h_kv)?;
     let q = q.contiguous()?.reshape((b, h_kv, g * t, hd))?;
     let scores = q.matmul(&k.contiguous()?.t()?)?.reshape((b, h, t, s))?;
+    let bias = match mask {
+        crate::model::batch::AttentionMask::Bias(bias) => bias,
+        crate::model::batch::AttentionMask::Fused(spec) => {
+            return crate::model::fused::masked_softmax(&scores, spec, scale, softcap)?
+                .ok_or_else(|| candle_core::Error::Msg("the fused attention mask needs a CUDA device".into()));
+        }
+    };
     let mut scores = to_dtype(&(scores * scale)?, DType::F32)?;
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;

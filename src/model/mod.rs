@@ -19,6 +19,7 @@ pub mod batch;
 pub mod block;
 pub mod config;
 pub mod dtype;
+pub mod fused;
 pub mod hooks;
 pub mod layers;
 pub mod load;

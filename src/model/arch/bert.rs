@@ -248,7 +248,7 @@ impl Transformer for Bert {
                 self.info.max_positions
             );
         }
-        let bias = batch.attention_bias(AttentionKind::Bidirectional, None, &self.device)?;
+        let bias = batch.attention_mask(AttentionKind::Bidirectional, None, &self.device)?;
         Ok(BatchContext {
             seq_len: batch.seq_len(),
             bias,

@@ -563,10 +563,10 @@ impl Transformer for Decoder {
                 batch.seq_len()
             );
         }
-        let bias = batch.attention_bias(AttentionKind::Causal, None, &self.device)?;
+        let bias = batch.attention_mask(AttentionKind::Causal, None, &self.device)?;
         let bias_local = match self.sliding_window {
             Some(w) if w < batch.seq_len() => {
-                Some(batch.attention_bias(AttentionKind::Causal, Some(w), &self.device)?)
+                Some(batch.attention_mask(AttentionKind::Causal, Some(w), &self.device)?)
             }
             _ => None,
         };

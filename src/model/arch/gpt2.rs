@@ -193,7 +193,7 @@ impl Transformer for Gpt2 {
                 self.info.max_positions
             );
         }
-        let bias = batch.attention_bias(AttentionKind::Causal, None, &self.device)?;
+        let bias = batch.attention_mask(AttentionKind::Causal, None, &self.device)?;
         Ok(BatchContext {
             seq_len: batch.seq_len(),
             bias,
