@@ -544,3 +544,37 @@ fn integer_weights_cannot_be_converted() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tuned lenses (issue 15): `predict --tuned-lens DIR`.
+
+#[test]
+fn predict_tuned_lens_for_another_model_is_refused_and_a_zero_lens_is_the_logit_lens() {
+    use jumplens::lens::tuned::TunedLens;
+    let (dir, run_dir) = tiny_run();
+    let r = run_dir.to_str().unwrap();
+    // The tiny Llama's lens (width 64) on the tiny GPT-2 run (width 32).
+    let other = tiny("../tuned/llama_peer");
+    fails_with(
+        &["predict", r, "--quiet", "--tuned-lens", other.to_str().unwrap()],
+        &["llama_peer", "width 64", "width is 32"],
+    );
+    assert!(
+        !run_dir.join("predict.json").exists(),
+        "nothing written on a refused lens"
+    );
+    // A zero lens (tuned-lens's starting point) reads out exactly like the logit lens.
+    let zero = dir.path().join("zero-lens");
+    TunedLens::zeros("gpt2", 32, 2, &candle_core::Device::Cpu)
+        .unwrap()
+        .write_dir(&zero)
+        .unwrap();
+    let (ok, err) = run(&["predict", r, "--quiet", "--tuned-lens", zero.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("predict.json")).unwrap()).unwrap();
+    let lenses = &report["lenses"];
+    assert_eq!(lenses["tuned"]["p@1"], lenses["id"]["p@1"]);
+    assert_eq!(lenses["tuned"]["kl"], lenses["id"]["kl"]);
+    assert_eq!(lenses["tuned"]["p@1"].as_array().unwrap().len(), 3);
+}

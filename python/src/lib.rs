@@ -746,7 +746,12 @@ fn predict<'py>(
         (None, Err(_)) => Run::new(py, run_arg(run)?, None, "cpu")?.loaded_model(py)?,
     };
     let root = run_arg(run)?;
-    let opts = PredictOptions { maps, batch, progress };
+    let opts = PredictOptions {
+        maps,
+        batch,
+        tuned: None,
+        progress,
+    };
     let lm_ref = &lm;
     let report = long_call(py, || {
         jumplens::pipeline::predict::run_predict(lm_ref, &RunDir::new(&root), &opts)

@@ -332,6 +332,10 @@ enum Command {
         /// Examples per readout batch (0 = 128 on the CPU, 1024 on a GPU).
         #[arg(long, default_value_t = 0, value_name = "N")]
         batch: usize,
+        /// A tuned lens (tuned-lens's folder: config.json + params.pt, read without running
+        /// pickle code) evaluated as `tuned` [default: RUN/tuned/ when present].
+        #[arg(long, value_name = "DIR")]
+        tuned_lens: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -663,6 +667,7 @@ fn run(cli: Cli) -> Result<()> {
             maps,
             model,
             batch,
+            tuned_lens,
             common,
         } => {
             let run = RunDir::new(&run);
@@ -670,6 +675,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = PredictOptions {
                 maps,
                 batch,
+                tuned: tuned_lens,
                 progress: !common.quiet,
             };
             let r = predict::run_predict(&lm, &run, &opts)?;

@@ -1,9 +1,9 @@
 //! Reading the model's prediction out of intermediate layers (the paper's section 4): every
 //! layer's state is cast to the last layer by a lens (`mat`: the fitted map A_{l->L}; `id`: the
-//! state itself, i.e. the logit lens; `affine`: A h + b) and read out through the model's own
-//! final norm and unembedding. The lens's top-1 token is scored against the full model's output
-//! at the same position: Precision@k, surprisal, KL(model || lens) and cross-entropy against the
-//! actual token.
+//! state itself, i.e. the logit lens; `affine`: A h + b; `tuned`: a tuned lens's h + W_l h + b_l)
+//! and read out through the model's own final norm and unembedding. The lens's top-1 token is
+//! scored against the full model's output at the same position: Precision@k, surprisal,
+//! KL(model || lens) and cross-entropy against the actual token.
 //!
 //! The model's own distribution is computed once per batch and shared by every lens and layer;
 //! everything is tensor arithmetic on the model's device.
@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::data::Activations;
 use crate::lens::maps::Maps;
+use crate::lens::tuned::TunedLens;
 use crate::model::{AttentionKind, Transformer};
 
 /// How a state of layer l is carried to the last layer.
@@ -25,6 +26,8 @@ pub enum Lens<'a> {
     Identity,
     /// A_{l->L} h (+ b when the maps have intercepts).
     Maps(&'a Maps),
+    /// h + W_l h + b_l (a tuned lens, tuned-lens's translators).
+    Tuned(&'a TunedLens),
 }
 
 impl Lens<'_> {
@@ -36,6 +39,7 @@ impl Lens<'_> {
         match self {
             Lens::Identity => Ok(h.clone()),
             Lens::Maps(m) => m.require(layer, last)?.apply(h),
+            Lens::Tuned(t) => t.cast(layer, h),
         }
     }
 }

@@ -43,6 +43,9 @@ pub struct PredictOptions {
     /// Examples per readout batch; 0 = 128 on the CPU, 1024 on a GPU (where small batches
     /// leave the device idle between launches).
     pub batch: usize,
+    /// A tuned lens folder (tuned-lens's `config.json` + `params.pt`) evaluated as `tuned`;
+    /// without it `RUN/tuned/` is used when present.
+    pub tuned: Option<std::path::PathBuf>,
     pub progress: bool,
 }
 
@@ -51,6 +54,7 @@ impl Default for PredictOptions {
         Self {
             maps: None,
             batch: 0,
+            tuned: None,
             progress: true,
         }
     }
@@ -69,7 +73,8 @@ pub struct PredictReport {
 }
 
 /// Runs the predict stage on a run folder: evaluates mat, id (and affine when
-/// `maps_affine.safetensors` exists) and writes `predict.json`, `predict_traces.safetensors`
+/// `maps_affine.safetensors` exists, tuned from `--tuned-lens` or `RUN/tuned/`, mat+kl from
+/// `RUN/tuned-mat/`) and writes `predict.json`, `predict_traces.safetensors`
 /// and the plots.
 pub fn run_predict(
     lm: &crate::model::LoadedModel,
@@ -97,6 +102,21 @@ pub fn run_predict(
     } else {
         None
     };
+    let info = lm.model.info();
+    let read_tuned = |dir: &std::path::Path| -> Result<crate::lens::tuned::TunedLens> {
+        let t = crate::lens::tuned::TunedLens::read_dir(dir)?;
+        t.check_model(info.n_layers, info.d_model)?;
+        t.to_device(&device)
+    };
+    let own = |name: &str| Some(run.file(name)).filter(|p| opts.maps.is_none() && p.join("params.pt").exists());
+    let tuned = match opts.tuned.clone().or_else(|| own("tuned")) {
+        Some(dir) => Some(read_tuned(&dir)?),
+        None => None,
+    };
+    let mat_kl = match own("tuned-mat") {
+        Some(dir) => Some(read_tuned(&dir)?),
+        None => None,
+    };
     let val = run.read_split(&manifest, "val")?;
     let mut lenses = vec![
         ("mat".to_string(), Lens::Maps(&maps)),
@@ -104,6 +124,12 @@ pub fn run_predict(
     ];
     if let Some(a) = &affine {
         lenses.push(("affine".to_string(), Lens::Maps(a)));
+    }
+    if let Some(t) = &tuned {
+        lenses.push(("tuned".to_string(), Lens::Tuned(t)));
+    }
+    if let Some(t) = &mat_kl {
+        lenses.push(("mat+kl".to_string(), Lens::Tuned(t)));
     }
     let batch = match opts.batch {
         0 if device.is_cpu() => 128,
