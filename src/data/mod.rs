@@ -5,6 +5,7 @@ pub mod assets;
 pub mod corpus;
 pub mod io;
 pub mod run;
+pub mod stats;
 
 pub use activations::Activations;
 pub use run::{Manifest, RunDir};
