@@ -437,3 +437,112 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Stops the single-node Slurm cluster when dropped (also when the test fails).
+struct SlurmCluster;
+
+impl Drop for SlurmCluster {
+    fn drop(&mut self) {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/cluster.sh");
+        Command::new("bash").arg(&script).arg("stop").status().ok();
+    }
+}
+
+/// Issue 17 item 4: a single-node Slurm cluster (scripts/slurm/cluster.sh, Debian's slurm-wlm
+/// and munge) runs `sbatch --array=0-3` of four statistics shards, which take their index from
+/// the array's environment; their merge fits the maps of the unsharded run. Skipped with a
+/// message when Slurm is not installed (`bash scripts/slurm/cluster.sh install` installs it),
+/// unless JUMPLENS_REQUIRE_SLURM=1.
+#[test]
+fn slurm_job_array_shards_merge_to_the_single_run() {
+    let have = Command::new("sh")
+        .args(["-c", "command -v sbatch && command -v slurmctld && command -v munged"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(
+            std::env::var("JUMPLENS_REQUIRE_SLURM").as_deref() != Ok("1"),
+            "Slurm is not installed and JUMPLENS_REQUIRE_SLURM=1"
+        );
+        eprintln!("SKIPPED: Slurm is not installed; `bash scripts/slurm/cluster.sh install` installs it (root, apt)");
+        return;
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm/cluster.sh");
+    let _cluster = SlurmCluster;
+    let up = Command::new("bash").arg(&script).arg("start").output().unwrap();
+    assert!(
+        up.status.success(),
+        "starting Slurm failed: {}{}",
+        String::from_utf8_lossy(&up.stdout),
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (model, corpus) = setup(dir.path());
+    let d = dir.path().display().to_string();
+    let shard_out = format!("{d}/shard$SLURM_ARRAY_TASK_ID");
+    let args = collect_args(&model, &corpus, &shard_out, &["--stats-only", "--pairs", "all"]);
+    let job = format!(
+        "#!/bin/bash\n#SBATCH --array=0-3\n#SBATCH --output={d}/slurm-%A_%a.out\n#SBATCH --cpus-per-task=1\n\
+         exec {} {}\n",
+        bin().display(),
+        args.join(" ")
+    );
+    let job_path = dir.path().join("shards.sbatch");
+    std::fs::write(&job_path, job).unwrap();
+    let submitted = Command::new("sbatch")
+        .arg("--wait")
+        .arg(&job_path)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let logs: String = (0..4)
+        .filter_map(|k| {
+            std::fs::read_dir(dir.path())
+                .ok()?
+                .flatten()
+                .find(|e| e.file_name().to_string_lossy().ends_with(&format!("_{k}.out")))
+                .and_then(|e| std::fs::read_to_string(e.path()).ok())
+        })
+        .collect();
+    assert!(
+        submitted.status.success(),
+        "sbatch --wait failed: {}{}\n{logs}",
+        String::from_utf8_lossy(&submitted.stdout),
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    let shards: Vec<String> = (0..4).map(|k| format!("{d}/shard{k}")).collect();
+    for (k, s) in shards.iter().enumerate() {
+        let man = read_json(&Path::new(s).join("manifest.json"));
+        assert_eq!(
+            man["options"]["shard"]["from"], k,
+            "{s}: index from SLURM_ARRAY_TASK_ID"
+        );
+        assert_eq!(man["options"]["shard"]["count"], 4);
+    }
+    let merged = format!("{d}/merged");
+    let mut margs = vec!["merge", merged.as_str()];
+    margs.extend(shards.iter().map(|s| s.as_str()));
+    ok(&margs);
+    let single = format!("{d}/single");
+    ok(&collect_args(
+        &model,
+        &corpus,
+        &single,
+        &["--stats-only", "--pairs", "all"],
+    ));
+    for run in [&single, &merged] {
+        ok(&["fit", "--quiet", run]);
+        ok(&["r2", run]);
+    }
+    maps_agree(
+        &Path::new(&merged).join("maps.safetensors"),
+        &Path::new(&single).join("maps.safetensors"),
+        1e-9,
+    );
+    json_agree(
+        &read_json(&Path::new(&merged).join("r2.json")),
+        &read_json(&Path::new(&single).join("r2.json")),
+        1e-6,
+        "r2",
+    );
+}

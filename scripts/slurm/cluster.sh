@@ -56,8 +56,10 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 NodeName=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
-    # cgroup.conf is read by slurmd even with the plugins above; say we use none.
-    echo "CgroupPlugin=disabled" > "$conf_dir/cgroup.conf" 2>/dev/null || true
+    # slurmd initialises a cgroup plugin even with the plugins above, but constrains nothing.
+    # (Slurm 22.05 has no "disabled" cgroup plugin: use v1 where it is mounted, else v2.)
+    if [ -d /sys/fs/cgroup/freezer ]; then cg=cgroup/v1; else cg=cgroup/v2; fi
+    printf "CgroupPlugin=%s\nIgnoreSystemd=yes\nConstrainCores=no\nConstrainRAMSpace=no\n" "$cg" > "$conf_dir/cgroup.conf"
     if [ ! -s /etc/munge/munge.key ]; then
         dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     fi
