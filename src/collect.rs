@@ -394,6 +394,10 @@ pub fn collect_stream(
         articles: articles.len(),
     };
     let options = recorded_options(opts, stream)?;
+    crate::interrupt::set_message(Some(format!(
+        "collect had finished no part yet; run the same command again to start it in {}",
+        run.root.display()
+    )));
     // Tokenize once; sentences too long for the context are skipped and counted.
     let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
     let mut too_long = 0usize;
@@ -428,10 +432,6 @@ pub fn collect_stream(
         }
     }
     let _lock = run.lock()?;
-    crate::interrupt::set_message(Some(format!(
-        "collect had finished no part yet; run the same command again to start it in {}",
-        run.root.display()
-    )));
     for dir in [run.root.clone(), run.root.join("activations"), run.parts_dir()] {
         crate::data::io::remove_stale_temps(&dir);
     }

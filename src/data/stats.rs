@@ -2,7 +2,7 @@
 //! requested pairs, the Gram blocks `X_l^T X_t`, the column sums of every state and the example
 //! count. They add up over any split of the examples, so a collection can stream them batch by
 //! batch (memory independent of N), shards can be summed ([`GramStats::add`]) and the fit
-//! ([`crate::lens::fit::stats`]) needs nothing else.
+//! (`lens::fit::stats`) needs nothing else.
 //!
 //! The accumulation is one float64 matmul per batch of candle tensors, so it runs on the
 //! device the model runs on (CPU or GPU) and only the finished sums come to the host.

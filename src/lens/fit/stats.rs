@@ -165,7 +165,7 @@ pub fn fit_from_stats(stats: &GramStats, pairs: &[(usize, usize)], opts: &FitOpt
 }
 
 /// The largest diagonal entry of the Gram blocks of the sources of `pairs` (what
-/// [`crate::pipeline::fit`]'s ridge bound compares with).
+/// the fit stage's ridge bound compares with).
 pub fn max_gram_diagonal(stats: &GramStats, pairs: &[(usize, usize)]) -> Result<f64> {
     let d = stats.d;
     let mut worst = 0f64;
