@@ -35,6 +35,10 @@
 #            jumplens follows) and, as a yardstick, PyTorch's sdpa vs its eager; the 8B shape cut
 #            to 4 blocks and SmolLM2's shape, bf16 and f32 (states h_0..h_{L-1}; transformers'
 #            last state is after the final norm)
+#   shards   issue 17: the SmolLM2-shaped study (9,000 + 3,000) as two --stats-only shards run as
+#            two processes on the one GPU at once, merged, fitted and compared with the single
+#            GPU run (stored activations): maps, r2 and predict (scripts/compare_runs.py when
+#            present, else a numpy comparison of the maps)
 #
 # Results in $OUT (default ./device-out): tables.md (the tables, also printed after each section),
 # log.txt, and raw.tgz with one JSON/text file per measurement (the device tool returns at most 8
@@ -310,7 +314,7 @@ ki, vi, ui = head.index("Kernel Name"), head.index("Metric Value"), head.index("
 tot, cnt = collections.Counter(), collections.Counter()
 for r in body:
     v = float(r[vi].replace(",", ""))
-    v *= {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(r[ui], 1.0)
+    v *= {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0, "second": 1e3, "s": 1e3}.get(r[ui], 1e-6)
     k = r[ki][:90]
     tot[k] += v
     cnt[k] += 1
@@ -358,6 +362,63 @@ print(f"{m} {dt}: jumplens vs eager worst {max(rj):.2e} (layer {int(np.argmax(rj
 CMP
       done
     done
+    ;;
+  shards)
+    log "shards"
+    [ -f "$W/models/smollm2/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" "$W/models" smollm2
+    "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$W/models/smollm2/tokenizer.json" >/dev/null
+    S=$W/shards
+    rm -rf "$S"
+    mkdir -p "$S"
+    one() { "$BIN" --device cuda collect "$W/models/smollm2" --corpus "$W/wiki.json" --train 9000 --val 3000 --quiet "$@"; }
+    timed "shards single collect 9000+3000" one --out "$S/single"
+    # Two shards as two processes sharing the GPU.
+    t0=$(date +%s.%N)
+    one --out "$S/s0" --stats-only --pairs all --shard 0/2 2>>"$OUT/log.txt" &
+    p0=$!
+    one --out "$S/s1" --stats-only --pairs all --shard 1/2 2>>"$OUT/log.txt" &
+    p1=$!
+    wait $p0; r0=$?
+    wait $p1; r1=$?
+    t1=$(date +%s.%N)
+    echo "{\"name\": \"shards 2 processes collect --stats-only\", \"seconds\": $(awk "BEGIN {print $t1 - $t0}"), \"rc\": $((r0 + r1))}" >>"$R_OUT/times.jsonl"
+    timed "shards merge" "$BIN" merge "$S/merged" "$S/s0" "$S/s1"
+    for R in "$S/single" "$S/merged"; do
+      for stage in fit r2 predict; do
+        timed "shards $stage $(basename "$R")" "$BIN" --device cuda $stage "$R" >/dev/null
+      done
+    done
+    $PY - "$S/single" "$S/merged" >"$R_OUT/shards-compare.txt" 2>&1 <<'PY' || log "SHARDS COMPARISON FAILED"
+import json, sys
+import numpy as np
+from safetensors.numpy import load_file
+a, b = sys.argv[1], sys.argv[2]
+ma, mb = load_file(f"{a}/maps.safetensors"), load_file(f"{b}/maps.safetensors")
+assert sorted(ma) == sorted(mb), "other pairs"
+worst = max(float(np.abs(ma[k].astype(np.float64) - mb[k]).max() / np.abs(ma[k]).max()) for k in ma)
+print(f"maps: {len(ma)} tensors, max |diff| / max |A| = {worst:.3e}")
+def nums(v, out):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if "wall" not in k and "seconds" not in k and not k.endswith("_s"):
+                nums(x, out)
+    elif isinstance(v, list):
+        for x in v:
+            nums(x, out)
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        out.append(float(v))
+for f in ["r2.json", "predict.json"]:
+    x, y = [], []
+    nums(json.load(open(f"{a}/{f}")), x)
+    nums(json.load(open(f"{b}/{f}")), y)
+    assert len(x) == len(y), f
+    d = max((abs(p - q) / max(abs(p), abs(q), 1.0) for p, q in zip(x, y)), default=0.0)
+    print(f"{f}: {len(x)} numbers, max relative diff {d:.3e}")
+# Single = stored f32 Gram (GPU fit); merged = float64 statistics: agreement is bounded by the
+# float32 fit's error, not by 1e-9.
+assert worst < 1e-3, worst
+PY
+    cat "$R_OUT/shards-compare.txt" | tee -a "$OUT/log.txt"
     ;;
   *) log "unknown section $section" ;;
   esac

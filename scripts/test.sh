@@ -34,6 +34,13 @@ else
     DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium >/dev/null
 fi
 
+# The Slurm shard test (tests/shards.rs) needs a single-node Slurm: installed here when we are
+# root with apt (CI), and then required.
+if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+    bash scripts/slurm/cluster.sh install
+    export JUMPLENS_REQUIRE_SLURM=1
+fi
+
 # Nothing may skip from here on.
 export JUMPLENS_REQUIRE_ASSETS=1
 

@@ -8,6 +8,13 @@
 //!
 //! Work is done in parts of a few hundred sentences; each finished part is written atomically
 //! under `activations/parts/`, so an interrupted collection resumes where it stopped.
+//!
+//! Beyond one machine ([`StreamOptions`]): `--stats-only` sums the float64 statistics of the
+//! fit ([`crate::data::stats`]) over the training examples instead of storing them (memory
+//! independent of N; the validation split is still stored), and `--shard I/N` collects the
+//! I-th of N contiguous slices of the parts of exactly the examples the unsharded run samples
+//! (the same sentences, positions and batches), so that `jumplens merge` of the N shards is the
+//! single run.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,7 +27,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::corpus::{self, SampledSentence};
-use crate::data::run::{CorpusRecord, Manifest, ModelRecord, RunDir};
+use crate::data::run::{CorpusRecord, Manifest, ModelRecord, RunDir, Shard};
+use crate::data::stats::{GramStats, StatsPairs};
 use crate::data::Activations;
 use crate::model::{self, AttentionKind, Batch, LoadedModel};
 
@@ -283,8 +291,50 @@ pub struct SplitSummary {
     pub wall_s: f64,
 }
 
-/// Sentences per resumable part.
-const PART_SENTENCES: usize = 250;
+/// Sentences per resumable part (the default of [`StreamOptions::part_sentences`]).
+pub const PART_SENTENCES: usize = 250;
+
+/// How a collection is split and what it keeps of the training split (the default: the whole
+/// run, training activations stored). Kept apart from [`CollectOptions`] so that its callers
+/// that build it field by field stay as they are; recorded in the manifest's options only when
+/// not the default, so runs collected before these options existed still match.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamOptions {
+    /// Sum the fit's statistics for these pairs instead of storing the training activations.
+    pub stats: Option<StatsPairs>,
+    /// Collect only this shard.
+    pub shard: Option<Shard>,
+    /// Sentences per resumable part (0 = [`PART_SENTENCES`]); shards are whole parts, so a run
+    /// has at most as many shards as parts in each split.
+    pub part_sentences: usize,
+}
+
+impl StreamOptions {
+    fn part_len(&self) -> usize {
+        if self.part_sentences == 0 {
+            PART_SENTENCES
+        } else {
+            self.part_sentences
+        }
+    }
+}
+
+/// The manifest's `options`: the collection options plus the non-default stream options
+/// (`stats_only`, `shard`, `part_sentences`).
+pub fn recorded_options(opts: &CollectOptions, stream: &StreamOptions) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(opts)?;
+    let map = v.as_object_mut().expect("options are an object");
+    if let Some(p) = stream.stats {
+        map.insert("stats_only".into(), serde_json::to_value(p)?);
+    }
+    if let Some(sh) = stream.shard {
+        map.insert("shard".into(), serde_json::to_value(sh)?);
+    }
+    if stream.part_sentences != 0 && stream.part_sentences != PART_SENTENCES {
+        map.insert("part_sentences".into(), stream.part_sentences.into());
+    }
+    Ok(v)
+}
 
 /// Samples sentences from `corpus`, runs the model and writes `RUN/activations/{train,val}.safetensors`
 /// and `RUN/manifest.json`. Resumes an interrupted collection with the same inputs and options.
@@ -295,6 +345,23 @@ pub fn collect(
     opts: &CollectOptions,
     progress: bool,
 ) -> Result<Manifest> {
+    collect_stream(lm, corpus_path, run, opts, &StreamOptions::default(), progress)
+}
+
+/// [`collect`] with the statistics-only and shard options: with `stream.stats` the training
+/// split becomes `RUN/activations/train.stats.safetensors`, with `stream.shard` only that
+/// shard's parts of each split are collected.
+pub fn collect_stream(
+    lm: &LoadedModel,
+    corpus_path: &Path,
+    run: &RunDir,
+    opts: &CollectOptions,
+    stream: &StreamOptions,
+    progress: bool,
+) -> Result<Manifest> {
+    if let Some(sh) = stream.shard {
+        sh.check()?;
+    }
     if opts.positions == (Positions::Random { k: 0 }) {
         bail!("positions per sentence must be at least 1 (or all)");
     }
@@ -326,12 +393,45 @@ pub fn collect(
         format: serde_json::to_value(format)?.as_str().unwrap_or_default().to_string(),
         articles: articles.len(),
     };
-    let options = serde_json::to_value(opts)?;
-    let _lock = run.lock()?;
+    let options = recorded_options(opts, stream)?;
     crate::interrupt::set_message(Some(format!(
         "collect had finished no part yet; run the same command again to start it in {}",
         run.root.display()
     )));
+    // Tokenize once; sentences too long for the context are skipped and counted.
+    let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut too_long = 0usize;
+    let max = info.max_positions;
+    let (train, val) = corpus::sample_sentences(&articles, opts.n_train, opts.n_val, opts.seed, |s| {
+        match tok.encode(s) {
+            Ok(ids) if ids.len() > max => {
+                too_long += 1;
+                false
+            }
+            Ok(ids) if ids.len() >= 2 => {
+                tokens.insert(s.to_string(), ids);
+                true
+            }
+            _ => false,
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e}", corpus_path.display()))?;
+
+    // A shard range the splits cannot hold is refused before anything is written.
+    let part_len = stream.part_len();
+    if let Some(sh) = stream.shard {
+        for (split, n) in [("train", train.len()), ("val", val.len())] {
+            sh.parts(n.div_ceil(part_len)).map_err(|e| {
+                anyhow::anyhow!(
+                    "--shard {}/{}: {e} ({split} has {n} sentences in parts of {part_len}; use fewer shards or a \
+                     smaller --part-sentences)",
+                    sh.from,
+                    sh.count
+                )
+            })?;
+        }
+    }
+    let _lock = run.lock()?;
     for dir in [run.root.clone(), run.root.join("activations"), run.parts_dir()] {
         crate::data::io::remove_stale_temps(&dir);
     }
@@ -352,25 +452,6 @@ pub fn collect(
             previous_stages = old.stages;
         }
     }
-    // Tokenize once; sentences too long for the context are skipped and counted.
-    let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
-    let mut too_long = 0usize;
-    let max = info.max_positions;
-    let (train, val) = corpus::sample_sentences(&articles, opts.n_train, opts.n_val, opts.seed, |s| {
-        match tok.encode(s) {
-            Ok(ids) if ids.len() > max => {
-                too_long += 1;
-                false
-            }
-            Ok(ids) if ids.len() >= 2 => {
-                tokens.insert(s.to_string(), ids);
-                true
-            }
-            _ => false,
-        }
-    })
-    .map_err(|e| anyhow::anyhow!("{}: {e}", corpus_path.display()))?;
-
     let mut manifest = Manifest {
         tool: "jumplens".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -386,8 +467,23 @@ pub fn collect(
     let causal = info.attention == AttentionKind::Causal;
     for (split, sentences) in [("train", &train), ("val", &val)] {
         let started = Instant::now();
-        let jobs = make_jobs(lm, sentences, &tokens, opts.positions, &mut rng)?;
-        let (n_examples, resumed) = write_split(lm, &jobs, causal, run, split, opts, progress)?;
+        // Every job of the whole run is made (the random positions depend on the order), then
+        // the shard keeps its parts.
+        let all_jobs = make_jobs(lm, sentences, &tokens, opts.positions, &mut rng)?;
+        let n_parts = all_jobs.len().div_ceil(part_len);
+        let parts = match stream.shard {
+            Some(sh) => sh.parts(n_parts)?,
+            None => 0..n_parts,
+        };
+        let jobs = &all_jobs[(parts.start * part_len).min(all_jobs.len())..(parts.end * part_len).min(all_jobs.len())];
+        let layout = SplitLayout {
+            first_part: parts.start,
+            part_len,
+        };
+        let (n_examples, resumed) = match (split, stream.stats) {
+            ("train", Some(kind)) => write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress)?,
+            _ => write_split(lm, jobs, causal, run, split, &layout, opts, progress)?,
+        };
         let summary = SplitSummary {
             requested: if split == "train" { opts.n_train } else { opts.n_val },
             sentences: jobs.len(),
@@ -480,12 +576,21 @@ impl SplitSummary {
     }
 }
 
+/// Where a (shard's) split lies among the parts of the whole run's split.
+struct SplitLayout {
+    /// Index of the first part of these jobs in the whole split.
+    first_part: usize,
+    part_len: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn write_split(
     lm: &LoadedModel,
     jobs: &[Job],
     causal: bool,
     run: &RunDir,
     split: &str,
+    layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
 ) -> Result<(usize, bool)> {
@@ -497,7 +602,7 @@ fn write_split(
     }
     let mask_id = lm.tokenizer()?.mask_id;
     let chunks: Vec<Vec<Unit>> = jobs
-        .chunks(PART_SENTENCES)
+        .chunks(layout.part_len)
         .map(|c| units(c, causal, mask_id))
         .collect::<Result<_>>()?;
     let bar = crate::progress::bar(
@@ -507,9 +612,11 @@ fn write_split(
     );
     let mut parts = Vec::new();
     let mut offset = 0;
-    for (p, (chunk, units)) in jobs.chunks(PART_SENTENCES).zip(&chunks).enumerate() {
+    for (p, (chunk, units)) in jobs.chunks(layout.part_len).zip(&chunks).enumerate() {
         let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
-        let part_path = run.parts_dir().join(format!("{split}.{p:05}.safetensors"));
+        let part_path = run
+            .parts_dir()
+            .join(format!("{split}.{:05}.safetensors", layout.first_part + p));
         if part_path.exists() {
             bar.inc(units.len() as u64);
         } else {
@@ -578,4 +685,103 @@ fn write_split(
     }
     std::fs::remove_dir(run.parts_dir()).ok();
     Ok((n_examples, false))
+}
+
+/// The cumulative statistics file after part `p` of the training split.
+fn stats_part_path(run: &RunDir, p: usize) -> std::path::PathBuf {
+    run.parts_dir().join(format!("train.stats.{p:05}.safetensors"))
+}
+
+/// The training split as float64 statistics ([`GramStats`], on the model's device): each part
+/// runs the model like [`write_split`], adds its states to the sums and is dropped. After each
+/// part the running sums are written atomically (`parts/train.stats.PPPPP.safetensors`,
+/// replacing the previous part's), so an interrupted collection resumes from the last one.
+#[allow(clippy::too_many_arguments)]
+fn write_stats_split(
+    lm: &LoadedModel,
+    jobs: &[Job],
+    causal: bool,
+    run: &RunDir,
+    kind: StatsPairs,
+    layout: &SplitLayout,
+    opts: &CollectOptions,
+    progress: bool,
+) -> Result<(usize, bool)> {
+    let info = lm.model.info();
+    let (s, d) = (info.n_layers + 1, info.d_model);
+    let out_path = run.train_stats();
+    let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
+    if out_path.exists() {
+        return Ok((n_examples, true));
+    }
+    let device = lm.model.device();
+    let mask_id = lm.tokenizer()?.mask_id;
+    let chunks: Vec<&[Job]> = jobs.chunks(layout.part_len).collect();
+    // Resume from the last cumulative file of this split's parts.
+    let resume = (0..chunks.len())
+        .rev()
+        .find(|&p| stats_part_path(run, layout.first_part + p).exists());
+    let (mut total, start) = match resume {
+        Some(p) => (
+            GramStats::read(&stats_part_path(run, layout.first_part + p), device)?,
+            p + 1,
+        ),
+        None => (GramStats::zeros(kind, s, d, device)?, 0),
+    };
+    let n_units = |c: &[Job]| -> usize {
+        if causal {
+            c.len()
+        } else {
+            c.iter().map(|j| j.positions.len()).sum()
+        }
+    };
+    let bar = crate::progress::bar(
+        chunks.iter().map(|c| n_units(c) as u64).sum(),
+        "collect train (statistics)",
+        progress,
+    );
+    bar.inc(chunks[..start].iter().map(|c| n_units(c) as u64).sum());
+    let mut offset: usize = chunks[..start]
+        .iter()
+        .flat_map(|c| c.iter())
+        .map(|j| j.positions.len())
+        .sum();
+    for (p, chunk) in chunks.iter().enumerate().skip(start) {
+        let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
+        let us = units(chunk, causal, mask_id)?;
+        let states = run_part(lm, &us, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
+            .map_err(|e| anyhow::anyhow!("train: {e} (examples from {offset})"))?;
+        let mut part = GramStats::zeros(kind, s, d, device)?;
+        part.accumulate(&states.to_device(device)?)?;
+        total.add(&part)?;
+        let path = stats_part_path(run, layout.first_part + p);
+        total.write(&path)?;
+        if p > 0 {
+            std::fs::remove_file(stats_part_path(run, layout.first_part + p - 1)).ok();
+        }
+        crate::interrupt::set_message(Some(format!(
+            "collect train: the statistics of {} of {} parts are kept in {}; run the same command again to \
+             resume from them",
+            p + 1,
+            chunks.len(),
+            path.display()
+        )));
+        offset += n;
+    }
+    bar.finish_and_clear();
+    ensure_count(total.n, n_examples)?;
+    total.write(&out_path)?;
+    if let Some(last) = chunks.len().checked_sub(1) {
+        std::fs::remove_file(stats_part_path(run, layout.first_part + last)).ok();
+    }
+    std::fs::remove_dir(run.parts_dir()).ok();
+    Ok((n_examples, false))
+}
+
+/// The statistics count every example once.
+fn ensure_count(summed: u64, expected: usize) -> Result<()> {
+    if summed != expected as u64 {
+        bail!("collect train: the statistics sum {summed} examples, expected {expected} (were the parts mixed?)");
+    }
+    Ok(())
 }

@@ -96,6 +96,30 @@ impl From<PairsArg> for Pairs {
     }
 }
 
+/// The statistics `collect --stats-only --pairs P` keeps for `n_states` states of width `d`:
+/// `auto` is all pairs unless their statistics exceed [`pipeline::fit::ALL_PAIRS_MAX_BYTES`].
+fn stats_pairs(p: PairsArg, n_states: usize, d: usize) -> crate::data::stats::StatsPairs {
+    use crate::data::stats::StatsPairs;
+    match p {
+        PairsArg::All => StatsPairs::All,
+        PairsArg::ToFinal => StatsPairs::ToFinal,
+        PairsArg::Auto => {
+            let bytes = StatsPairs::All.bytes(n_states, d);
+            if bytes <= pipeline::fit::ALL_PAIRS_MAX_BYTES {
+                StatsPairs::All
+            } else {
+                eprintln!(
+                    "collect: all-pairs statistics would take {:.1} GB > {:.1} GB: keeping the to-final \
+                     statistics (pass --pairs all to override)",
+                    bytes as f64 / 1e9,
+                    pipeline::fit::ALL_PAIRS_MAX_BYTES as f64 / 1e9
+                );
+                StatsPairs::ToFinal
+            }
+        }
+    }
+}
+
 /// Gram precision of the CPU fit.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
@@ -177,6 +201,11 @@ fn parse_positions(s: &str) -> std::result::Result<Positions, String> {
         Ok(k) => Ok(Positions::Random { k }),
         Err(_) => Err(format!("takes a number k >= 1 or 'all', not '{s}'")),
     }
+}
+
+/// `--shard I/N`.
+fn parse_shard(s: &str) -> std::result::Result<crate::data::run::Shard, String> {
+    crate::data::run::Shard::parse(s).map_err(|e| e.to_string().trim_start_matches("--shard: ").to_string())
 }
 
 /// A count that must be at least `min`.
@@ -277,8 +306,48 @@ enum Command {
         /// Padded tokens per forward batch (0 = 1024 on the CPU, 16384 on a GPU).
         #[arg(long, default_value_t = 0, value_name = "N")]
         batch_tokens: usize,
+        /// Keep only the float64 statistics of the fit for the training split
+        /// (activations/train.stats.safetensors; memory independent of --train); the
+        /// validation activations are still stored. `fit` works from either form.
+        #[arg(long)]
+        stats_only: bool,
+        /// With --stats-only: the pairs the statistics can fit (auto: all unless their
+        /// statistics, (S d)^2 float64, would exceed 4 GiB, else to-final).
+        #[arg(long, value_enum, default_value_t = PairsArg::Auto, requires = "stats_only")]
+        pairs: PairsArg,
+        /// Collect only shard I of N (0 <= I < N) of exactly the examples of the whole run;
+        /// `jumplens merge` joins the shards. Default: from SLURM_ARRAY_TASK_ID /
+        /// SLURM_ARRAY_TASK_COUNT (minus SLURM_ARRAY_TASK_MIN) or JOB_COMPLETION_INDEX
+        /// (Kubernetes Indexed Jobs, with --shard-count) when set.
+        #[arg(long, value_name = "I/N", value_parser = parse_shard)]
+        shard: Option<crate::data::run::Shard>,
+        /// The number of shards for JOB_COMPLETION_INDEX (a Kubernetes Indexed Job's
+        /// completions) or instead of SLURM_ARRAY_TASK_COUNT.
+        #[arg(long, value_name = "N", value_parser = at_least(1), conflicts_with = "shard")]
+        shard_count: Option<usize>,
+        /// Sentences per resumable part (shards are whole parts: at most as many shards as
+        /// parts per split).
+        #[arg(long, default_value_t = 250, value_name = "N", value_parser = at_least(1))]
+        part_sentences: usize,
         #[command(flatten)]
         common: Common,
+    },
+    /// Join the shard runs of one `collect --shard I/N` into one run folder.
+    #[command(after_help = "Examples:\n  \
+        jumplens merge runs/big runs/big.shard0 runs/big.shard1 runs/big.shard2 runs/big.shard3\n  \
+        jumplens merge --partial runs/big.01 runs/big.shard0 runs/big.shard1\n\n\
+        Checks that the shards belong together (model and corpus sha256, seed, options, every\n\
+        shard once), sums the training statistics (or joins the training activations) and joins\n\
+        the validation activations in shard order. OUT is a run like a single collection's.")]
+    Merge {
+        /// The run folder to write (new or empty).
+        out: PathBuf,
+        /// The shard runs (or partial merges), in any order.
+        #[arg(required = true, value_name = "SHARD_RUN")]
+        shards: Vec<PathBuf>,
+        /// Allow a contiguous part of the shards (the result is merged again later).
+        #[arg(long)]
+        partial: bool,
     },
     /// Fit a linear map for every layer pair by least squares (the paper's OLS by default).
     #[command(after_help = "Examples:\n  \
@@ -598,6 +667,11 @@ fn run(cli: Cli) -> Result<()> {
             positions,
             text_field,
             batch_tokens,
+            stats_only,
+            pairs,
+            shard,
+            shard_count,
+            part_sentences,
             common,
         } => {
             let opts = CollectOptions {
@@ -608,14 +682,54 @@ fn run(cli: Cli) -> Result<()> {
                 text_field,
                 batch_tokens,
             };
+            let shard = match shard {
+                Some(s) => Some(s),
+                None => crate::data::run::Shard::from_env(|k| std::env::var(k).ok(), shard_count)?,
+            };
+            if shard_count.is_some() && shard.is_none() {
+                bail!("--shard-count needs JOB_COMPLETION_INDEX or SLURM_ARRAY_TASK_ID in the environment (or use --shard I/N)");
+            }
             let lm = load_model_with(&model, &load)?;
+            let stats = stats_only.then(|| {
+                let info = lm.model.info();
+                stats_pairs(pairs, info.n_layers + 1, info.d_model)
+            });
+            let stream = collect::StreamOptions {
+                stats,
+                shard,
+                part_sentences,
+            };
             let run = RunDir::new(&out);
-            collect::collect(&lm, &corpus, &run, &opts, !common.quiet)?;
+            if let (Some(sh), false) = (shard, common.quiet) {
+                eprintln!("collect: shard {}/{} into {}", sh.from, sh.count, run.root.display());
+            }
+            collect::collect_stream(&lm, &corpus, &run, &opts, &stream, !common.quiet)?;
+            let train = if stats.is_some() {
+                run.train_stats()
+            } else {
+                run.activations("train")
+            };
             eprintln!(
                 "wrote {}, {} and {}",
-                run.activations("train").display(),
+                train.display(),
                 run.activations("val").display(),
                 run.manifest().display()
+            );
+        }
+        Command::Merge { out, shards, partial } => {
+            let inputs: Vec<&std::path::Path> = shards.iter().map(|p| p.as_path()).collect();
+            let m = pipeline::merge::merge(&out, &inputs, partial)?;
+            eprintln!(
+                "merged {} runs ({}) -> {}: {} training examples ({}), {} validation examples",
+                m.inputs,
+                match m.shard {
+                    None => "every shard".to_string(),
+                    Some(s) => format!("shards {}..{} of {}", s.from, s.to - 1, s.count),
+                },
+                out.display(),
+                m.train_examples,
+                m.train_form,
+                m.val_examples
             );
         }
         Command::Fit {

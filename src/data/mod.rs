@@ -6,6 +6,7 @@ pub mod corpus;
 pub mod io;
 pub mod run;
 pub mod torch_pickle;
+pub mod stats;
 
 pub use activations::Activations;
 pub use run::{Manifest, RunDir};

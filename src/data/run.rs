@@ -25,6 +25,10 @@ impl RunDir {
     pub fn activations(&self, split: &str) -> PathBuf {
         self.root.join("activations").join(format!("{split}.safetensors"))
     }
+    /// The training split as float64 statistics (`collect --stats-only`, `merge`).
+    pub fn train_stats(&self) -> PathBuf {
+        self.root.join("activations").join("train.stats.safetensors")
+    }
     pub fn parts_dir(&self) -> PathBuf {
         self.root.join("activations").join("parts")
     }
@@ -80,6 +84,7 @@ impl RunDir {
         ["train", "val"]
             .iter()
             .map(|s| self.activations(s))
+            .chain([self.train_stats()])
             .find(|p| p.exists())
             .or(first_part)
     }
@@ -232,6 +237,21 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The pairs the training statistics were collected for (`collect --stats-only`), `None`
+    /// when the training activations are stored.
+    pub fn stats_form(&self) -> Option<crate::data::stats::StatsPairs> {
+        self.options
+            .get("stats_only")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+
+    /// The shard range this run holds (`None`: the whole run).
+    pub fn shard(&self) -> Option<Shard> {
+        self.options
+            .get("shard")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+
     /// Records a finished stage.
     pub fn set_stage(&mut self, name: &str, record: Value) {
         self.stages.insert(name.to_string(), record);
@@ -295,6 +315,113 @@ impl Manifest {
                 (s.to_string(), t)
             })
             .collect()
+    }
+}
+
+/// A contiguous range of the N shards of a collection: one shard (`--shard I/N`: `from = I`,
+/// `to = I + 1`) or several merged (`jumplens merge --partial`). Shard k of N collects the
+/// parts `k P / N .. (k + 1) P / N` of each split's P parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub count: usize,
+    pub from: usize,
+    pub to: usize,
+}
+
+impl Shard {
+    /// One shard, `index` of `count`.
+    pub fn one(index: usize, count: usize) -> Shard {
+        Shard {
+            count,
+            from: index,
+            to: index + 1,
+        }
+    }
+
+    /// `I/N` with 0 <= I < N.
+    pub fn parse(s: &str) -> Result<Shard> {
+        let (i, n) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow!("--shard: expected I/N (e.g. 0/4), got '{s}'"))?;
+        let num = |x: &str| -> Result<usize> {
+            x.trim()
+                .parse()
+                .map_err(|_| anyhow!("--shard: '{x}' in '{s}' is not a number"))
+        };
+        let sh = Shard::one(num(i)?, num(n)?);
+        sh.check()?;
+        Ok(sh)
+    }
+
+    /// Refuses an empty or out-of-range shard.
+    pub fn check(&self) -> Result<()> {
+        if self.count == 0 {
+            bail!("--shard {}/0: the number of shards must be at least 1", self.from);
+        }
+        if self.from >= self.to || self.to > self.count {
+            bail!(
+                "--shard {}/{}: the shard index must be below the number of shards (0..{})",
+                self.from,
+                self.count,
+                self.count - 1
+            );
+        }
+        Ok(())
+    }
+
+    /// The default shard from the environment: a Slurm job array (`SLURM_ARRAY_TASK_ID`,
+    /// `SLURM_ARRAY_TASK_COUNT`, `SLURM_ARRAY_TASK_MIN`: index = ID - MIN) or a Kubernetes
+    /// Indexed Job (`JOB_COMPLETION_INDEX`, with `count` from `--shard-count`). `None` when
+    /// neither is set.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>, count: Option<usize>) -> Result<Option<Shard>> {
+        let num = |k: &str| -> Result<Option<usize>> {
+            env(k)
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .map_err(|_| anyhow!("environment variable {k}='{v}' is not a number"))
+                })
+                .transpose()
+        };
+        if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
+            let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let n = match (count, num("SLURM_ARRAY_TASK_COUNT")?) {
+                (Some(n), _) | (None, Some(n)) => n,
+                (None, None) => bail!(
+                    "SLURM_ARRAY_TASK_ID is set but not SLURM_ARRAY_TASK_COUNT; pass --shard-count or --shard I/N"
+                ),
+            };
+            let index = id
+                .checked_sub(min)
+                .ok_or_else(|| anyhow!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}"))?;
+            let sh = Shard::one(index, n);
+            sh.check()
+                .map_err(|e| anyhow!("from SLURM_ARRAY_TASK_ID/COUNT/MIN: {e}"))?;
+            return Ok(Some(sh));
+        }
+        if let Some(index) = num("JOB_COMPLETION_INDEX")? {
+            let Some(n) = count else {
+                bail!("JOB_COMPLETION_INDEX is set (a Kubernetes Indexed Job): pass --shard-count N (the Job's completions)");
+            };
+            let sh = Shard::one(index, n);
+            sh.check().map_err(|e| anyhow!("from JOB_COMPLETION_INDEX: {e}"))?;
+            return Ok(Some(sh));
+        }
+        Ok(None)
+    }
+
+    /// The parts of a split of `n_parts` parts this shard range covers; an error when a shard
+    /// would be empty (fewer parts than shards).
+    pub fn parts(&self, n_parts: usize) -> Result<std::ops::Range<usize>> {
+        if n_parts < self.count {
+            bail!("{} shards but only {n_parts} parts", self.count);
+        }
+        Ok(self.from * n_parts / self.count..self.to * n_parts / self.count)
+    }
+
+    /// Whether this is every shard.
+    pub fn is_whole(&self) -> bool {
+        self.from == 0 && self.to == self.count
     }
 }
 

@@ -11,6 +11,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::data::run::RunDir;
+use crate::data::stats::{GramStats, StatsPairs};
 use crate::lens::fit::{self, FitOptions, FitReport};
 
 /// Which layer pairs to fit.
@@ -70,25 +71,32 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
     let _lock = run.lock()?;
     let mut manifest = run.read_manifest()?;
     let started = Instant::now();
-    let train = run.read_split(&manifest, "train")?;
-    let (s, n, d) = train.hidden_states.dims3()?;
-    check_ridge(opts.ridge, &train.hidden_states)?;
-    let (pairs, note) = pairs.resolve(s, d);
-    if let Some(note) = note {
-        eprintln!("{note}");
-    }
-    let pair_list = match pairs {
-        Pairs::All | Pairs::Auto => fit::pairs_all(s),
-        Pairs::ToFinal => fit::pairs_to_final(s),
+    let (mut maps, report, pairs, n, d) = match manifest.stats_form() {
+        None => {
+            let train = run.read_split(&manifest, "train")?;
+            let (s, n, d) = train.hidden_states.dims3()?;
+            check_ridge(opts.ridge, &train.hidden_states)?;
+            let (pairs, pair_list) = resolve_pairs(pairs, s, d, None)?;
+            let (maps, report) = fit::fit_all_pairs(&train.hidden_states.to_device(device)?, &pair_list, opts)
+                .map_err(|e| {
+                    crate::device::explain_oom(
+                        e,
+                        "fitting all pairs (the states and the Gram blocks are kept there)",
+                        "fit with --pairs to-final, or on the CPU with --device cpu",
+                    )
+                })?;
+            (maps, report, pairs, n, d)
+        }
+        Some(kind) => {
+            // The statistics are small ([S d]^2 at most); their solve runs on the CPU.
+            let stats = read_train_stats(run, &manifest)?;
+            let (s, d) = (stats.n_states, stats.d);
+            let (pairs, pair_list) = resolve_pairs(pairs, s, d, Some(kind))?;
+            check_ridge_bound(opts.ridge, fit::stats::max_gram_diagonal(&stats, &pair_list)?)?;
+            let (maps, report) = fit::stats::fit_from_stats(&stats, &pair_list, opts)?;
+            (maps, report, pairs, stats.n as usize, d)
+        }
     };
-    let (mut maps, report) =
-        fit::fit_all_pairs(&train.hidden_states.to_device(device)?, &pair_list, opts).map_err(|e| {
-            crate::device::explain_oom(
-                e,
-                "fitting all pairs (the states and the Gram blocks are kept there)",
-                "fit with --pairs to-final, or on the CPU with --device cpu",
-            )
-        })?;
     print_warnings(&report, n, d);
     maps.metadata = HashMap::from([
         ("model_sha256".to_string(), manifest.model.sha256.clone()),
@@ -101,7 +109,7 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
         ),
         ("intercept".to_string(), opts.intercept.to_string()),
         ("ridge".to_string(), opts.ridge.to_string()),
-        ("n_train".to_string(), train.len().to_string()),
+        ("n_train".to_string(), n.to_string()),
         ("corpus_sha256".to_string(), manifest.corpus.sha256.clone()),
         ("tool".to_string(), format!("jumplens {}", env!("CARGO_PKG_VERSION"))),
     ]);
@@ -125,10 +133,77 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
             "fit_s": report.stats.seconds_total, "gflops": summary.gflops, "warnings": summary.warnings,
             "gram_precision": report.stats.precision, "f32_max_cond": opts.f32_max_cond,
             "recomputed_f64": report.layers.iter().filter(|l| l.recomputed_f64).count(),
-            "device": crate::device::name(device)}),
+            "device": crate::device::name(device),
+            "from": if manifest.stats_form().is_some() { "statistics" } else { "activations" }}),
     );
     run.write_manifest(&manifest)?;
     Ok(summary)
+}
+
+/// The pairs to fit: `pairs` resolved for `s` states of width `d`. On a statistics run
+/// (`stats`), `auto` is the pairs the statistics hold and a choice they do not hold is refused.
+fn resolve_pairs(pairs: Pairs, s: usize, d: usize, stats: Option<StatsPairs>) -> Result<(Pairs, Vec<(usize, usize)>)> {
+    let resolved = match (pairs, stats) {
+        (Pairs::Auto, Some(StatsPairs::All)) => Pairs::All,
+        (Pairs::Auto, Some(StatsPairs::ToFinal)) => Pairs::ToFinal,
+        (Pairs::All, Some(StatsPairs::ToFinal)) => anyhow::bail!(
+            "--pairs all: this run holds the statistics of the to-final pairs only (collected with \
+             --stats-only --pairs to-final); fit --pairs to-final, or collect again with --pairs all"
+        ),
+        (p, _) => {
+            let (p, note) = p.resolve(s, d);
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            p
+        }
+    };
+    let list = match resolved {
+        Pairs::All | Pairs::Auto => fit::pairs_all(s),
+        Pairs::ToFinal => fit::pairs_to_final(s),
+    };
+    Ok((resolved, list))
+}
+
+/// Reads the training statistics of a `--stats-only` run and checks them against the manifest
+/// (states, width, example count).
+pub fn read_train_stats(run: &RunDir, manifest: &crate::data::run::Manifest) -> Result<GramStats> {
+    let path = crate::data::run::require(&run.train_stats(), "collect")?;
+    let stats = GramStats::read(&path, &Device::Cpu)?;
+    let recorded = manifest
+        .counts
+        .get("train")
+        .and_then(|c| c.get("examples"))
+        .and_then(serde_json::Value::as_u64);
+    let mismatch = |what: &str, file: String, man: String| {
+        anyhow::anyhow!(
+            "{}: {what} is {file} but manifest.json records {man}; the run folder was modified: collect again \
+             in a new --out folder",
+            path.display()
+        )
+    };
+    if stats.n_states != manifest.model.n_layers + 1 {
+        return Err(mismatch(
+            "the number of states",
+            stats.n_states.to_string(),
+            (manifest.model.n_layers + 1).to_string(),
+        ));
+    }
+    if stats.d != manifest.model.d_model {
+        return Err(mismatch(
+            "the width",
+            stats.d.to_string(),
+            manifest.model.d_model.to_string(),
+        ));
+    }
+    match recorded {
+        Some(r) if r == stats.n => Ok(stats),
+        Some(r) => Err(mismatch("the example count", stats.n.to_string(), r.to_string())),
+        None => anyhow::bail!(
+            "{}: manifest.json records no finished train split; run `jumplens collect` again",
+            path.display()
+        ),
+    }
 }
 
 /// How far above the largest Gram diagonal entry a ridge may go: beyond it the penalty
@@ -153,6 +228,18 @@ pub fn check_ridge(ridge: f64, states: &candle_core::Tensor) -> Result<()> {
         .flatten_all()?
         .max(0)?
         .to_scalar::<f64>()?;
+    check_ridge_bound(ridge, diag)
+}
+
+/// [`check_ridge`] given the largest Gram diagonal entry `diag`.
+pub fn check_ridge_bound(ridge: f64, diag: f64) -> Result<()> {
+    if ridge == 0.0 {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        ridge.is_finite() && ridge > 0.0,
+        "--ridge must be a finite number >= 0 (got {ridge})"
+    );
     let bound = MAX_RIDGE_OVER_GRAM * diag;
     anyhow::ensure!(
         ridge <= bound,

@@ -5,6 +5,7 @@
 
 pub mod early_exit;
 pub mod fit;
+pub mod merge;
 pub mod predict;
 pub mod r2;
 pub mod report;

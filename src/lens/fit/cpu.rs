@@ -296,7 +296,7 @@ fn factor_source<T: Elem>(
 /// float64 inverse of `X_l^T X_l`). The product must be float64: `P` has entries of size
 /// `1/lambda_min`, and rounding it (or the products) to float32 puts errors into the maps
 /// that are not damped like those of the Gram (measured: ~100x larger prediction errors).
-fn product<T: Elem>(c: MatRef<'_, T>, p: MatRef<'_, f64>, scratch: &mut (Mat<f64>, Vec<f64>)) -> Vec<f32> {
+pub(crate) fn product<T: Elem>(c: MatRef<'_, T>, p: MatRef<'_, f64>, scratch: &mut (Mat<f64>, Vec<f64>)) -> Vec<f32> {
     let d = c.nrows();
     let (ct, buf) = scratch;
     // C^T in float64, column-major; then A^T = P C^T (P symmetric) into a column-major buffer,

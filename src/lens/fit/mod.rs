@@ -74,6 +74,7 @@
 pub mod cpu;
 pub mod device;
 pub mod solve;
+pub mod stats;
 pub mod synthetic;
 
 use anyhow::{ensure, Context, Result};
