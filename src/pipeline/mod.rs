@@ -5,6 +5,7 @@
 
 pub mod early_exit;
 pub mod fit;
+pub mod integrity;
 pub mod predict;
 pub mod r2;
 pub mod report;
