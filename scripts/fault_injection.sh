@@ -129,11 +129,12 @@ done
 mount -t tmpfs -o size=2g tmpfs "$WORK/disk"
 cp -a "$WORK/ref" "$WORK/disk/run"
 mount -o remount,ro "$WORK/disk"
-for stage in "collect $MODEL --corpus $CORPUS" "fit" "r2" "predict" "early-exit" "submodules"; do
+for stage in "collect $MODEL --corpus $CORPUS --quiet" "fit --quiet" "r2" "predict --quiet" "early-exit" "submodules --quiet"; do
     read -r -a args <<< "$stage"
     cmd=("$JUMPLENS" "${args[0]}")
-    [[ ${args[0]} == collect ]] && cmd+=("${args[@]:1}" --out "$WORK/disk/run") || cmd+=("$WORK/disk/run")
-    if "${cmd[@]}" --quiet > "$WORK/ro.log" 2>&1; then
+    # (r2 and early-exit draw no progress, so they take no --quiet.)
+    [[ ${args[0]} == collect ]] && cmd+=("${args[@]:1}" --out "$WORK/disk/run") || cmd+=("$WORK/disk/run" "${args[@]:1}")
+    if "${cmd[@]}" > "$WORK/ro.log" 2>&1; then
         echo "read-only ${args[0]}: unexpectedly succeeded"; exit 1
     fi
     one_error_line "$WORK/ro.log"
