@@ -5,8 +5,8 @@
 #   2. installs headless Chromium for the report's browser test when it is missing
 #      (apt-get, which needs root; or set JUMPLENS_CHROMIUM=/path/to/chrome),
 #   3. sets JUMPLENS_REQUIRE_ASSETS=1, so a missing asset or browser fails instead of skipping,
-#   4. runs cargo fmt --check, clippy (warnings are errors), cargo test --release, and the unit
-#      tests again with overflow checks on,
+#   4. runs cargo fmt --check, clippy (warnings are errors; the Python bindings' crate too),
+#      cargo test --release, and the unit tests again with overflow checks on,
 #   5. builds the Python package into a fresh venv (`pip install ./python`) and runs its
 #      pytest suite (python/tests) against the CLI just built.
 # A plain `cargo test --release` skips (with a message) every test whose asset is missing.
@@ -48,6 +48,9 @@ step "cargo fmt --check"
 cargo fmt --check
 step "cargo clippy --release --all-targets -- -D warnings"
 cargo clippy --release --all-targets -- -D warnings
+step "cargo fmt --check and clippy of the Python bindings (python/ is its own workspace)"
+cargo fmt --check --manifest-path python/Cargo.toml
+cargo clippy --release --manifest-path python/Cargo.toml -- -D warnings
 step "cargo test --release $*"
 cargo test --release "$@"
 # The unit tests once more with integer-overflow checks on (only this crate is rebuilt), so an

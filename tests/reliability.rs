@@ -217,6 +217,7 @@ fn bad_numbers_are_refused() {
     let out = s.out("run");
     ok(&s.collect_args(&out, &[]));
     ok(&["fit", &out, "--quiet"]);
+    ok(&["predict", &out, "--quiet"]);
     fails_with(
         &["fit", &out, "--quiet", "--ridge", "1e300"],
         &["--ridge", "largest Gram diagonal"],
@@ -234,10 +235,56 @@ fn bad_numbers_are_refused() {
     let mut tensors: Vec<(String, candle_core::Tensor)> = t.into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     jumplens::data::io::write_safetensors(&val, &tensors, None).unwrap();
+    // Every stage that reads the validation states refuses them (they went through r2, predict
+    // and early exit with exit 0 before).
+    for stage in [&["r2", &out][..], &["predict", &out, "--quiet"], &["early-exit", &out]] {
+        fails_with(stage, &["val.safetensors", "non-finite", "layer 2", "example 5"]);
+    }
+}
+
+/// Later stages check the model's sha256 against the manifest, not only its shape: another
+/// model file of the same shape is refused naming model.sha256, and so is the run's own model
+/// changed in place after a stage cached its hash.
+#[test]
+fn later_stages_refuse_another_model_of_the_same_shape() {
+    let s = setup(200);
+    let out = s.out("run");
+    ok(&s.collect_args(&out, &[]));
+    ok(&["fit", &out, "--quiet"]);
+    // The same model with one weight changed: same shapes, another sha256.
+    let other = s.root.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for e in std::fs::read_dir(&s.model).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, other.join(p.file_name().unwrap())).unwrap();
+    }
+    let flip_a_weight = |dir: &Path| {
+        let w = dir.join("model.safetensors");
+        let mut bytes = std::fs::read(&w).unwrap();
+        let n = bytes.len();
+        bytes[n - 4] ^= 1; // the lowest mantissa bit of the last f32
+        std::fs::write(&w, bytes).unwrap();
+    };
+    flip_a_weight(&other);
+    let other = other.display().to_string();
+    for stage in ["predict", "submodules"] {
+        fails_with(
+            &[stage, &out, "--model", &other, "--quiet"],
+            &["manifest.json", "model.sha256", &other],
+        );
+    }
+    let maps = Path::new(&out).join("maps.safetensors").display().to_string();
     fails_with(
-        &["r2", &out],
-        &["val.safetensors", "non-finite", "layer 2", "example 5"],
+        &["peek", &other, "--maps", &maps, "--text", "w1 w2 w3"],
+        &["maps.safetensors", "model_sha256", &other],
     );
+    ok(&["peek", &s.model, "--maps", &maps, "--text", "w1 w2 w3"]);
+    // The run's own model passes (and its hash is cached in the run folder) ...
+    ok(&["predict", &out, "--quiet"]);
+    assert!(Path::new(&out).join(".sha256-cache.json").exists());
+    // ... until it changes in place: the cache is keyed by size and mtime, so it is hashed again.
+    flip_a_weight(Path::new(&s.model));
+    fails_with(&["predict", &out, "--quiet"], &["model.sha256", &s.model]);
 }
 
 /// Item 3: a NaN score is an error, never a `null` beside the "not fitted" nulls.

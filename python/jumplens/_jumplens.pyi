@@ -13,13 +13,17 @@ _I64 = npt.NDArray[np.int64]
 
 __version__: str
 
+_Dtype = Literal["auto", "f32", "bf16", "f16", "float32", "bfloat16", "float16"]
+
 class Error(RuntimeError):
     """A jumplens error; the message is the CLI's one line."""
 
 class Model:
     """A loaded model: a Hugging Face folder, a .gguf file or a hub id in the local cache."""
 
-    def __init__(self, path: _Path, device: str = "cpu", dtype: Literal["auto", "f32", "float32"] = "auto") -> None: ...
+    def __init__(self, path: _Path, device: str = "cpu", dtype: _Dtype = "auto") -> None:
+        """`dtype`: the compute dtype, as the CLI's --dtype ("auto" = f32 on the CPU, the
+        checkpoint's float dtype on a GPU); arrays come back as float32 whatever it is."""
     @property
     def info(self) -> Dict[str, Any]:
         """arch, n_layers, d_model, n_heads, n_kv_heads, vocab_size, attention, has_lm_head,
@@ -86,6 +90,7 @@ def collect(
     text_field: str = "text",
     batch_tokens: int = 0,
     progress: bool = True,
+    dtype: _Dtype = "auto",
 ) -> Run: ...
 def fit(
     run: Union[Run, _Path],

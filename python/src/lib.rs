@@ -23,7 +23,7 @@ use jumplens::data::run::RunDir;
 use jumplens::data::Activations;
 use jumplens::lens::fit::{FitOptions, GramPrecision};
 use jumplens::lens::maps::Maps;
-use jumplens::model::{load_model, LoadedModel};
+use jumplens::model::{load_model_with, DtypeChoice, LoadOptions, LoadedModel};
 use jumplens::pipeline::early_exit::{EarlyExitOptions, Measure, Rule};
 use jumplens::pipeline::predict::PredictOptions;
 use jumplens::pipeline::report::ReportOptions;
@@ -128,10 +128,35 @@ fn device_arg(device: &str) -> PyResult<Device> {
     err(jumplens::device::parse(device))
 }
 
+/// `dtype=`: the CLI's `--dtype` names (auto, f32, bf16, f16) or torch's (float32, bfloat16,
+/// float16).
+fn dtype_arg(dtype: &str) -> PyResult<DtypeChoice> {
+    let name = match dtype {
+        "float32" => "f32",
+        "bfloat16" => "bf16",
+        "float16" => "f16",
+        other => other,
+    };
+    DtypeChoice::parse(name).map_err(|_| {
+        Error::new_err(format!(
+            "dtype '{dtype}': expected \"auto\", \"f32\", \"bf16\" or \"f16\" (or torch's float32, bfloat16, float16)"
+        ))
+    })
+}
+
+/// Where and in which dtype to load a model.
+fn load_options(device: &str, dtype: &str) -> PyResult<LoadOptions> {
+    let mut opts = LoadOptions::new(&device_arg(device)?);
+    opts.dtype = dtype_arg(dtype)?;
+    Ok(opts)
+}
+
 /// A loaded model: a Hugging Face folder, a `.gguf` file or a hub id in the local cache.
 ///
-/// `Model(path, device="cpu", dtype="auto")`. `dtype` is "auto" or "f32" (the weights'
-/// compute dtype is float32 either way in this version).
+/// `Model(path, device="cpu", dtype="auto")`. `dtype` is the compute dtype, as the CLI's
+/// `--dtype`: "auto" (f32 on the CPU, the checkpoint's float dtype on a GPU), "f32", "bf16"
+/// or "f16" (torch's "float32", "bfloat16", "float16" too). Hidden states and logits come
+/// back as float32 whatever it is.
 #[pyclass(module = "jumplens", frozen)]
 struct Model {
     lm: Arc<LoadedModel>,
@@ -143,14 +168,9 @@ impl Model {
     #[new]
     #[pyo3(signature = (path, device = "cpu", dtype = "auto"))]
     fn new(py: Python<'_>, path: PathBuf, device: &str, dtype: &str) -> PyResult<Self> {
-        if !matches!(dtype, "auto" | "f32" | "float32") {
-            return Err(Error::new_err(format!(
-                "dtype '{dtype}': this build computes in float32 only (use \"auto\" or \"f32\")"
-            )));
-        }
-        let dev = device_arg(device)?;
+        let load = load_options(device, dtype)?;
         let spec = path.to_string_lossy().into_owned();
-        let lm = long_call(py, || load_model(&spec, &dev))?;
+        let lm = long_call(py, || load_model_with(&spec, &load))?;
         Ok(Self {
             lm: Arc::new(lm),
             device: device.to_string(),
@@ -339,20 +359,28 @@ impl Run {
         if let Some(lm) = self.model.lock().expect("not poisoned").as_ref() {
             return Ok(lm.clone());
         }
-        let dev = device_arg(&self.device)?;
         let run = self.dir();
+        let load = load_options(&self.device, &recorded_dtype(&run))?;
         let spec = self.model_spec.clone();
         let lm = long_call(py, || {
             let spec = match spec {
                 Some(s) => s,
                 None => run.read_manifest()?.model.path,
             };
-            load_model(&spec, &dev)
+            load_model_with(&spec, &load)
         })?;
         let lm = Arc::new(lm);
         *self.model.lock().expect("not poisoned") = Some(lm.clone());
         Ok(lm)
     }
+}
+
+/// The compute dtype a run's model was collected in (as the CLI's later stages load it), "auto"
+/// for a folder without a manifest (the stage then reports the missing manifest).
+fn recorded_dtype(run: &RunDir) -> String {
+    run.read_manifest()
+        .map(|m| m.model.dtype)
+        .unwrap_or_else(|_| "auto".into())
 }
 
 /// A `Run`, or a path to a run folder.
@@ -365,16 +393,16 @@ fn run_arg(run: &Bound<'_, PyAny>) -> PyResult<PathBuf> {
 }
 
 /// A `Model`, or a path / hub id to load.
-fn model_arg(py: Python<'_>, model: &Bound<'_, PyAny>, device: &str) -> PyResult<Arc<LoadedModel>> {
+fn model_arg(py: Python<'_>, model: &Bound<'_, PyAny>, device: &str, dtype: &str) -> PyResult<Arc<LoadedModel>> {
     if let Ok(m) = model.downcast::<Model>() {
         return Ok(m.get().lm.clone());
     }
     let spec: PathBuf = model
         .extract()
         .map_err(|_| Error::new_err("model: expected a jumplens.Model or a path"))?;
-    let dev = device_arg(device)?;
+    let load = load_options(device, dtype)?;
     let spec = spec.to_string_lossy().into_owned();
-    Ok(Arc::new(long_call(py, || load_model(&spec, &dev))?))
+    Ok(Arc::new(long_call(py, || load_model_with(&spec, &load))?))
 }
 
 fn maps_dict<'py>(py: Python<'py>, maps: &Maps) -> PyResult<Bound<'py, PyDict>> {
@@ -406,7 +434,7 @@ impl Run {
         let run = match model {
             None => run,
             Some(m) if m.downcast::<Model>().is_ok() => {
-                *run.model.lock().expect("not poisoned") = Some(model_arg(py, m, device)?);
+                *run.model.lock().expect("not poisoned") = Some(model_arg(py, m, device, "auto")?);
                 run
             }
             Some(m) => Self {
@@ -590,7 +618,7 @@ impl Lens {
                 None => jumplens::eval::predict::Lens::Identity,
             };
             let cast = lens.cast(layer, info.n_layers, &h)?;
-            Ok(lm.model.readout(&cast)?)
+            lm.model.readout(&cast)
         });
         let logits = err(logits)?;
         let out = f32_array(py, &logits)?;
@@ -621,9 +649,10 @@ fn positions_arg(positions: &Bound<'_, PyAny>) -> PyResult<Positions> {
 
 /// Samples `train` + `val` sentences of `corpus`, runs `model` and writes
 /// `out/activations/{train,val}.safetensors`; returns the `Run`. An interrupted collection
-/// (Ctrl-C) resumes when called again with the same arguments.
+/// (Ctrl-C) resumes when called again with the same arguments. `dtype` is the compute dtype
+/// when `model` is a path (a `Model` keeps its own).
 #[pyfunction]
-#[pyo3(signature = (model, corpus, out, train = 9000, val = 3000, seed = 0, positions = None, text_field = "text", batch_tokens = 0, progress = true))]
+#[pyo3(signature = (model, corpus, out, train = 9000, val = 3000, seed = 0, positions = None, text_field = "text", batch_tokens = 0, progress = true, dtype = "auto"))]
 #[allow(clippy::too_many_arguments)]
 fn collect(
     py: Python<'_>,
@@ -637,12 +666,13 @@ fn collect(
     text_field: &str,
     batch_tokens: usize,
     progress: bool,
+    dtype: &str,
 ) -> PyResult<Run> {
     let device = match model.downcast::<Model>() {
         Ok(m) => m.get().device.clone(),
         Err(_) => "cpu".to_string(),
     };
-    let lm = model_arg(py, model, &device)?;
+    let lm = model_arg(py, model, &device, dtype)?;
     let opts = CollectOptions {
         n_train: train,
         n_val: val,
@@ -741,7 +771,7 @@ fn predict<'py>(
     progress: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let lm = match (model, run.downcast::<Run>()) {
-        (Some(m), _) => model_arg(py, m, "cpu")?,
+        (Some(m), _) => model_arg(py, m, "cpu", &recorded_dtype(&RunDir::new(run_arg(run)?)))?,
         (None, Ok(r)) => r.get().loaded_model(py)?,
         (None, Err(_)) => Run::new(py, run_arg(run)?, None, "cpu")?.loaded_model(py)?,
     };

@@ -90,3 +90,48 @@ def test_arrays_are_writeable_and_contiguous_for_torch_from_numpy(tmp_path):
         a = out[key]
         assert a.dtype == np.dtype("float32") and a.dtype.isnative
         assert a.flags["C_CONTIGUOUS"] and a.flags["WRITEABLE"] and a.flags["ALIGNED"], key
+
+
+def test_bf16_equals_the_cli_with_dtype_bf16_bit_for_bit(tmp_path, cli):
+    """dtype= reaches the library as the CLI's --dtype: bf16 states and logits are the CLI's,
+    bit for bit, and differ from f32's (the dtype took effect)."""
+    model = with_tokenizer("llama", tmp_path / "m")
+    text = "w5 w17 w3 w99 w42"
+    out = tmp_path / "h.safetensors"
+    subprocess.run(
+        [str(cli), "hidden-states", str(model), "--text", text, "--out", str(out), "--dtype", "bf16"],
+        check=True,
+        capture_output=True,
+    )
+    ref = load_file(str(out))
+    m = jumplens.Model(model, dtype="bf16")
+    assert m.info["dtype"] == "bf16"
+    got = m.hidden_states(text)
+    assert got["hidden_states"].dtype == np.float32
+    assert np.array_equal(got["hidden_states"], ref["hidden_states"])
+    assert np.array_equal(got["logits"], ref["logits"])
+    f32 = jumplens.Model(model, dtype="f32").hidden_states(text)
+    assert not np.array_equal(f32["hidden_states"], got["hidden_states"])
+    # torch's name for it loads the same.
+    assert np.array_equal(jumplens.Model(model, dtype="bfloat16").hidden_states(text)["logits"], got["logits"])
+
+
+def test_collect_with_dtype_equals_the_cli_collect(tmp_path, cli):
+    """collect(path, ..., dtype="bf16") writes the activations `jumplens collect --dtype bf16`
+    writes (same bytes) and records the dtype in the manifest."""
+    from conftest import word_corpus
+
+    model = with_tokenizer("llama", tmp_path / "m")
+    corpus = word_corpus(tmp_path / "c.txt", 200)
+    subprocess.run(
+        [str(cli), "collect", str(model), "--corpus", str(corpus), "--out", str(tmp_path / "cli"),
+         "--train", "40", "--val", "20", "--dtype", "bf16", "--quiet"],
+        check=True,
+        capture_output=True,
+    )
+    run = jumplens.collect(model, corpus, tmp_path / "py", train=40, val=20, dtype="bf16", progress=False)
+    assert run.manifest["model"]["dtype"] == "bf16"
+    for split in ["train", "val"]:
+        a = (tmp_path / "cli" / "activations" / f"{split}.safetensors").read_bytes()
+        b = (tmp_path / "py" / "activations" / f"{split}.safetensors").read_bytes()
+        assert a == b, split

@@ -68,8 +68,8 @@ def test_wrong_shapes_and_options(tmp_path):
         run.lens("mat", 9)
     with pytest.raises(jumplens.Error, match="maps_affine.safetensors"):
         run.lens("affine", 0)
-    with pytest.raises(jumplens.Error, match="^dtype 'bf16'"):
-        jumplens.Model(tmp_path / "m", dtype="bf16")
+    with pytest.raises(jumplens.Error, match="^dtype 'int8': expected"):
+        jumplens.Model(tmp_path / "m", dtype="int8")
     with pytest.raises(jumplens.Error, match="no tap 'blocks.7.hook_resid_pre'"):
         m.run_with_cache("w3 w4", names=["blocks.7.hook_resid_pre"])
     with pytest.raises(jumplens.Error, match="^pairs 'some'"):

@@ -869,6 +869,7 @@ fn run(cli: Cli) -> Result<()> {
             let maps = maps.map(|p| crate::lens::maps::Maps::read(&p)).transpose()?;
             if let Some(m) = &maps {
                 m.check_model_info(lm.model.info())?;
+                crate::pipeline::integrity::check_maps_model(m, &lm)?;
             }
             let mask = mask.map(|w| mask_word_index(&lm, &text, &w)).transpose()?;
             let p = peek::peek(&lm, maps.as_ref(), &text, mask)?;

@@ -248,6 +248,62 @@ pub fn sha256_path(path: &Path) -> Result<String> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
+/// The files [`sha256_path`] hashes, in its order, each with its size and modification time:
+/// what the cache of [`sha256_path_cached`] is keyed by.
+fn file_stamps(path: &Path) -> Result<Vec<(String, u64, u128)>> {
+    let mut files = vec![];
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).with_context(|| format!("{}: cannot read", path.display()))? {
+            let p = e?.path();
+            if p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).with_context(|| format!("{}: cannot open", f.display()))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let name = std::fs::canonicalize(&f).unwrap_or(f);
+            Ok((name.display().to_string(), meta.len(), mtime))
+        })
+        .collect()
+}
+
+/// [`sha256_path`], remembered in the JSON file `cache` by each file's path, size and
+/// modification time, so that the later stages of a run can check the model's sha256 without
+/// reading an 8B model's 16 GB again. The cache is best effort: an unreadable one is ignored and
+/// one that cannot be written (a read-only run folder) is skipped.
+pub fn sha256_path_cached(path: &Path, cache: &Path) -> Result<String> {
+    type Entries = BTreeMap<String, (Vec<(String, u64, u128)>, String)>;
+    let stamps = file_stamps(path)?;
+    let id = std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string();
+    let mut entries: Entries = std::fs::read(cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    if let Some((recorded, sha)) = entries.get(&id) {
+        if recorded == &stamps {
+            return Ok(sha.clone());
+        }
+    }
+    let sha = sha256_path(path)?;
+    entries.insert(id, (stamps, sha.clone()));
+    write_json(cache, &entries).ok();
+    Ok(sha)
+}
+
 /// Escapes text for HTML and SVG (XML): markup characters become entities and control
 /// characters other than tab and newline, which XML forbids, are dropped.
 pub fn escape_markup(s: &str) -> String {

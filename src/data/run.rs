@@ -38,6 +38,10 @@ impl RunDir {
     pub fn file(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }
+    /// The cache of model sha256s by path, size and mtime (`data::io::sha256_path_cached`).
+    pub fn sha256_cache(&self) -> PathBuf {
+        self.root.join(".sha256-cache.json")
+    }
     /// The manifest, or an error saying the folder is not a run.
     pub fn read_manifest(&self) -> Result<Manifest> {
         match self.read_manifest_if_any()? {

@@ -64,6 +64,28 @@ pub struct LensMetrics {
     pub ce: Vec<f64>,
 }
 
+impl LensMetrics {
+    /// The first metric that is NaN or infinite, as (metric, layer, value). serde writes such a
+    /// number as `null`, so the runners refuse it instead of writing it.
+    pub fn first_non_finite(&self) -> Option<(&'static str, usize, f64)> {
+        let lo: Vec<f64> = self.surprisal_ci95.iter().map(|c| c[0]).collect();
+        let hi: Vec<f64> = self.surprisal_ci95.iter().map(|c| c[1]).collect();
+        let found = [
+            ("p@1", &self.p_at_1),
+            ("p@5", &self.p_at_5),
+            ("p@10", &self.p_at_10),
+            ("surprisal", &self.surprisal),
+            ("surprisal_ci95", &lo),
+            ("surprisal_ci95", &hi),
+            ("kl", &self.kl),
+            ("ce", &self.ce),
+        ]
+        .into_iter()
+        .find_map(|(name, v)| v.iter().position(|x| !x.is_finite()).map(|l| (name, l, v[l])));
+        found
+    }
+}
+
 /// Per-example results the early-exit stage reuses, each [S, N].
 pub struct ExampleTrace {
     /// The lens's top-1 token at every layer.

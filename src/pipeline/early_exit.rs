@@ -61,6 +61,7 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         &ModelFlops::of(&manifest.model),
         opts,
     )?;
+    check_finite(&report)?;
     crate::data::io::write_json(&run.file("early_exit.json"), &report)?;
     manifest.set_stage(
         "early_exit",
@@ -73,4 +74,29 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         &report,
     )?;
     Ok(report)
+}
+
+/// Refuses a report with a NaN or infinite number (serde would write it as `null`, which in
+/// `saved_at` means "target not reached").
+fn check_finite(report: &EarlyExitReport) -> Result<()> {
+    let curves = report.curves.iter().flat_map(|(lens, points)| {
+        points.iter().enumerate().flat_map(move |(i, p)| {
+            [
+                ("lambda", &p.lambda),
+                ("mean_layers", &p.mean_layers),
+                ("p@1", &p.p_at_1),
+            ]
+            .map(|(field, v)| (format!("lens {lens}, curve point {i}: {field}"), v))
+        })
+    });
+    let fixed = report.fixed.iter().flat_map(|(lens, v)| {
+        v.iter()
+            .enumerate()
+            .map(move |(layer, x)| (format!("lens {lens}, layer {layer}: fixed-exit p@1"), x))
+    });
+    let saved = report.saved_at.iter().flat_map(|(target, row)| {
+        row.iter()
+            .filter_map(move |(lens, v)| v.as_ref().map(|x| (format!("lens {lens}, target {target}: saved"), x)))
+    });
+    crate::pipeline::integrity::check_finite_values("early-exit", "early_exit.json", curves.chain(fixed).chain(saved))
 }

@@ -84,6 +84,7 @@ pub fn run_predict(
     let started = std::time::Instant::now();
     let _lock = run.lock()?;
     let mut manifest = run.read_manifest()?;
+    crate::pipeline::integrity::check_run_model(run, &manifest, lm)?;
     crate::data::run::require(&run.activations("val"), "collect")?;
     let maps_path = match &opts.maps {
         Some(p) => p.clone(),
@@ -137,6 +138,7 @@ pub fn run_predict(
         b => b,
     };
     let ev = evaluate(lm.model.as_ref(), &val, &lenses, batch, opts.progress)?;
+    crate::pipeline::integrity::check_finite_metrics("predict", "predict.json", &ev.metrics)?;
     if opts.maps.is_none() {
         write_traces(&run.file("predict_traces.safetensors"), &ev)?;
     }

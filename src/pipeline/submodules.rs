@@ -27,10 +27,8 @@ pub fn run_submodules(
     }
     let _lock = run.lock()?;
     let mut manifest = run.read_manifest()?;
+    crate::pipeline::integrity::check_run_model(run, &manifest, lm)?;
     let info = lm.model.info().clone();
-    if manifest.model.n_layers != info.n_layers || manifest.model.d_model != info.d_model {
-        bail!("{}: the run was collected with another model", run.root.display());
-    }
     let train = run.read_split(&manifest, "train")?;
     let val = run.read_split(&manifest, "val")?;
     let maps = Maps::read(&require(&run.maps(), "fit")?)?;
@@ -38,6 +36,7 @@ pub fn run_submodules(
     let maps = maps.to_device(lm.model.device())?;
     let r2 = read_r2(run, info.n_layers)?;
     let (sub_report, alt) = experiments(lm, &train, &val, &maps, &r2, opts)?;
+    check_finite(&sub_report, &alt)?;
     crate::data::io::write_json(&run.file("submodules.json"), &sub_report)?;
     crate::render::figures::plot_submodules(&run.file("submodules"), &manifest.model.arch, &sub_report)?;
     crate::data::io::write_json(&run.file("alternation.json"), &alt)?;
@@ -64,4 +63,28 @@ pub fn read_r2(run: &RunDir, n_layers: usize) -> Result<Vec<Vec<Option<f64>>>> {
         .map_err(|e| anyhow::anyhow!("{}: 'mat' is not a table of numbers ({e})", p.display()))?;
     check_r2_shape(&mat, n_layers).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
     Ok(mat)
+}
+
+/// Refuses results with a NaN or infinite number (serde would write it as `null`).
+fn check_finite(sub: &SubmoduleReport, alt: &AlternationReport) -> Result<()> {
+    crate::pipeline::integrity::check_finite_metrics("submodules", "submodules.json", &sub.variants)?;
+    let schedules = [
+        ("periodic", &alt.periodic),
+        ("r2_informed", &alt.r2_informed),
+        ("single_jump", &alt.single_jump),
+    ];
+    crate::pipeline::integrity::check_finite_values(
+        "submodules",
+        "alternation.json",
+        schedules.iter().flat_map(|(kind, list)| {
+            list.iter().flat_map(move |s| {
+                [
+                    ("r2_product", &s.r2_product),
+                    ("p@1", &s.p_at_1),
+                    ("surprisal", &s.surprisal),
+                ]
+                .map(|(field, v)| (format!("{kind} schedule {}: {field}", s.name), v))
+            })
+        }),
+    )
 }

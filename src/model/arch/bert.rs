@@ -157,7 +157,10 @@ impl Bert {
             })
         };
         let word = w.get(&format!("{p}embeddings.word_embeddings.weight"), &[vocab, d])?;
-        let mut blocks = Vec::with_capacity(n_layers);
+        // No capacity from the config's layer count: it is untrusted (a config with 2^60 layers
+        // made this allocate 481 GB; found by tests/fuzz_readers.rs); a missing block's weights
+        // end the load with an error instead.
+        let mut blocks = Vec::new();
         for l in 0..n_layers {
             let b = format!("{p}encoder.layer.{l}");
             blocks.push(Block {

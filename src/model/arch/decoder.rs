@@ -308,7 +308,10 @@ impl Decoder {
         };
         let n = &s.names;
         let embed_tokens = w.get(&format!("{}.weight", n.embed), &[s.vocab_size, d])?;
-        let mut blocks = Vec::with_capacity(s.n_layers);
+        // No capacity from the config's layer count: it is untrusted (a config with 2^60 layers
+        // made this allocate 481 GB; found by tests/fuzz_readers.rs); a missing block's weights
+        // end the load with an error instead.
+        let mut blocks = Vec::new();
         for (l, &sliding) in s.sliding_layers.iter().enumerate() {
             let p = format!("{}.{l}", n.layer_prefix);
             let qk_norm = |name: &str, heads: usize| -> Result<Option<Norm>> {

@@ -108,7 +108,10 @@ impl Gpt2 {
             })
         };
         let wte = w.get(&format!("{p}wte.weight"), &[c.vocab_size, d])?;
-        let mut blocks = Vec::with_capacity(c.n_layer);
+        // No capacity from the config's layer count: it is untrusted (a config with 2^60 layers
+        // made this allocate 481 GB; found by tests/fuzz_readers.rs); a missing block's weights
+        // end the load with an error instead.
+        let mut blocks = Vec::new();
         for l in 0..c.n_layer {
             blocks.push(Block {
                 ln1: ln(&format!("h.{l}.ln_1"))?,
