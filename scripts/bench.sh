@@ -111,5 +111,6 @@ if has("report.s"):
 print(f"| benchmark | jumplens | reference | ratio (jumplens advantage) | peak MB jumplens | peak MB reference |")
 print(f"|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r[0]} | {r[1]:.3g} | {r[2]:.3g} | {r[3]:.2f}x | {r[4]:.0f} | {"—" if r[5] != r[5] else f"{r[5]:.0f}"} |")
+    ref_mem = "—" if r[5] != r[5] else f"{r[5]:.0f}"  # NaN: no reference process
+    print(f"| {r[0]} | {r[1]:.3g} | {r[2]:.3g} | {r[3]:.2f}x | {r[4]:.0f} | {ref_mem} |")
 PY
