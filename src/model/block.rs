@@ -108,7 +108,11 @@ pub(crate) fn gated_mlp(
     x: &Tensor,
     hooks: &mut dyn Hooks,
 ) -> Result<Tensor> {
-    let post = (act.forward(&gate.forward(x)?)? * up.forward(x)?)?;
+    let (gate, up) = (gate.forward(x)?, up.forward(x)?);
+    let post = match act {
+        Activation::Silu => layers::silu_mul(&gate, &up)?,
+        _ => (act.forward(&gate)? * up)?,
+    };
     let post = emit(hooks, Tap::Block(layer, BlockTap::MlpPost), post)?;
     Ok(down.forward(&post)?)
 }
