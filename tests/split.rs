@@ -313,3 +313,30 @@ fn device_lists_are_checked_and_printed() {
         );
     }
 }
+
+/// `bench --random-config`: random weights of the shapes a config describes, made on their
+/// devices: the same parameter count as the real checkpoint of that config, the same values
+/// whatever the split (per-tensor seeds), so split and unsplit forwards agree bit for bit.
+#[test]
+fn random_weights_from_a_config_split_like_stored_ones() {
+    let config = tiny("llama").join("config.json");
+    let stored = load("llama", 1);
+    let random = |n: usize| model::load::random_model(&config, &LoadOptions::on(&vec![Device::Cpu; n]), 0).unwrap();
+    let (one, two) = (random(1), random(2));
+    assert_eq!(one.model.info().n_params, stored.model.info().n_params);
+    assert_eq!(one.model.info().block_params, stored.model.info().block_params);
+    assert!(one.model.placement().is_none() && two.model.placement().is_some());
+    let batch = fixture_batch("llama");
+    let a = model::hidden_states(one.model.as_ref(), &batch).unwrap();
+    let b = model::hidden_states(two.model.as_ref(), &batch).unwrap();
+    for (l, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(values(x), values(y), "random llama: state {l}");
+    }
+    // Random, not the stored weights, and another seed gives other values.
+    let s = model::hidden_states(stored.model.as_ref(), &batch).unwrap();
+    assert_ne!(values(&a[2]), values(&s[2]));
+    let other = model::load::random_model(&config, &LoadOptions::on(&[Device::Cpu]), 1).unwrap();
+    let c = model::hidden_states(other.model.as_ref(), &batch).unwrap();
+    assert_ne!(values(&a[2]), values(&c[2]));
+    assert!(values(&a[2]).iter().all(|x| x.is_finite()));
+}
