@@ -39,6 +39,15 @@
 #            two processes on the one GPU at once, merged, fitted and compared with the single
 #            GPU run (stored activations): maps, r2 and predict (scripts/compare_runs.py when
 #            present, else a numpy comparison of the maps)
+#   split    blocks split across two device handles on the ONE GPU (`--device cuda:0,cuda:0`, the
+#            transfer path runs) vs `--device cuda:0`, on the random SmolLM2-shaped model: one
+#            text's hidden states and a 500 + 200 collect compared (bytes and compare_runs.py),
+#            and the forward tok/s of both (32 and 256 x 24)
+#   split70b needs two GPUs (nvidia-h200-x2; unrun so far): a Llama-70B-shaped bf16 model (d 8192,
+#            80 layers, ffn 28672, 64/8 heads) with random weights made on each GPU
+#            (`bench --random-config`), forward with all 81 hidden states and a 500-sentence
+#            re-collection across cuda:0,cuda:1 (tok/s, peak memory per GPU), next to PyTorch
+#            `device_map="auto"` (scripts/bench_split_torch.py) on the same ids
 #
 # Results in $OUT (default ./device-out): tables.md (the tables, also printed after each section),
 # log.txt, and raw.tgz with one JSON/text file per measurement (the device tool returns at most 8
@@ -68,6 +77,21 @@ gpu_peak() {
   kill $smi 2>/dev/null
   wait $smi 2>/dev/null
   sort -n "$file.samples" | tail -1 >"$file"
+  return $rc
+}
+
+# gpu_peaks FILE CMD...: like gpu_peak, one line per GPU ("gpu I: PEAK MiB").
+gpu_peaks() {
+  local file=$1
+  shift
+  nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 100 >"$file.samples" &
+  local smi=$!
+  "$@"
+  local rc=$?
+  kill $smi 2>/dev/null
+  wait $smi 2>/dev/null
+  awk -F', *' '{ if ($2 + 0 > m[$1] + 0) m[$1] = $2 } END { for (i in m) print "gpu " i ": " m[i] " MiB" }' \
+    "$file.samples" | sort >"$file"
   return $rc
 }
 
@@ -419,6 +443,70 @@ for f in ["r2.json", "predict.json"]:
 assert worst < 1e-3, worst
 PY
     cat "$R_OUT/shards-compare.txt" | tee -a "$OUT/log.txt"
+    ;;
+  split)
+    log "split"
+    M=$W/models/smollm2
+    [ -f "$M/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" "$W/models" smollm2 >>"$OUT/log.txt"
+    "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$M/tokenizer.json" >/dev/null
+    "$BIN" --device cuda:0,cuda:0 inspect "$M" | tee "$R_OUT/split-inspect.txt"
+    text="The quick brown fox jumps over the lazy dog near the river bank."
+    for dev in cuda:0 cuda:0,cuda:0; do
+      tag=${dev//[:,]/_}
+      timed "split $dev hidden-states" "$BIN" --device $dev hidden-states "$M" --text "$text" --out "$W/hs-split-$tag.safetensors"
+      rm -rf "$W/split-$tag"
+      timed "split $dev collect 500+200" "$BIN" --device $dev collect "$M" --corpus "$W/wiki.json" --out "$W/split-$tag" \
+        --train 500 --val 200 --quiet
+      for b in 32 256; do
+        "$BIN" --device $dev bench forward "$M" --batch $b --seq 24 --iters 10 >"$R_OUT/split-fwd-$tag-$b.json" \
+          2>>"$OUT/log.txt" || log "FAILED split forward $dev $b"
+      done
+    done
+    # Bit-identical bytes are expected (the same kernels on the same GPU); compare_runs.py gives
+    # the size of any difference.
+    bad=0
+    { for f in hs-split-cuda_0_cuda_0.safetensors split-cuda_0_cuda_0/activations/train.safetensors \
+        split-cuda_0_cuda_0/activations/val.safetensors; do
+        if cmp -s "$W/$f" "$W/${f//cuda_0_cuda_0/cuda_0}"; then echo "identical bytes: $f"; else echo "DIFFERENT bytes: $f"; bad=1; fi
+      done
+      $PY "$ROOT/scripts/compare_runs.py" --states "$W/hs-split-cuda_0_cuda_0.safetensors" "$W/hs-split-cuda_0.safetensors" || bad=1
+      $PY "$ROOT/scripts/compare_runs.py" "$W/split-cuda_0_cuda_0" "$W/split-cuda_0" || bad=1
+      for f in "$R_OUT"/split-fwd-*.json; do echo "$(basename "$f"): $(cat "$f")"; done
+    } >"$R_OUT/split.txt" 2>&1
+    [ $bad -eq 0 ] || log "SPLIT AGREEMENT FAILED (see split.txt)"
+    cat "$R_OUT/split.txt"
+    ;;
+  split70b)
+    log "split70b (needs two GPUs)"
+    M70=$W/models/llama-70b
+    mkdir -p "$M70"
+    # The shape only: the weights are made on the GPUs by jumplens (and by the PyTorch script).
+    cat >"$M70/config.json" <<'JSON'
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+ "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+ "max_position_embeddings": 8192, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
+ "hidden_act": "silu", "bos_token_id": 128000, "eos_token_id": 128001, "torch_dtype": "bfloat16"}
+JSON
+    # SmolLM2's tokenizer (49,152 ids < 128,256) for the re-collection of real sentences.
+    "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$M70/tokenizer.json" >/dev/null
+    MS=$W/models/smollm2
+    [ -f "$MS/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" "$W/models" smollm2 >>"$OUT/log.txt"
+    cp "$M70/tokenizer.json" "$MS/tokenizer.json"
+    rm -rf "$W/sentences500"
+    # 500 sampled sentences (their examples are what bench collect re-collects on the 70B shape).
+    "$BIN" --device cuda:0 collect "$MS" --corpus "$W/wiki.json" --out "$W/sentences500" --train 1 --val 500 --quiet
+    for shape in 16x512 64x32; do
+      b=${shape%x*} t=${shape#*x}
+      gpu_peaks "$R_OUT/mem-70b-$shape-jumplens.txt" "$BIN" --device cuda:0,cuda:1 --dtype bf16 bench forward \
+        --random-config "$M70/config.json" --batch $b --seq $t --iters 5 --ids-out "$W/ids.safetensors" \
+        >"$R_OUT/fwd70b-$shape-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens 70b $shape"
+      gpu_peaks "$R_OUT/mem-70b-$shape-torch.txt" $PY "$ROOT/scripts/bench_split_torch.py" forward "$M70/config.json" \
+        "$W/ids.safetensors" 5 >"$R_OUT/fwd70b-$shape-torch.json" 2>>"$OUT/log.txt" || log "FAILED torch 70b $shape"
+    done
+    gpu_peaks "$R_OUT/mem-70b-collect-jumplens.txt" "$BIN" --device cuda:0,cuda:1 --dtype bf16 bench collect \
+      --random-config "$M70/config.json" --activations "$W/sentences500/activations/val.safetensors" \
+      >"$R_OUT/collect70b-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens 70b collect"
+    cat "$R_OUT"/fwd70b-*.json "$R_OUT"/collect70b-*.json "$R_OUT"/mem-70b-*.txt
     ;;
   *) log "unknown section $section" ;;
   esac

@@ -190,10 +190,17 @@ pub struct UnitBatch {
 }
 
 impl UnitBatch {
-    /// The read positions' rows of a [B, T, d] tensor, as [rows, d].
+    /// The read positions' rows of a [B, T, d] tensor, as [rows, d], on the tensor's device
+    /// (the row index is copied there when a split model left the tensor on another device).
     pub fn rows(&self, h: &Tensor) -> Result<Tensor> {
+        let gather = crate::model::placement::move_to(&self.gather, h.device())?;
+        self.rows_with(h, &gather)
+    }
+
+    /// [`UnitBatch::rows`] with the row index already on the tensor's device.
+    fn rows_with(&self, h: &Tensor, gather: &Tensor) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
-        Ok(h.reshape((b * t, d))?.index_select(&self.gather, 0)?)
+        Ok(h.reshape((b * t, d))?.index_select(gather, 0)?)
     }
 }
 
@@ -259,13 +266,9 @@ fn run_part(
             );
             crate::device::explain_oom(e, &what, "lower --batch-tokens")
         })?;
-        // Only the sampled rows leave the device, all layers in one copy.
-        let picked = states.iter().map(|h| ub.rows(h)).collect::<Result<Vec<_>>>()?;
-        // Stored as f32 whatever the compute dtype (upcast on the device, before the copy).
-        let picked: Vec<f32> = crate::model::layers::f32(Tensor::stack(&picked, 0)?)?
-            .to_device(&Device::Cpu)?
-            .flatten_all()?
-            .to_vec1()?;
+        // Only the sampled rows leave the device, all layers of a device in one copy (a split
+        // model leaves each state on the device of the block that made it).
+        let picked = sampled_rows(lm.model.as_ref(), &ub, &states)?;
         let per_layer = ub.examples.len() * d;
         for (layer, rows) in picked.chunks(per_layer).enumerate() {
             for (r, &e) in ub.examples.iter().enumerate() {
@@ -279,6 +282,37 @@ fn run_part(
         on_batch(ub.batch.batch_size());
     }
     Ok(Tensor::from_vec(out, (s, n_examples, d), &Device::Cpu)?)
+}
+
+/// The sampled rows of every state h_0..h_L, as f32 on the host in layer order: each device's
+/// states gathered there (its row index copied there once) and copied out in one piece.
+fn sampled_rows(model: &dyn model::Transformer, ub: &UnitBatch, states: &[Tensor]) -> Result<Vec<f32>> {
+    let device_of = |l: usize| match model.placement() {
+        // h_0 is the embedding's (device 0), h_l the output of block l - 1.
+        Some(p) if l > 0 => p.device_index(l - 1),
+        _ => 0,
+    };
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < states.len() {
+        let on = device_of(start);
+        let end = (start..states.len())
+            .find(|&l| device_of(l) != on)
+            .unwrap_or(states.len());
+        let gather = crate::model::placement::move_to(&ub.gather, states[start].device())?;
+        let picked = states[start..end]
+            .iter()
+            .map(|h| ub.rows_with(h, &gather))
+            .collect::<Result<Vec<_>>>()?;
+        // Stored as f32 whatever the compute dtype (upcast on the device, before the copy).
+        let rows: Vec<f32> = crate::model::layers::f32(Tensor::stack(&picked, 0)?)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        out.extend(rows);
+        start = end;
+    }
+    Ok(out)
 }
 
 /// What `collect` did, for the manifest and the closing message.
@@ -393,7 +427,10 @@ pub fn collect_stream(
         format: serde_json::to_value(format)?.as_str().unwrap_or_default().to_string(),
         articles: articles.len(),
     };
-    let options = recorded_options(opts, stream)?;
+    let mut options = recorded_options(opts, stream)?;
+    if let (Some(p), Some(o)) = (lm.model.placement(), options.as_object_mut()) {
+        o.insert("placement".into(), p.describe().into());
+    }
     crate::interrupt::set_message(Some(format!(
         "collect had finished no part yet; run the same command again to start it in {}",
         run.root.display()
@@ -503,7 +540,8 @@ pub fn collect_stream(
 
 /// Collection options that do not change the collected states (only speed or memory): a
 /// resume with other values is allowed.
-const RESULT_NEUTRAL_OPTIONS: &[&str] = &["batch_tokens"];
+/// A split across devices (`placement`, recorded only when split) computes the same states.
+const RESULT_NEUTRAL_OPTIONS: &[&str] = &["batch_tokens", "placement"];
 
 /// The first difference between a run's manifest and a new collection's inputs that changes the
 /// data, as "another X (recorded A, now B)"; `None` when they match.

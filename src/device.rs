@@ -1,4 +1,5 @@
-//! Choosing the compute device from `--device cpu|cuda[:N]`.
+//! Choosing the compute device from `--device cpu|cuda[:N]`, or several devices the blocks are
+//! split across (`--device cuda:0,cuda:1`).
 
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -22,6 +23,23 @@ pub fn parse(name: &str) -> Result<Device> {
     }
     Device::new_cuda(ordinal)
         .map_err(|e| anyhow::anyhow!("--device {name}: no usable GPU ({})", crate::error::one_line(&e)))
+}
+
+/// Parses a `--device` value that may list several devices (`cuda:0,cuda:1`, `cpu,cpu`). One
+/// item is the single-device case. Each item is its own device handle, also when an item repeats
+/// (`cuda:0,cuda:0` is two handles on one GPU, so a split runs its transfers on one GPU). CPU and
+/// GPU items cannot be mixed: the compute dtype `auto` and the batch sizes follow the device kind,
+/// and a mixed split would run at the speed of the CPU part.
+pub fn parse_list(value: &str) -> Result<Vec<Device>> {
+    let items: Vec<&str> = value.split(',').map(str::trim).collect();
+    if let Some(i) = items.iter().position(|s| s.is_empty()) {
+        bail!("--device '{value}': item {} of the list is empty", i + 1);
+    }
+    let devices = items.iter().map(|s| parse(s)).collect::<Result<Vec<_>>>()?;
+    if devices.iter().any(Device::is_cpu) && !devices.iter().all(Device::is_cpu) {
+        bail!("--device '{value}': a split cannot mix the CPU and GPUs (list only cpu or only cuda:N)");
+    }
+    Ok(devices)
 }
 
 /// The `--device` name of a device (`cpu`, `cuda:N`, ...), for run records.
@@ -70,6 +88,27 @@ mod tests {
         assert!(parse("cuda:x").unwrap_err().to_string().contains("cpu or cuda[:N]"));
         if !cfg!(feature = "cuda") {
             assert!(parse("cuda").unwrap_err().to_string().contains("without CUDA support"));
+        }
+    }
+
+    #[test]
+    fn device_lists() {
+        assert_eq!(parse_list("cpu").unwrap().len(), 1);
+        let two = parse_list("cpu, cpu").unwrap();
+        assert!(two.len() == 2 && two.iter().all(Device::is_cpu));
+        assert_eq!(parse_list("cpu,cpu,cpu").unwrap().len(), 3);
+        for (bad, says) in [
+            ("cpu,", "item 2 of the list is empty"),
+            (",cpu", "item 1 of the list is empty"),
+            ("cpu,,cpu", "item 2 of the list is empty"),
+            ("cpu,tpu", "cpu or cuda[:N], not 'tpu'"),
+        ] {
+            let e = parse_list(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        if !cfg!(feature = "cuda") {
+            let e = parse_list("cpu,cuda:0").unwrap_err().to_string();
+            assert!(e.contains("without CUDA support"), "{e}");
         }
     }
 }

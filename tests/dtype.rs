@@ -43,8 +43,8 @@ struct Run {
 fn run(name: &str, dtype: DtypeChoice, tag: &str) -> Run {
     let dir = fixture(name);
     let opts = LoadOptions {
-        device: Device::Cpu,
         dtype,
+        ..LoadOptions::new(&Device::Cpu)
     };
     let lm = model::load_model_with(dir.to_str().unwrap(), &opts).unwrap();
     let inputs = jumplens::data::io::read_safetensors(&dir.join("expected.safetensors")).unwrap();

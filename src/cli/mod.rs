@@ -45,8 +45,9 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Where to compute: cpu, cuda or cuda:N (the N-th GPU; CUDA needs a build with
-    /// `--features cuda`).
-    #[arg(long, global = true, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    /// `--features cuda`), or a comma list (cuda:0,cuda:1) to split the model's blocks across
+    /// devices by memory (safetensors decoders; the other stages run on the first).
+    #[arg(long, global = true, default_value = "cpu", value_name = "cpu|cuda[:N][,...]")]
     device: String,
     /// Compute dtype of the model: auto = f32 on the CPU; on a GPU the checkpoint's stored
     /// bf16 / f16 (f32 checkpoints stay f32, GGUF runs in bf16). Stages after collect default
@@ -556,6 +557,11 @@ enum Command {
         /// `hidden_states` [L+1, B, T, d], f32), to compare with a reference on the same ids.
         #[arg(long, value_name = "FILE")]
         states_out: Option<PathBuf>,
+        /// forward, collect: instead of MODEL, a config.json whose architecture and shapes get
+        /// random weights made directly on each device (seed 0; a tokenizer.json next to it is
+        /// used): shapes whose checkpoint would not fit the disk.
+        #[arg(long, value_name = "CONFIG", conflicts_with = "model")]
+        random_config: Option<PathBuf>,
     },
 }
 
@@ -578,10 +584,11 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let device = crate::device::parse(&cli.device)?;
+    let devices = crate::device::parse_list(&cli.device)?;
+    let device = devices[0].clone();
     let load = LoadOptions {
-        device: device.clone(),
         dtype: cli.dtype.into(),
+        ..LoadOptions::on(&devices)
     };
     match cli.command {
         Command::Inspect {
@@ -617,6 +624,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("storage       {}", s.storage);
                 println!("dtype         {}", i.dtype);
                 println!("tokenizer     {}", s.tokenizer);
+                if let Some(p) = &s.placement {
+                    println!("placement     {p}");
+                }
             }
         }
         Command::HiddenStates {
@@ -627,6 +637,7 @@ fn run(cli: Cli) -> Result<()> {
             tap,
         } => {
             let lm = load_model_with(&model, &load)?;
+            say_placement(&lm, false);
             let st = lm.text_states(&text, mask_position)?;
             let n = st.input_ids.len();
             let mut tensors = vec![
@@ -699,6 +710,7 @@ fn run(cli: Cli) -> Result<()> {
                 shard,
                 part_sentences,
             };
+            say_placement(&lm, common.quiet);
             let run = RunDir::new(&out);
             if let (Some(sh), false) = (shard, common.quiet) {
                 eprintln!("collect: shard {}/{} into {}", sh.from, sh.count, run.root.display());
@@ -786,6 +798,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let run = RunDir::new(&run);
             let lm = run_model(&run, model, &load)?;
+            say_placement(&lm, common.quiet);
             let opts = PredictOptions {
                 maps,
                 batch,
@@ -838,6 +851,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let run = RunDir::new(&run);
             let lm = run_model(&run, model, &load)?;
+            say_placement(&lm, common.quiet);
             let opts = SubmoduleOptions {
                 n_eval: val,
                 n_train: train,
@@ -866,6 +880,7 @@ fn run(cli: Cli) -> Result<()> {
             mask,
         } => {
             let lm = load_model_with(&model, &load)?;
+            say_placement(&lm, false);
             let maps = maps.map(|p| crate::lens::maps::Maps::read(&p)).transpose()?;
             if let Some(m) = &maps {
                 m.check_model_info(lm.model.info())?;
@@ -915,6 +930,7 @@ fn run(cli: Cli) -> Result<()> {
             opts.submodule_train = opts.submodule_train.min(opts.n_train);
             opts.progress = !common.quiet;
             opts.device = device.clone();
+            opts.split = load.split.clone();
             opts.dtype = load.dtype;
             let started = std::time::Instant::now();
             let path = report::run_report(&opts)?;
@@ -935,6 +951,7 @@ fn run(cli: Cli) -> Result<()> {
             activations,
             profile,
             states_out,
+            random_config,
             states,
             n,
             d,
@@ -947,12 +964,16 @@ fn run(cli: Cli) -> Result<()> {
             let name = what
                 .to_possible_value()
                 .map_or(String::new(), |v| v.get_name().to_string());
-            let model = model.ok_or_else(|| anyhow!("bench {name} needs a MODEL"))?;
             let activations = match (what, activations) {
                 (BenchWhat::Collect, None) => bail!("bench collect needs --activations"),
                 (_, a) => a,
             };
-            let lm = load_model_with(&model, &load)?;
+            let lm = match (model, random_config) {
+                (_, Some(config)) => crate::model::load::random_model(&config, &load, 0)?,
+                (Some(model), None) => load_model_with(&model, &load)?,
+                (None, None) => bail!("bench {name} needs a MODEL (or --random-config)"),
+            };
+            say_placement(&lm, false);
             let t = match (what, activations) {
                 (BenchWhat::Collect, Some(path)) => {
                     let act = crate::data::Activations::read(&path)?;
@@ -1049,6 +1070,13 @@ fn mask_word_index(lm: &crate::model::LoadedModel, text: &str, word: &str) -> Re
             "--mask '{word}': no such word in the text (its words: {})",
             words.iter().map(|(_, t)| *t).collect::<Vec<_>>().join(" ")
         ),
+    }
+}
+
+/// The placement of a model split across devices, on stderr (nothing when unsplit or `quiet`).
+fn say_placement(lm: &crate::model::LoadedModel, quiet: bool) {
+    if let (Some(p), false) = (lm.model.placement(), quiet) {
+        eprintln!("placement: {}", p.describe());
     }
 }
 

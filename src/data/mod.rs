@@ -5,8 +5,8 @@ pub mod assets;
 pub mod corpus;
 pub mod io;
 pub mod run;
-pub mod torch_pickle;
 pub mod stats;
+pub mod torch_pickle;
 
 pub use activations::Activations;
 pub use run::{Manifest, RunDir};

@@ -48,7 +48,7 @@ pub fn peek(lm: &LoadedModel, maps: Option<&Maps>, text: &str, mask_word: Option
         }
     };
     let st = lm.text_states(text, mask_position)?;
-    let device = lm.model.device();
+    let device = lm.model.head_device();
     let maps = maps.map(|m| m.to_device(device)).transpose()?;
     let mut lenses: Vec<(String, Lens)> = Vec::new();
     if let Some(m) = &maps {

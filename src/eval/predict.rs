@@ -142,7 +142,8 @@ pub fn evaluate(
     batch: usize,
     progress: bool,
 ) -> Result<Evaluation> {
-    let device = model.device().clone();
+    // Casts and scores run where the head is (the last device of a split).
+    let device = model.head_device().clone();
     let (s, n, _d) = val.hidden_states.dims3()?;
     let last = s - 1;
     if last != model.info().n_layers {
@@ -291,8 +292,9 @@ struct CpuReference {
 impl Reference {
     /// From final states h_L [rows, d] and the rows' gold tokens.
     pub(crate) fn new(model: &dyn Transformer, h_last: &Tensor, gold: &[Option<u32>]) -> Result<Self> {
-        let device = h_last.device();
         let logits = model.readout(h_last)?;
+        // Where the logits are (the head's device of a split model).
+        let device = &logits.device().clone();
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let p = logp.exp()?;
         let top1 = logits.argmax_keepdim(D::Minus1)?.flatten_all()?.to_vec1::<u32>()?;

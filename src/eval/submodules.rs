@@ -23,6 +23,7 @@ use crate::data::Activations;
 use crate::eval::predict::{check_gold, gold_tokens, Acc, LensMetrics, Reference};
 use crate::lens::fit::{fit_all_pairs, FitOptions};
 use crate::lens::maps::Maps;
+use crate::model::placement::move_to;
 use crate::model::{self, AttentionKind, Hooks, LinearReplacement, LoadedModel, SubModule};
 
 /// Options of `jumplens submodules`.
@@ -112,7 +113,7 @@ pub fn fit_submodules(
         let states = Tensor::from_vec(both, (2, n, d), &Device::Cpu)?;
         let (fitted, _) = fit_all_pairs(&states, &[(0, 1)], &FitOptions::default())?;
         let a = fitted.require(0, 1)?.a.clone();
-        maps.insert((layer, sub), a.to_device(lm.model.device())?);
+        maps.insert((layer, sub), a.to_device(lm.model.block_device(layer))?);
     }
     Ok(maps)
 }
@@ -252,7 +253,7 @@ pub fn r2_informed_schedule(r2: &[Vec<Option<f64>>], n_layers: usize, k: usize) 
 
 /// Applies a map to every position of a [B, T, d] state.
 fn jump_all_positions(h: &Tensor, a: &Tensor) -> Result<Tensor> {
-    Ok(crate::model::layers::Linear::new(a.clone(), None).forward(h)?)
+    Ok(crate::model::layers::Linear::new(a.clone(), None).forward(&move_to(h, a.device())?)?)
 }
 
 /// Evaluation batches of the validation examples, with their exact states and the reference.
@@ -332,7 +333,7 @@ pub fn experiments(
                 acc.get_mut(name).expect("variant")[l].add(&b.reference.score(&logits)?, &b.gold);
                 bar.inc(1);
             }
-            let rows = b.ub.rows(&b.states[l])?;
+            let rows = move_to(&b.ub.rows(&b.states[l])?, lm.model.head_device())?;
             let mat = if l == n_layers {
                 rows.clone()
             } else {

@@ -116,6 +116,27 @@ pub struct BatchContext {
     /// Mask for sliding-window layers, when the model has any.
     pub bias_local: Option<AttentionMask>,
     pub token_type_ids: Option<Tensor>,
+    /// A model split across devices: `bias` and `bias_local` on each device after the first
+    /// (index i - 1 for device i), built once per batch so no block copies a mask.
+    pub split_bias: Vec<(AttentionMask, Option<AttentionMask>)>,
+}
+
+impl BatchContext {
+    /// The full or sliding-window (`local`, when the batch has one) bias on device `index` of
+    /// the model's placement (0 when unsplit).
+    pub fn bias_on(&self, index: usize, local: bool) -> &AttentionMask {
+        let (full, window) = match index {
+            0 => (&self.bias, &self.bias_local),
+            i => {
+                let (f, w) = &self.split_bias[i - 1];
+                (f, w)
+            }
+        };
+        match (window, local) {
+            (Some(w), true) => w,
+            _ => full,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -97,6 +97,9 @@ pub fn is_float(dtype: DType) -> bool {
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: DtypeChoice,
+    /// The devices the blocks are split across (`--device cuda:0,cuda:1`; two or more, the first
+    /// equal to `device`); empty: the whole model on `device`.
+    pub split: Vec<Device>,
 }
 
 impl LoadOptions {
@@ -105,6 +108,21 @@ impl LoadOptions {
         Self {
             device: device.clone(),
             dtype: DtypeChoice::Auto,
+            split: Vec::new(),
+        }
+    }
+
+    /// `auto` dtype on `devices`: one device, or the blocks split across several
+    /// ([`crate::device::parse_list`]).
+    pub fn on(devices: &[Device]) -> Self {
+        Self {
+            device: devices[0].clone(),
+            dtype: DtypeChoice::Auto,
+            split: if devices.len() > 1 {
+                devices.to_vec()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! Files: `transformer` (the trait), `hooks` (taps, hooks), `batch` (batches, masks), `block`
 //! (shared block, attention and MLP pieces), `layers` (numeric building blocks), `config`
-//! (config.json into typed structs), `dtype` (the compute dtype), `weights` (named tensors), `arch/` (one file per family and
+//! (config.json into typed structs), `dtype` (the compute dtype), `weights` (named tensors), `placement` (blocks split across devices), `arch/` (one file per family and
 //! the registry), `load/` (folders, GGUF, the Hugging Face cache).
 //!
 //! Padding is always on the right, so position ids are `0..T` for every row; attention masks keep
@@ -23,6 +23,7 @@ pub mod fused;
 pub mod hooks;
 pub mod layers;
 pub mod load;
+pub mod placement;
 pub mod transformer;
 pub mod weights;
 
@@ -30,4 +31,5 @@ pub use batch::{Batch, BatchContext};
 pub use dtype::{DtypeChoice, LoadOptions};
 pub use hooks::{BlockTap, Hooks, LinearReplacement, NoHooks, SubModule, Tap, TapPatch, TapRecorder, LN_FINAL_TAP};
 pub use load::{load_model, load_model_with, LoadedModel};
+pub use placement::Placement;
 pub use transformer::{hidden_states, hidden_states_with, run_blocks, AttentionKind, ModelInfo, Transformer};

@@ -5,6 +5,7 @@ use candle_core::{Device, Tensor};
 
 use super::batch::{Batch, BatchContext};
 use super::hooks::{emit, Hooks, NoHooks, SubModule, Tap};
+use super::placement::Placement;
 
 /// How tokens may attend to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -44,7 +45,25 @@ pub struct ModelInfo {
 /// One transformer, split at the points the paper's linear shortcuts connect.
 pub trait Transformer: Send + Sync {
     fn info(&self) -> &ModelInfo;
+    /// The device of the embedding, where batches' input ids go (the first of a split).
     fn device(&self) -> &Device;
+
+    /// The device running block `layer`; a block moves a state from elsewhere onto it, so
+    /// states h_{l+1} come back on the device of block l.
+    fn block_device(&self, _layer: usize) -> &Device {
+        self.device()
+    }
+
+    /// The device of the final norm and the unembedding: logits come back there, and a state
+    /// read out from elsewhere is moved there first.
+    fn head_device(&self) -> &Device {
+        self.device()
+    }
+
+    /// The split across devices, when the model has one.
+    fn placement(&self) -> Option<&Placement> {
+        None
+    }
 
     /// Masks and other per-batch state, computed once per batch.
     fn context(&self, batch: &Batch) -> Result<BatchContext>;

@@ -4,6 +4,8 @@
 //! Safetensors shards are memory-mapped and each tensor is copied once, already on its device,
 //! then converted to the compute dtype; the mapped pages of a copied tensor are released at once
 //! (`MADV_DONTNEED`), so loading a bf16 checkpoint in bf16 holds one copy of it, never an f32 one.
+//! A model split across devices is placed before anything is copied (from the shapes in the
+//! headers), and each tensor goes straight to the device of its block.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,6 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use super::dtype::{label, DtypeChoice, Stored};
+use super::placement::{self, Placement};
 use crate::error::one_line;
 
 /// All tensors of a checkpoint, in the compute dtype, under their Hugging Face names.
@@ -26,6 +29,23 @@ pub struct Weights {
     pub storage: String,
     /// The compute dtype every tensor was converted to.
     dtype: DType,
+    /// When the model is split across devices: which blocks each device runs (every tensor
+    /// was loaded onto the device of its block).
+    placement: Option<Placement>,
+    /// Weights made on demand instead of read (`bench forward --random-config`).
+    random: Option<Random>,
+}
+
+/// Tensors made when asked for: every name exists, with the shape the architecture asks.
+struct Random {
+    /// Where tensors go when unsplit.
+    device: Device,
+    /// Shapes only (zero-memory broadcast views on the CPU), recording what was asked: the
+    /// placement is balanced from this record before any real tensor is made.
+    shapes_only: bool,
+    seed: u64,
+    /// (name, elements) of every tensor made, in order.
+    made: std::sync::Mutex<Vec<(String, usize)>>,
 }
 
 impl Weights {
@@ -36,12 +56,102 @@ impl Weights {
             source,
             storage,
             dtype,
+            placement: None,
+            random: None,
         }
+    }
+
+    /// Random weights in `dtype` for whatever tensors the architecture asks for, deterministic
+    /// per tensor name and `seed` (1-D weights, the norms, are ones; biases zeros; matrices
+    /// uniform in ±1/sqrt(fan-in)); each tensor is made directly on its device (`placement`, else
+    /// `device`). `source` names the config in messages. With `shapes_only` nothing is allocated:
+    /// the tensors are broadcast views, for [`Weights::made`] to cost a placement.
+    pub fn random(
+        source: PathBuf,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+        placement: Option<Placement>,
+        shapes_only: bool,
+    ) -> Self {
+        let mut w = Self::new(HashMap::new(), source, format!("random (seed {seed})"), dtype);
+        w.placement = placement;
+        w.random = Some(Random {
+            device: device.clone(),
+            shapes_only,
+            seed,
+            made: std::sync::Mutex::new(Vec::new()),
+        });
+        w
+    }
+
+    /// The (name, elements) of every random tensor made so far.
+    pub fn made(&self) -> Vec<(String, usize)> {
+        self.random
+            .as_ref()
+            .map(|r| r.made.lock().expect("not poisoned").clone())
+            .unwrap_or_default()
+    }
+
+    /// A random tensor `name` of `shape` (see [`Weights::random`]).
+    fn make_random(&self, r: &Random, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let elems: usize = shape.iter().product();
+        r.made.lock().expect("not poisoned").push((name.to_string(), elems));
+        let fail = |e: candle_core::Error| anyhow!("{}: random tensor {name}: {}", self.source.display(), one_line(&e));
+        if r.shapes_only {
+            return Tensor::zeros((), self.dtype, &Device::Cpu)
+                .and_then(|t| t.broadcast_as(shape))
+                .map_err(fail);
+        }
+        let device = match &self.placement {
+            None => &r.device,
+            Some(p) => match placement::tensor_block(name) {
+                Some(l) => p.block_device(l),
+                None if placement::is_input_embedding(name) => p.first(),
+                None => p.last(),
+            },
+        };
+        if shape.len() == 1 {
+            let fill = if name.ends_with(".bias") { 0.0 } else { 1.0 };
+            return Tensor::full(fill, shape, device)
+                .and_then(|t| t.to_dtype(self.dtype))
+                .map_err(fail);
+        }
+        let bound = 1.0 / (*shape.last().unwrap_or(&1) as f64).sqrt();
+        // One seed per tensor (its name hashed with the run's seed): the same tensor whatever
+        // the device or the order of the loads.
+        let tensor_seed = name.bytes().fold(r.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        let t = if device.is_cpu() {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(tensor_seed);
+            let v: Vec<f32> = (0..elems).map(|_| rng.random_range(-bound..bound) as f32).collect();
+            Tensor::from_vec(v, shape, device)
+        } else {
+            device
+                .set_seed(tensor_seed)
+                .and_then(|_| Tensor::rand(-bound as f32, bound as f32, shape, device))
+        };
+        t.and_then(|t| t.to_dtype(self.dtype)).map_err(fail)
     }
 
     /// Reads one or more safetensors shards (later shards win on duplicate names) in the dtype
     /// `choice` resolves to for the checkpoint's stored dtype on `device`.
     pub fn from_safetensors(paths: &[PathBuf], device: &Device, choice: DtypeChoice) -> Result<Self> {
+        Self::read_safetensors(paths, std::slice::from_ref(device), choice)
+    }
+
+    /// [`Weights::from_safetensors`] split across `devices` (at least two): the
+    /// blocks are balanced over them by memory ([`Placement::balance`]) and each tensor is copied
+    /// straight onto the device of its block (the embedding onto the first, the final norm and the
+    /// head onto the last), never through one device first.
+    pub fn from_safetensors_split(paths: &[PathBuf], devices: &[Device], choice: DtypeChoice) -> Result<Self> {
+        Self::read_safetensors(paths, devices, choice)
+    }
+
+    fn read_safetensors(paths: &[PathBuf], devices: &[Device], choice: DtypeChoice) -> Result<Self> {
+        let device = &devices[0];
         let mut maps = Vec::with_capacity(paths.len());
         for path in paths {
             let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
@@ -69,6 +179,29 @@ impl Weights {
             .max_by_key(|(dt, n)| (**n, label(**dt)))
             .map_or(DType::F32, |(dt, _)| *dt);
         let dtype = choice.resolve(device, Stored::Float(major))?;
+        let placement = if devices.len() > 1 {
+            let mut sizes = Vec::new();
+            for mmap in &maps {
+                let st = safetensors::SafeTensors::deserialize(mmap).expect("checked above");
+                for (name, view) in st.tensors() {
+                    sizes.push((name, view.shape().iter().product::<usize>()));
+                }
+            }
+            let costs = placement::costs_from_tensors(sizes.iter().map(|(n, e)| (n.as_str(), *e)), dtype);
+            Some(Placement::balance(devices.to_vec(), &costs)?)
+        } else {
+            None
+        };
+        let device_of = |name: &str| -> &Device {
+            match &placement {
+                None => device,
+                Some(p) => match placement::tensor_block(name) {
+                    Some(l) => p.block_device(l),
+                    None if placement::is_input_embedding(name) => p.first(),
+                    None => p.last(),
+                },
+            }
+        };
         let mut tensors = HashMap::new();
         let mut unconvertible = HashMap::new();
         for (path, mmap) in paths.iter().zip(&maps) {
@@ -79,7 +212,7 @@ impl Weights {
                     continue;
                 };
                 let t = Tensor::from_raw_buffer(view.data(), stored, view.shape(), &Device::Cpu)
-                    .and_then(|t| t.to_device(device))
+                    .and_then(|t| t.to_device(device_of(&name)))
                     .and_then(|t| if t.dtype() == dtype { Ok(t) } else { t.to_dtype(dtype) })
                     .map_err(|e| anyhow!("{}: tensor {name}: {}", path.display(), one_line(&e)))?;
                 release_pages(mmap, view.data());
@@ -95,7 +228,13 @@ impl Weights {
         storage.sort();
         let mut w = Self::new(tensors, source, storage.join(", "), dtype);
         w.unconvertible = unconvertible;
+        w.placement = placement;
         Ok(w)
+    }
+
+    /// The split across devices the tensors were loaded with (None: one device).
+    pub fn placement(&self) -> Option<&Placement> {
+        self.placement.as_ref()
     }
 
     /// The compute dtype of the tensors.
@@ -108,7 +247,7 @@ impl Weights {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || self.unconvertible.contains_key(name)
+        self.tensors.contains_key(name) || self.unconvertible.contains_key(name) || self.random.is_some()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -116,7 +255,8 @@ impl Weights {
     }
 
     pub fn n_params(&self) -> usize {
-        self.tensors.values().map(|t| t.elem_count()).sum()
+        let made: usize = self.made().iter().map(|(_, n)| n).sum();
+        self.tensors.values().map(|t| t.elem_count()).sum::<usize>() + made
     }
 
     /// The tensor `name`, which must have shape `shape`.
@@ -129,10 +269,11 @@ impl Weights {
                 label(self.dtype)
             );
         }
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.source.display()))?;
+        let t = match (self.tensors.get(name), &self.random) {
+            (Some(t), _) => t,
+            (None, Some(r)) => return self.make_random(r, name, shape),
+            (None, None) => bail!("{}: missing tensor '{name}'", self.source.display()),
+        };
         if t.dims() != shape {
             bail!(
                 "{}: tensor '{name}' has shape {:?} but the config implies {:?}",
@@ -168,11 +309,29 @@ impl Weights {
     /// parameter count is unchanged because each fused tensor is removed.
     pub fn with_split(&self, split: Vec<(String, Vec<(String, Tensor)>)>) -> Weights {
         let mut tensors = self.tensors.clone();
+        let fused_names: Vec<String> = split.iter().map(|(f, _)| f.clone()).collect();
         for (fused, parts) in split {
             tensors.remove(&fused);
             tensors.extend(parts);
         }
-        Weights::new(tensors, self.source.clone(), self.storage.clone(), self.dtype)
+        let mut w = Weights::new(tensors, self.source.clone(), self.storage.clone(), self.dtype);
+        w.placement = self.placement.clone();
+        w.random = self.random.as_ref().map(|r| Random {
+            device: r.device.clone(),
+            shapes_only: r.shapes_only,
+            seed: r.seed,
+            // A fused random tensor counts through its parts only.
+            made: std::sync::Mutex::new(
+                r.made
+                    .lock()
+                    .expect("not poisoned")
+                    .iter()
+                    .filter(|(n, _)| !fused_names.contains(n))
+                    .cloned()
+                    .collect(),
+            ),
+        });
+        w
     }
 }
 

@@ -90,7 +90,7 @@ pub fn run_predict(
         Some(p) => p.clone(),
         None => crate::data::run::require(&run.maps(), "fit")?,
     };
-    let device = lm.model.device().clone();
+    let device = lm.model.head_device().clone();
     let maps = Maps::read(&maps_path)?;
     maps.check_model(&manifest.model)?;
     let last = lm.model.info().n_layers;

@@ -82,6 +82,8 @@ pub struct ReportOptions {
     pub progress: bool,
     /// Where the model runs (`Device::Cpu` unless set).
     pub device: Device,
+    /// The devices the model's blocks are split across (empty: all on `device`).
+    pub split: Vec<Device>,
     /// Compute dtype of the model (`auto` unless set).
     pub dtype: crate::model::DtypeChoice,
 }
@@ -108,6 +110,7 @@ impl ReportOptions {
             batch_tokens: CollectOptions::default().batch_tokens,
             progress: true,
             device: Device::Cpu,
+            split: Vec::new(),
             dtype: crate::model::DtypeChoice::Auto,
         }
     }
@@ -170,8 +173,12 @@ pub fn run_report(opts: &ReportOptions) -> Result<PathBuf> {
         &crate::model::LoadOptions {
             device: opts.device.clone(),
             dtype: opts.dtype,
+            split: opts.split.clone(),
         },
     )?;
+    if let Some(p) = lm.model.placement() {
+        say(&format!("placement: {}", p.describe()));
+    }
     let collect_opts = collect_options_value(opts)?;
     let total = Stage::REPORT.len() + 1;
     // Which stages ran in this call (their dependants must run again).

@@ -33,7 +33,7 @@ pub fn run_submodules(
     let val = run.read_split(&manifest, "val")?;
     let maps = Maps::read(&require(&run.maps(), "fit")?)?;
     maps.check_model(&manifest.model)?;
-    let maps = maps.to_device(lm.model.device())?;
+    let maps = maps.to_device(lm.model.head_device())?;
     let r2 = read_r2(run, info.n_layers)?;
     let (sub_report, alt) = experiments(lm, &train, &val, &maps, &r2, opts)?;
     check_finite(&sub_report, &alt)?;

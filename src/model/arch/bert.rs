@@ -68,6 +68,12 @@ fn default_act() -> String {
 
 /// Loads a BertForMaskedLM or BertModel checkpoint.
 pub fn load(cfg: &Config, w: &Weights, device: &Device) -> Result<Box<dyn Transformer>> {
+    if w.placement().is_some() {
+        anyhow::bail!(
+            "{}: --device with several devices is not supported for BERT (use one device)",
+            w.source().display()
+        );
+    }
     Ok(Box::new(Bert::load(cfg, w, device)?))
 }
 
@@ -257,6 +263,7 @@ impl Transformer for Bert {
             bias,
             bias_local: None,
             token_type_ids: batch.token_type_ids.clone(),
+            split_bias: Vec::new(),
         })
     }
 

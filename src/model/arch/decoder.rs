@@ -12,13 +12,22 @@
 //!
 //! Tensors are loaded under the names in [`TensorNames`] (the Hugging Face Llama names unless a
 //! family overrides them), so `load` mirrors the checkpoint.
+//!
+//! Split across devices ([`Placement`], from the weights): each block's tensors live on its
+//! device, the embedding on the first and the final norm and head on the last; a block moves an
+//! incoming state onto its device (once per boundary), and the RoPE tables and the batch's masks
+//! exist once per device.
+
+use std::cell::RefCell;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
+use crate::model::batch::AttentionMask;
 use crate::model::block::{attend, gated_mlp, plain_mlp, Part, PreNormBlock};
 use crate::model::hooks::{emit, Tap};
 use crate::model::layers::{self, Activation, LayerNorm, Linear, Norm, RmsNorm, Rope, RopeScaling};
+use crate::model::placement::{self, Placement};
 use crate::model::weights::Weights;
 use crate::model::{AttentionKind, Batch, BatchContext, Hooks, ModelInfo, SubModule, Transformer};
 
@@ -237,6 +246,14 @@ impl Block {
     }
 }
 
+/// The RoPE tables of one device.
+struct RopeTables {
+    rope: Rope,
+    rope_local: Option<Rope>,
+    /// LongRoPE's long table and the length above which it is used.
+    rope_long: Option<(Rope, usize)>,
+}
+
 pub struct Decoder {
     info: ModelInfo,
     device: Device,
@@ -245,10 +262,9 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: Norm,
     lm_head: Linear,
-    rope: Rope,
-    rope_local: Option<Rope>,
-    /// LongRoPE's long table and the length above which it is used.
-    rope_long: Option<(Rope, usize)>,
+    /// The RoPE tables, one set per device of the placement (one set when unsplit).
+    ropes: Vec<RopeTables>,
+    placement: Option<Placement>,
     head_dim: usize,
     rotary_dim: usize,
     attn_scale: f64,
@@ -274,10 +290,19 @@ impl Decoder {
                 s.n_layers
             );
         }
+        let placement = w.placement().cloned();
+        // Where the tensors being read go: the block's device while its block is built, the last
+        // device for the final norm and the head (the loader already put them there by name;
+        // this makes it hold whatever a checkpoint calls its tensors).
+        let target = RefCell::new(device.clone());
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = w.get(name, shape)?;
+            Ok(placement::move_to(&t, &target.borrow())?)
+        };
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let weight = w.get(&format!("{name}.weight"), &[out, inp])?;
+            let weight = get(&format!("{name}.weight"), &[out, inp])?;
             let bias = if bias {
-                Some(w.get(&format!("{name}.bias"), &[out])?)
+                Some(get(&format!("{name}.bias"), &[out])?)
             } else {
                 None
             };
@@ -286,7 +311,7 @@ impl Decoder {
         let norm = |name: &str, dim: usize| -> Result<Norm> {
             Ok(match s.norm {
                 NormKind::Rms { eps, plus_one } => {
-                    let weight = w.get(&format!("{name}.weight"), &[dim])?;
+                    let weight = get(&format!("{name}.weight"), &[dim])?;
                     // Gemma stores w and multiplies by (1 + w) in f32; fold the 1 in once here.
                     let scale = if plus_one {
                         (layers::f32(weight)? + 1.0)?
@@ -300,8 +325,8 @@ impl Decoder {
                     })
                 }
                 NormKind::Layer { eps } => Norm::Layer(LayerNorm {
-                    weight: w.get(&format!("{name}.weight"), &[dim])?,
-                    bias: w.get(&format!("{name}.bias"), &[dim])?,
+                    weight: get(&format!("{name}.weight"), &[dim])?,
+                    bias: get(&format!("{name}.bias"), &[dim])?,
                     eps,
                 }),
             })
@@ -312,7 +337,20 @@ impl Decoder {
         // made this allocate 481 GB; found by tests/fuzz_readers.rs); a missing block's weights
         // end the load with an error instead.
         let mut blocks = Vec::new();
+        if let Some(pl) = &placement {
+            if pl.ranges.last().map(|r| r.1) != Some(s.n_layers) {
+                bail!(
+                    "{}: the checkpoint's tensors name {} blocks but the config has {}",
+                    w.source().display(),
+                    pl.ranges.last().map_or(0, |r| r.1),
+                    s.n_layers
+                );
+            }
+        }
         for (l, &sliding) in s.sliding_layers.iter().enumerate() {
+            if let Some(pl) = &placement {
+                *target.borrow_mut() = pl.block_device(l).clone();
+            }
             let p = format!("{}.{l}", n.layer_prefix);
             let qk_norm = |name: &str, heads: usize| -> Result<Option<Norm>> {
                 match s.qk_norm {
@@ -388,26 +426,38 @@ impl Decoder {
                 post_mlp_norm: post_norm(&n.post_mlp_norm)?,
             });
         }
-        // Untied checkpoints store the head; tied ones reuse the input embedding.
+        let head_device = placement.as_ref().map_or(device, |p| p.last()).clone();
+        *target.borrow_mut() = head_device.clone();
+        // Untied checkpoints store the head; tied ones reuse the input embedding (a copy of it on
+        // the last device when split).
         let lm_head = match w.get_opt(&format!("{}.weight", n.lm_head), &[s.vocab_size, d])? {
-            Some(t) => t,
-            None => embed_tokens.clone(),
+            Some(t) => placement::move_to(&t, &head_device)?,
+            None => placement::move_to(&embed_tokens, &head_device)?,
         };
+        let final_norm = norm(&n.final_norm, d)?;
         let rd = s.rotary_dim;
         if rd == 0 || rd > hd || !rd.is_multiple_of(2) {
             bail!("{}: rotary dimension {rd} for heads of {hd}", w.source().display());
         }
-        let rope = Rope::new(rd, s.rope.theta, &s.rope.scaling, s.rope_table_len, device)?;
-        let rope_local = match &s.rope_local {
-            Some(r) => Some(Rope::new(rd, r.theta, &r.scaling, s.rope_table_len, device)?),
-            None => None,
+        let tables = |device: &Device| -> Result<RopeTables> {
+            Ok(RopeTables {
+                rope: Rope::new(rd, s.rope.theta, &s.rope.scaling, s.rope_table_len, device)?,
+                rope_local: match &s.rope_local {
+                    Some(r) => Some(Rope::new(rd, r.theta, &r.scaling, s.rope_table_len, device)?),
+                    None => None,
+                },
+                rope_long: match &s.rope_long {
+                    Some(r) => Some((
+                        Rope::new(rd, s.rope.theta, &r.scaling, s.rope_table_len, device)?,
+                        r.original_max_positions,
+                    )),
+                    None => None,
+                },
+            })
         };
-        let rope_long = match &s.rope_long {
-            Some(r) => Some((
-                Rope::new(rd, s.rope.theta, &r.scaling, s.rope_table_len, device)?,
-                r.original_max_positions,
-            )),
-            None => None,
+        let ropes = match &placement {
+            Some(p) => p.devices.iter().map(tables).collect::<Result<Vec<_>>>()?,
+            None => vec![tables(device)?],
         };
         let info = ModelInfo {
             arch: s.arch.clone(),
@@ -429,11 +479,10 @@ impl Decoder {
             embed_tokens,
             embed_scale: s.embed_scale,
             blocks,
-            norm: norm(&n.final_norm, d)?,
+            norm: final_norm,
             lm_head: Linear::new(lm_head, None),
-            rope,
-            rope_local,
-            rope_long,
+            ropes,
+            placement,
             head_dim: hd,
             rotary_dim: rd,
             attn_scale: s.attn_scale,
@@ -469,10 +518,12 @@ impl Decoder {
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let (h, h_kv, hd) = (self.info.n_heads, self.info.n_kv_heads, self.head_dim);
-        let rope = match (&self.rope_local, a.sliding, &self.rope_long) {
+        let on = self.placement.as_ref().map_or(0, |p| p.device_index(layer));
+        let tables = &self.ropes[on];
+        let rope = match (&tables.rope_local, a.sliding, &tables.rope_long) {
             (Some(local), true, _) => local,
             (_, _, Some((long, original))) if ctx.seq_len > *original => long,
-            _ => &self.rope,
+            _ => &tables.rope,
         };
         let whole = matches!(self.qk_norm, QkNorm::Whole);
         let heads = |proj: &Linear, n: usize, norm: &Option<Norm>| -> candle_core::Result<Tensor> {
@@ -497,10 +548,7 @@ impl Decoder {
         let q = rotate(&heads(&a.q, h, &a.q_norm)?)?;
         let k = rotate(&heads(&a.k, h_kv, &a.k_norm)?)?;
         let v = layers::split_heads(&a.v.forward(x)?, h_kv, hd)?;
-        let bias = match (&ctx.bias_local, a.sliding) {
-            (Some(local), true) => local,
-            _ => &ctx.bias,
-        };
+        let bias = ctx.bias_on(on, a.sliding);
         let out = attend(layer, &q, &k, &v, bias, self.attn_scale, self.attn_softcap, hooks)?;
         Ok(a.o.forward(&out)?)
     }
@@ -558,26 +606,45 @@ impl Transformer for Decoder {
         &self.device
     }
 
+    fn block_device(&self, layer: usize) -> &Device {
+        self.placement.as_ref().map_or(&self.device, |p| p.block_device(layer))
+    }
+
+    fn head_device(&self) -> &Device {
+        self.placement.as_ref().map_or(&self.device, |p| p.last())
+    }
+
+    fn placement(&self) -> Option<&Placement> {
+        self.placement.as_ref()
+    }
+
     fn context(&self, batch: &Batch) -> Result<BatchContext> {
-        let supported = self.rope.cos.dim(0)?;
+        let supported = self.ropes[0].rope.cos.dim(0)?;
         if batch.seq_len() > supported {
             bail!(
                 "sequence of {} tokens exceeds the supported context of {supported}",
                 batch.seq_len()
             );
         }
-        let bias = batch.attention_mask(AttentionKind::Causal, None, &self.device)?;
-        let bias_local = match self.sliding_window {
-            Some(w) if w < batch.seq_len() => {
-                Some(batch.attention_mask(AttentionKind::Causal, Some(w), &self.device)?)
-            }
-            _ => None,
+        let masks = |device: &Device| -> Result<(AttentionMask, Option<AttentionMask>)> {
+            let bias = batch.attention_mask(AttentionKind::Causal, None, device)?;
+            let bias_local = match self.sliding_window {
+                Some(w) if w < batch.seq_len() => Some(batch.attention_mask(AttentionKind::Causal, Some(w), device)?),
+                _ => None,
+            };
+            Ok((bias, bias_local))
+        };
+        let (bias, bias_local) = masks(&self.device)?;
+        let split_bias = match &self.placement {
+            Some(p) => p.devices[1..].iter().map(masks).collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
         };
         Ok(BatchContext {
             seq_len: batch.seq_len(),
             bias,
             bias_local,
             token_type_ids: None,
+            split_bias,
         })
     }
 
@@ -591,7 +658,9 @@ impl Transformer for Decoder {
     }
 
     fn block(&self, layer: usize, h: &Tensor, ctx: &BatchContext, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        // States from outside (lens outputs, f32) enter in the compute dtype.
+        // States from outside (lens outputs, f32) enter in the compute dtype, and states from
+        // another device (the previous block's, at a boundary of a split) move onto this one.
+        let h = &placement::move_to(h, self.block_device(layer))?;
         let h = &layers::to_dtype(h, self.embed_tokens.dtype())?;
         let b = &self.blocks[layer];
         let post_attn = |x: &Tensor| match &b.post_attn_norm {
@@ -621,11 +690,11 @@ impl Transformer for Decoder {
     }
 
     fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.norm.forward(h)?)
+        Ok(self.norm.forward(&placement::move_to(h, self.head_device())?)?)
     }
 
     fn unembed(&self, h: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.forward(h)?;
+        let logits = self.lm_head.forward(&placement::move_to(h, self.head_device())?)?;
         // Logits leave the model in f32 (scored in f32 everywhere).
         Ok(layers::f32(layers::softcap(&logits, self.final_softcap)?)?)
     }

@@ -73,6 +73,12 @@ pub struct Gpt2 {
 
 /// Loads a GPT-2 checkpoint.
 pub fn load(cfg: &Config, w: &Weights, device: &Device) -> Result<Box<dyn Transformer>> {
+    if w.placement().is_some() {
+        anyhow::bail!(
+            "{}: --device with several devices is not supported for GPT-2 (use one device)",
+            w.source().display()
+        );
+    }
     Ok(Box::new(Gpt2::load(cfg, w, device)?))
 }
 
@@ -202,6 +208,7 @@ impl Transformer for Gpt2 {
             bias,
             bias_local: None,
             token_type_ids: None,
+            split_bias: Vec::new(),
         })
     }
 

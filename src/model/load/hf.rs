@@ -4,24 +4,28 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::Device;
 use serde_json::Value;
 
 use super::LoadedModel;
 use crate::model::arch;
 use crate::model::config::Config;
-use crate::model::dtype::DtypeChoice;
+use crate::model::dtype::LoadOptions;
 use crate::model::weights::Weights;
 use crate::tokenizer::Tokenizer;
 
-pub(super) fn load_folder(dir: &Path, device: &Device, dtype: DtypeChoice) -> Result<LoadedModel> {
+pub(super) fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let (device, dtype) = (&opts.device, opts.dtype);
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         bail!("{}: no config.json in the model folder", dir.display());
     }
     let cfg = Config::read(&config_path)?;
     let shards = safetensors_files(dir)?;
-    let weights = Weights::from_safetensors(&shards, device, dtype)?;
+    let weights = if opts.split.len() > 1 {
+        Weights::from_safetensors_split(&shards, &opts.split, dtype)?
+    } else {
+        Weights::from_safetensors(&shards, device, dtype)?
+    };
     let model = arch::build(&cfg, &weights, device)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 
 pub use crate::model::dtype::{DtypeChoice, LoadOptions};
 use crate::model::hooks::{Tap, TapRecorder};
+use crate::model::weights::Weights;
 use crate::model::Transformer;
 use crate::tokenizer::Tokenizer;
 
@@ -51,18 +52,64 @@ pub fn load_model_with(spec: &str, opts: &LoadOptions) -> Result<LoadedModel> {
     let path = resolve(spec)?;
     let (device, dtype) = (&opts.device, opts.dtype);
     if path.is_dir() {
-        hf::load_folder(&path, device, dtype)
+        hf::load_folder(&path, opts)
     } else if is_gguf(&path)? {
+        if !opts.split.is_empty() {
+            bail!(
+                "{}: --device with several devices needs a safetensors model (GGUF files load on one device)",
+                path.display()
+            );
+        }
         gguf::load_gguf(&path, device, dtype)
     } else if path.extension().is_some_and(|e| e == "safetensors") {
         let dir = path.parent().unwrap_or(Path::new("."));
-        hf::load_folder(dir, device, dtype)
+        hf::load_folder(dir, opts)
     } else {
         bail!(
             "{}: not a model folder, a .gguf file or a .safetensors file",
             path.display()
         )
     }
+}
+
+/// A model of the architecture and shapes `config` (a config.json) describes, with random
+/// weights made directly on their devices ([`Weights::random`], deterministic per tensor name and
+/// `seed`): benchmarks of shapes whose checkpoint would not fit the disk. `auto` resolves as for
+/// a stored f32 checkpoint (ask for `--dtype bf16` to run in bf16). The tokenizer is a
+/// `tokenizer.json` next to the config, if there is one.
+pub fn random_model(config: &Path, opts: &LoadOptions, seed: u64) -> Result<LoadedModel> {
+    let cfg = crate::model::config::Config::read(config)?;
+    let dtype = opts.dtype.resolve(
+        &opts.device,
+        crate::model::dtype::Stored::Float(candle_core::DType::F32),
+    )?;
+    let placement = if opts.split.len() > 1 {
+        // Shapes first (nothing allocated), to balance the blocks before any tensor is made.
+        let shapes = Weights::random(config.to_path_buf(), &Device::Cpu, dtype, seed, None, true);
+        drop(build(&cfg, &shapes, &Device::Cpu)?);
+        let made = shapes.made();
+        let costs = crate::model::placement::costs_from_tensors(made.iter().map(|(n, e)| (n.as_str(), *e)), dtype);
+        Some(crate::model::Placement::balance(opts.split.clone(), &costs)?)
+    } else {
+        None
+    };
+    let weights = Weights::random(config.to_path_buf(), &opts.device, dtype, seed, placement, false);
+    let model = build(&cfg, &weights, &opts.device)?;
+    let tok_path = config.with_file_name("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        let t = Tokenizer::from_file(&tok_path)?;
+        t.check_fits(model.info().vocab_size, &tok_path)?;
+        Some(t)
+    } else {
+        None
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        path: config.to_path_buf(),
+        format: "random".into(),
+        storage: weights.storage.clone(),
+    })
 }
 
 /// Turns MODEL into a path: as given if it exists, else a snapshot in the HF cache.
@@ -134,6 +181,9 @@ pub struct Summary {
     pub info: super::ModelInfo,
     pub storage: String,
     pub tokenizer: String,
+    /// Which device runs which blocks, when split across devices.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }
 
 impl LoadedModel {
@@ -148,6 +198,7 @@ impl LoadedModel {
                 .as_ref()
                 .map(|t| t.kind.clone())
                 .unwrap_or_else(|| "none".into()),
+            placement: self.model.placement().map(|p| p.describe()),
         }
     }
 
@@ -195,6 +246,11 @@ impl LoadedModel {
         let (ids, batch) = self.text_batch(text, mask_position)?;
         let states = super::hidden_states(self.model.as_ref(), &batch)?;
         let last = states.last().expect("at least h_0").clone();
+        // A split model leaves each state on its block's device: stacked on the first.
+        let states = states
+            .iter()
+            .map(|h| super::placement::move_to(h, self.model.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let hidden = Tensor::stack(&states, 0)?.squeeze(1)?;
         let logits = if self.model.info().has_lm_head {
             Some(self.model.readout(&last)?.squeeze(0)?)
