@@ -48,9 +48,12 @@ step "cargo fmt --check"
 cargo fmt --check
 step "cargo clippy --release --all-targets -- -D warnings"
 cargo clippy --release --all-targets -- -D warnings
-step "cargo fmt --check and clippy of the Python bindings (python/ is its own workspace)"
+# The Python bindings (python/ is its own workspace) share the root target folder, so the
+# dependencies the root clippy and build compiled are reused where their features agree.
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+step "cargo fmt --check and clippy of the Python bindings"
 cargo fmt --check --manifest-path python/Cargo.toml
-cargo clippy --release --manifest-path python/Cargo.toml -- -D warnings
+CARGO_TARGET_DIR="$TARGET_DIR" cargo clippy --release --manifest-path python/Cargo.toml -- -D warnings
 step "cargo test --release $*"
 cargo test --release "$@"
 # The unit tests once more with integer-overflow checks on (only this crate is rebuilt), so an
@@ -61,9 +64,7 @@ if [[ $# -eq 0 ]]; then
 fi
 
 step "Python bindings: pip install ./python into a fresh venv, pytest python/tests"
-# The extension build shares the target folder, so the CLI's compiled dependencies are reused
-# where their features agree.
-TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+# The extension build shares the target folder too (TARGET_DIR above).
 VENV="$(mktemp -d)/venv"
 python3 -m venv "$VENV"
 CARGO_TARGET_DIR="$TARGET_DIR" "$VENV/bin/pip" install -q ./python pytest safetensors

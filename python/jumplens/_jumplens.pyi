@@ -91,7 +91,12 @@ def collect(
     batch_tokens: int = 0,
     progress: bool = True,
     dtype: _Dtype = "auto",
+    stats_only: bool = False,
+    pairs: Literal["all", "to-final", "auto"] = "auto",
+    shard: Optional[str] = None,
+    part_sentences: int = 0,
 ) -> Run: ...
+def merge(out: _Path, shards: List[_Path], partial: bool = False) -> Run: ...
 def fit(
     run: Union[Run, _Path],
     pairs: Literal["all", "to-final"] = "all",

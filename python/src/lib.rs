@@ -145,8 +145,11 @@ fn dtype_arg(dtype: &str) -> PyResult<DtypeChoice> {
 }
 
 /// Where and in which dtype to load a model.
+/// `device` is the CLI's `--device`: "cpu", "cuda[:N]", or a comma list ("cuda:0,cuda:1") that
+/// splits the blocks across the devices.
 fn load_options(device: &str, dtype: &str) -> PyResult<LoadOptions> {
-    let mut opts = LoadOptions::new(&device_arg(device)?);
+    let devices = err(jumplens::device::parse_list(device))?;
+    let mut opts = LoadOptions::on(&devices);
     opts.dtype = dtype_arg(dtype)?;
     Ok(opts)
 }
@@ -652,7 +655,7 @@ fn positions_arg(positions: &Bound<'_, PyAny>) -> PyResult<Positions> {
 /// (Ctrl-C) resumes when called again with the same arguments. `dtype` is the compute dtype
 /// when `model` is a path (a `Model` keeps its own).
 #[pyfunction]
-#[pyo3(signature = (model, corpus, out, train = 9000, val = 3000, seed = 0, positions = None, text_field = "text", batch_tokens = 0, progress = true, dtype = "auto"))]
+#[pyo3(signature = (model, corpus, out, train = 9000, val = 3000, seed = 0, positions = None, text_field = "text", batch_tokens = 0, progress = true, dtype = "auto", stats_only = false, pairs = "auto", shard = None, part_sentences = 0))]
 #[allow(clippy::too_many_arguments)]
 fn collect(
     py: Python<'_>,
@@ -667,6 +670,10 @@ fn collect(
     batch_tokens: usize,
     progress: bool,
     dtype: &str,
+    stats_only: bool,
+    pairs: &str,
+    shard: Option<&str>,
+    part_sentences: usize,
 ) -> PyResult<Run> {
     let device = match model.downcast::<Model>() {
         Ok(m) => m.get().device.clone(),
@@ -684,15 +691,62 @@ fn collect(
         text_field: text_field.to_string(),
         batch_tokens,
     };
+    use jumplens::data::stats::StatsPairs;
+    let stats = if stats_only {
+        let info = lm.model.info();
+        Some(match pairs {
+            "all" => StatsPairs::All,
+            "to-final" => StatsPairs::ToFinal,
+            "auto" => StatsPairs::auto(
+                info.n_layers + 1,
+                info.d_model,
+                jumplens::pipeline::fit::ALL_PAIRS_MAX_BYTES,
+            ),
+            other => {
+                return Err(Error::new_err(format!(
+                    "pairs '{other}': expected \"all\", \"to-final\" or \"auto\""
+                )))
+            }
+        })
+    } else {
+        None
+    };
+    let shard = match shard {
+        Some(s) => Some(err(jumplens::data::run::Shard::parse(s))?),
+        None => None,
+    };
+    let stream = jumplens::collect::StreamOptions {
+        stats,
+        shard,
+        part_sentences,
+    };
     let run = RunDir::new(&out);
     let lm_ref = &lm;
     long_call(py, || {
-        jumplens::collect::collect(lm_ref, &corpus, &run, &opts, progress)
+        jumplens::collect::collect_stream(lm_ref, &corpus, &run, &opts, &stream, progress)
     })?;
     Ok(Run {
         root: out,
         device,
         model: Mutex::new(Some(lm)),
+        model_spec: None,
+    })
+}
+
+/// Merges shard runs (`collect(..., shard="I/N")`) into the run `out`, as `jumplens merge`:
+/// checks that they belong together, sums the statistics (or joins the training activations)
+/// and joins the validation activations in shard order. `partial=True` merges a contiguous
+/// range of shards into a shard run that a later merge accepts. Returns the merged `Run`.
+#[pyfunction]
+#[pyo3(signature = (out, shards, partial = false))]
+fn merge(py: Python<'_>, out: PathBuf, shards: Vec<PathBuf>, partial: bool) -> PyResult<Run> {
+    let inputs: Vec<&std::path::Path> = shards.iter().map(|p| p.as_path()).collect();
+    let out_ref = &out;
+    long_call(py, || jumplens::pipeline::merge::merge(out_ref, &inputs, partial))?;
+    Ok(Run {
+        root: out,
+        device: "cpu".into(),
+        model: Mutex::new(None),
         model_spec: None,
     })
 }
@@ -884,6 +938,7 @@ fn _jumplens(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Run>()?;
     m.add_class::<Lens>()?;
     m.add_function(wrap_pyfunction!(collect, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(fit, m)?)?;
     m.add_function(wrap_pyfunction!(r2, m)?)?;
     m.add_function(wrap_pyfunction!(predict, m)?)?;

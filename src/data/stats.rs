@@ -48,6 +48,15 @@ impl StatsPairs {
         }
     }
 
+    /// `--pairs auto`: all pairs when their statistics fit in `max_bytes`, else to-final.
+    pub fn auto(n_states: usize, d: usize, max_bytes: u64) -> Self {
+        if StatsPairs::All.bytes(n_states, d) <= max_bytes {
+            StatsPairs::All
+        } else {
+            StatsPairs::ToFinal
+        }
+    }
+
     /// Bytes of the statistics of `n_states` states of width `d` (float64).
     pub fn bytes(self, n_states: usize, d: usize) -> u64 {
         let (s, d) = (n_states as u64, d as u64);
