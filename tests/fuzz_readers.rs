@@ -210,8 +210,17 @@ fn targets(scratch: &Path) -> Vec<Target> {
             read: load_dir,
         },
     ];
-    // Hook for the tuned lens's `params.pt` reader (issue 15): once that branch is merged, add a
-    // Target here with a small params.pt as its seed and the reader as `read`.
+    // The tuned lens's `params.pt` reader (a zip with a pickle that must never execute anything):
+    // seeded with the lens the peer package saved.
+    t.push(Target {
+        name: "params_pt",
+        seeds: vec![bytes(&root().join("tests/fixtures/tuned/llama_peer/params.pt"))],
+        file_name: "params.pt",
+        beside: vec![],
+        read: |p| {
+            let _ = jumplens::data::torch_pickle::read_state_dict(p);
+        },
+    });
     if let Some(g) = gguf_seed() {
         t.push(Target {
             name: "gguf",
@@ -349,7 +358,14 @@ fn fuzz(per_target: usize, budget: Duration, seed: u64, save: Option<&Path>) -> 
             *m = info.to_string().lines().collect::<Vec<_>>().join(" ");
         }
     }));
+    // JUMPLENS_FUZZ_ONLY=a,b: only these targets (scripts/fuzz.sh's optional third argument).
+    let only: Option<Vec<String>> = std::env::var("JUMPLENS_FUZZ_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
     for target in targets(scratch.path()) {
+        if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == target.name)) {
+            continue;
+        }
         let dir = scratch.path().join(target.name);
         std::fs::create_dir_all(&dir).unwrap();
         for b in &target.beside {
