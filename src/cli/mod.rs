@@ -121,6 +121,15 @@ fn stats_pairs(p: PairsArg, n_states: usize, d: usize) -> crate::data::stats::St
     }
 }
 
+/// `tuned-lens --init`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TunedInitArg {
+    /// W = 0, b = 0 (tuned-lens's start, the logit lens); writes RUN/tuned/.
+    Identity,
+    /// W = A_{l->L} - I (+ intercept) from RUN/maps.safetensors (`mat+kl`); writes RUN/tuned-mat/.
+    Mat,
+}
+
 /// Gram precision of the CPU fit.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum PrecisionArg {
@@ -406,6 +415,45 @@ enum Command {
         /// pickle code) evaluated as `tuned` [default: RUN/tuned/ when present].
         #[arg(long, value_name = "DIR")]
         tuned_lens: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Trains a tuned lens (tuned-lens 0.2.0's recipe) on the run's training articles.
+    #[command(after_help = "Examples:\n  \
+        jumplens tuned-lens runs/smollm2-wiki\n  \
+        jumplens tuned-lens runs/smollm2-wiki --init mat --steps 250\n\n\
+        The recipe: loss = sum over layers of the mean over positions of KL(model's final\n\
+        distribution || lens), clip 1.0, SGD Nesterov 0.9, lr = LR * 0.1 decayed linearly to 0\n\
+        over --steps, weight decay 1e-3. --tokens-per-step 0 = 512 on the CPU, 32768 on a GPU\n\
+        (candle's CPU autograd is slow: SmolLM2-135M takes ~30 s per step of 64 tokens on 2\n\
+        busy cores, so 250 steps take hours; see the README). Checkpoints every 25 steps\n\
+        (RUN/tuned.checkpoint.safetensors); the same command again resumes. Writes RUN/tuned/\n\
+        (RUN/tuned-mat/ with --init mat): params.pt + config.json (tuned-lens's format) and\n\
+        lens.safetensors; `jumplens predict RUN` then scores them as tuned / mat+kl.")]
+    TunedLens {
+        /// Run folder (after `jumplens collect`; `jumplens fit` too for --init mat).
+        run: PathBuf,
+        /// Optimiser steps (also the linear decay's horizon).
+        #[arg(long, default_value_t = 250)]
+        steps: usize,
+        /// Tokens per step (0 = 512 on the CPU, 32768 on a GPU).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        tokens_per_step: usize,
+        /// tuned-lens's lr_scale (SGD lr = LR * (1 - momentum 0.9)).
+        #[arg(long, default_value_t = 1.0, value_parser = positive)]
+        lr: f64,
+        /// Where training starts.
+        #[arg(long, value_enum, default_value_t = TunedInitArg::Identity)]
+        init: TunedInitArg,
+        /// Seed of the batch order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Tokens per training sequence.
+        #[arg(long, default_value_t = 128, value_name = "N")]
+        seq_len: usize,
+        /// Model to use instead of the one recorded in the run's manifest.
+        #[arg(long)]
+        model: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -818,6 +866,50 @@ fn run(cli: Cli) -> Result<()> {
                 let row: Vec<String> = r.lenses.values().map(|m| format!("{:>12.3}", m.p_at_1[l])).collect();
                 println!("{l:>5}  {}", row.join(" "));
             }
+        }
+        Command::TunedLens {
+            run,
+            steps,
+            tokens_per_step,
+            lr,
+            init,
+            seed,
+            seq_len,
+            model,
+            common,
+        } => {
+            use crate::pipeline::tuned::{run_tuned, TunedInit, TunedOptions};
+            let run = RunDir::new(&run);
+            let lm = run_model(&run, model, &load)?;
+            let opts = TunedOptions {
+                steps,
+                tokens_per_step,
+                lr,
+                init: match init {
+                    TunedInitArg::Identity => TunedInit::Identity,
+                    TunedInitArg::Mat => TunedInit::Mat,
+                },
+                seed,
+                seq_len,
+                progress: !common.quiet,
+                ..Default::default()
+            };
+            let r = run_tuned(&lm, &run, &opts)?;
+            let first = r.losses.first().copied().unwrap_or(f64::NAN);
+            let last = r.losses.last().copied().unwrap_or(f64::NAN);
+            let resumed = if r.resumed_from > 0 {
+                format!(", resumed at step {}", r.resumed_from)
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "tuned-lens: {} steps of {} tokens ({} sequences of training text){resumed}: loss {first:.4} -> {last:.4} in {:.1} s -> {}",
+                r.steps,
+                r.tokens_per_step,
+                r.sequences,
+                r.wall_s,
+                r.out.display()
+            );
         }
         Command::EarlyExit { run, rule, measure } => {
             let opts = EarlyExitOptions {

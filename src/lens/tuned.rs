@@ -13,6 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+pub mod train;
+
 /// tuned-lens's `TunedLensConfig` (unknown keys are ignored, as tuned-lens does).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TunedLensConfig {

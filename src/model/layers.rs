@@ -24,6 +24,14 @@ impl Linear {
     /// outside the model, e.g. f32 lens outputs, enter a bf16 model in bf16).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = &to_dtype(x, self.weight.dtype())?;
+        if x.track_op() {
+            // A Var upstream (lens training): the fast paths below rebuild outputs without a graph.
+            let y = x.broadcast_matmul(&self.weight.t()?)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -203,6 +211,12 @@ impl LayerNorm {
     /// on 16-bit inputs.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let out_dtype = self.weight.dtype();
+        if x.track_op() {
+            // A Var upstream (lens training): candle's fused layer_norm has no backward.
+            let (w, b) = (to_dtype(&self.weight, DType::F32)?, to_dtype(&self.bias, DType::F32)?);
+            return candle_nn::ops::layer_norm_slow(&to_dtype(x, DType::F32)?, &w, &b, self.eps as f32)?
+                .to_dtype(out_dtype);
+        }
         if x.dtype() == DType::F32 && out_dtype == DType::F32 {
             let x = x.contiguous()?;
             return candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32);
@@ -233,6 +247,12 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() {
+            // A Var upstream (lens training): candle's fused rms_norm has no backward.
+            let scale = to_dtype(&self.scale, DType::F32)?;
+            return candle_nn::ops::rms_norm_slow(&to_dtype(x, DType::F32)?, &scale, self.eps as f32)?
+                .to_dtype(self.dtype);
+        }
         // On a GPU one fused kernel with the same rounding (see crate::model::fused).
         if !x.device().is_cpu() && x.dtype() == self.dtype {
             let sd = self.scale.dtype();

@@ -12,6 +12,7 @@ pub mod r2;
 pub mod report;
 pub mod stage;
 pub mod submodules;
+pub mod tuned;
 
 pub use fit::{run_fit, FitSummary, Pairs};
 pub use r2::{run_r2, R2Report};
