@@ -425,8 +425,8 @@ enum Command {
         The recipe: loss = sum over layers of the mean over positions of KL(model's final\n\
         distribution || lens), clip 1.0, SGD Nesterov 0.9, lr = LR * 0.1 decayed linearly to 0\n\
         over --steps, weight decay 1e-3. --tokens-per-step 0 = 512 on the CPU, 32768 on a GPU\n\
-        (candle's CPU autograd is slow: SmolLM2-135M takes ~30 s per step of 64 tokens on 2\n\
-        busy cores, so 250 steps take hours; see the README). Checkpoints every 25 steps\n\
+        (on the CPU a step is slow: SmolLM2-135M takes ~6 s per step of 64 tokens on 2 cores,\n\
+        so 250 steps of 512 tokens take hours; see the README). Checkpoints every 25 steps\n\
         (RUN/tuned.checkpoint.safetensors); the same command again resumes. Writes RUN/tuned/\n\
         (RUN/tuned-mat/ with --init mat): params.pt + config.json (tuned-lens's format) and\n\
         lens.safetensors; `jumplens predict RUN` then scores them as tuned / mat+kl.")]

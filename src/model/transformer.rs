@@ -94,6 +94,22 @@ pub trait Transformer: Send + Sync {
     /// Logits from a final-normed state: the LM head, or BERT's MLM head.
     fn unembed(&self, h: &Tensor) -> Result<Tensor>;
 
+    /// The vector-Jacobian product of [`Transformer::unembed`] at `u`: `g` [n, V] (a gradient
+    /// with respect to the logits) carried back to u [n, d]. Lens training uses it so that the
+    /// backward pass never forms the gradient of the (constant) unembedding matrix, which candle's
+    /// matmul backward always computes: [V, d] per layer and chunk. The default differentiates
+    /// `unembed` with candle's autograd; a model with its head at hand overrides it with one GEMM.
+    fn unembed_vjp(&self, u: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let v = candle_core::Var::from_tensor(&u.detach())?;
+        let logits = self.unembed(v.as_tensor())?;
+        let s = (logits * g.detach())?.sum_all()?;
+        let grads = s.backward()?;
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no gradient reached the unembedding's input"))
+    }
+
     /// Logits read out of a residual-stream state: `unembed(final_norm(h))`.
     fn readout(&self, h: &Tensor) -> Result<Tensor> {
         self.unembed(&self.final_norm(h)?)

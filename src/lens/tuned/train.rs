@@ -181,12 +181,18 @@ impl Trainer {
             let p = target.exp()?;
             for (l, h) in states[..n_layers].iter().enumerate() {
                 let h = h.detach().narrow(0, start, len)?;
-                let logits = model.readout(&lens.cast(l, &h)?)?.to_dtype(DType::F32)?;
+                // Tracked: the lens and the final norm. The unembedding runs untracked (its fast
+                // path) and its gradient comes from `unembed_vjp`: d KL / d logits = (q - p) / n.
+                let u = model.final_norm(&lens.cast(l, &h)?)?;
+                let logits = model.unembed(&u.detach())?.to_dtype(DType::F32)?;
                 let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                 // sum_pos KL / n: this chunk's share of the mean over all n positions.
                 let kl = (&p * (&target - &logq)?)?.sum_all()?.affine(1.0 / n as f64, 0.0)?;
                 total += kl.to_scalar::<f32>()? as f64;
-                let g = kl.backward()?;
+                let g_logits = ((logq.exp()? - &p)? / n as f64)?;
+                let g_u = model.unembed_vjp(&u.detach(), &g_logits)?;
+                let surrogate = (&u * layers_to(&g_u, u.dtype())?)?.sum_all()?;
+                let g = surrogate.backward()?;
                 for (slot, v) in grads.iter_mut().zip(&params) {
                     if let Some(gv) = g.get(v.as_tensor()) {
                         *slot = Some(match slot.take() {
@@ -247,4 +253,9 @@ impl Trainer {
         self.step += 1;
         Ok(())
     }
+}
+
+/// `t` in `dtype`, detached (the surrogate's constant factor).
+fn layers_to(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    crate::model::layers::to_dtype(&t.detach(), dtype)
 }

@@ -699,6 +699,22 @@ impl Transformer for Decoder {
         Ok(layers::f32(layers::softcap(&logits, self.final_softcap)?)?)
     }
 
+    fn unembed_vjp(&self, u: &Tensor, g: &Tensor) -> Result<Tensor> {
+        // logits = cap(u W^T): d u = (g * cap'(u W^T)) W, with cap(x) = c tanh(x / c).
+        let w = &self.lm_head.weight;
+        let g = layers::f32(g.clone())?;
+        let g = match self.final_softcap {
+            Some(c) => {
+                let raw = layers::f32(self.lm_head.forward(&u.detach())?)?;
+                let t = (raw / c)?.tanh()?;
+                (g * t.sqr()?.affine(-1.0, 1.0)?)?
+            }
+            None => g,
+        };
+        let g = layers::to_dtype(&g, w.dtype())?;
+        Ok(layers::f32(g.matmul(w)?)?)
+    }
+
     fn sub_modules(&self) -> &'static [SubModule] {
         self.sub_modules
     }
