@@ -105,18 +105,17 @@ fn stats_pairs(p: PairsArg, n_states: usize, d: usize) -> crate::data::stats::St
         PairsArg::All => StatsPairs::All,
         PairsArg::ToFinal => StatsPairs::ToFinal,
         PairsArg::Auto => {
-            let bytes = StatsPairs::All.bytes(n_states, d);
-            if bytes <= pipeline::fit::ALL_PAIRS_MAX_BYTES {
-                StatsPairs::All
-            } else {
+            let picked = StatsPairs::auto(n_states, d, pipeline::fit::ALL_PAIRS_MAX_BYTES);
+            if picked == StatsPairs::ToFinal {
+                let bytes = StatsPairs::All.bytes(n_states, d);
                 eprintln!(
                     "collect: all-pairs statistics would take {:.1} GB > {:.1} GB: keeping the to-final \
                      statistics (pass --pairs all to override)",
                     bytes as f64 / 1e9,
                     pipeline::fit::ALL_PAIRS_MAX_BYTES as f64 / 1e9
                 );
-                StatsPairs::ToFinal
             }
+            picked
         }
     }
 }

@@ -317,6 +317,35 @@ pub(crate) fn product<T: Elem>(c: MatRef<'_, T>, p: MatRef<'_, f64>, scratch: &m
     buf.iter().map(|&x| x as f32).collect()
 }
 
+/// The map l -> t from its float64 product `a` [d, d] (row-major), with the intercept
+/// `mean_t - A mean_l` when `means` has both (centred fits); a non-finite map is an error. Shared
+/// by the fit from stored states and the fit from streamed statistics.
+pub(crate) fn pair_map(l: usize, t: usize, a: Vec<f32>, d: usize, means: &[Option<Vec<f64>>]) -> Result<PairMap> {
+    ensure!(
+        a.iter().all(|x| x.is_finite()),
+        "fit: map ({l}, {t}) is not finite (non-finite values in state {t}?)"
+    );
+    let intercept = match (&means[l], &means[t]) {
+        (Some(mx), Some(my)) => {
+            let b: Vec<f32> = (0..d)
+                .map(|i| {
+                    let row = &a[i * d..(i + 1) * d];
+                    let ax: f64 = row.iter().zip(mx).map(|(&w, &m)| w as f64 * m).sum();
+                    (my[i] - ax) as f32
+                })
+                .collect();
+            Some(Tensor::from_vec(b, d, &Device::Cpu)?)
+        }
+        _ => None,
+    };
+    Ok(PairMap {
+        source: l,
+        target: t,
+        a: Tensor::from_vec(a, (d, d), &Device::Cpu)?,
+        intercept,
+    })
+}
+
 fn fit_impl<T: Elem>(
     st: &States<'_>,
     plan: &Plan,
@@ -408,29 +437,7 @@ fn fit_impl<T: Elem>(
                 };
                 drop(block);
                 bar.inc(1);
-                ensure!(
-                    a.iter().all(|x| x.is_finite()),
-                    "fit: map ({l}, {t}) is not finite (non-finite values in state {t}?)"
-                );
-                let b = match (&means[l], &means[t]) {
-                    (Some(mx), Some(my)) => {
-                        let b: Vec<f32> = (0..d)
-                            .map(|i| {
-                                let row = &a[i * d..(i + 1) * d];
-                                let ax: f64 = row.iter().zip(mx).map(|(&w, &m)| w as f64 * m).sum();
-                                (my[i] - ax) as f32
-                            })
-                            .collect();
-                        Some(Tensor::from_vec(b, d, &Device::Cpu)?)
-                    }
-                    _ => None,
-                };
-                Ok(PairMap {
-                    source: l,
-                    target: t,
-                    a: Tensor::from_vec(a, (d, d), &Device::Cpu)?,
-                    intercept: b,
-                })
+                pair_map(l, t, a, d, &means)
             },
         )
         .collect::<Result<_>>()?;

@@ -11,12 +11,11 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use candle_core::{Device, Tensor};
 use faer::Mat;
 use rayon::prelude::*;
 
 use crate::data::stats::GramStats;
-use crate::lens::fit::cpu::product;
+use crate::lens::fit::cpu::{pair_map, product};
 use crate::lens::fit::solve::{layer_outcome, solve_block};
 use crate::lens::fit::{model_flops, FitOptions, FitReport, FitStats, GramPrecision, Plan};
 use crate::lens::maps::{Maps, PairMap};
@@ -109,29 +108,7 @@ pub fn fit_from_stats(stats: &GramStats, pairs: &[(usize, usize)], opts: &FitOpt
                 || (Mat::<f64>::zeros(d, d), vec![0f64; d * d]),
                 |scratch, (t, c)| -> Result<PairMap> {
                     let a = product(c.as_ref(), p.as_ref(), scratch);
-                    ensure!(
-                        a.iter().all(|x| x.is_finite()),
-                        "fit: map ({l}, {t}) is not finite (non-finite values in state {t}?)"
-                    );
-                    let intercept = match (&means[l], &means[t]) {
-                        (Some(mx), Some(my)) => {
-                            let b: Vec<f32> = (0..d)
-                                .map(|i| {
-                                    let row = &a[i * d..(i + 1) * d];
-                                    let ax: f64 = row.iter().zip(mx).map(|(&w, &m)| w as f64 * m).sum();
-                                    (my[i] - ax) as f32
-                                })
-                                .collect();
-                            Some(Tensor::from_vec(b, d, &Device::Cpu)?)
-                        }
-                        _ => None,
-                    };
-                    Ok(PairMap {
-                        source: l,
-                        target: t,
-                        a: Tensor::from_vec(a, (d, d), &Device::Cpu)?,
-                        intercept,
-                    })
+                    pair_map(l, t, a, d, &means)
                 },
             )
             .collect::<Result<_>>()?;
@@ -184,6 +161,7 @@ mod tests {
     use super::*;
     use crate::data::stats::StatsPairs;
     use crate::lens::fit::{fit_all_pairs, pairs_all, pairs_to_final, synthetic_states};
+    use candle_core::{Device, Tensor};
 
     /// Whether every entry of `a`'s maps (and intercepts) is within `rel` of `b`'s largest
     /// entry plus one float32 rounding step of its own size: maps are stored in float32, so

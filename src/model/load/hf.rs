@@ -11,7 +11,6 @@ use crate::model::arch;
 use crate::model::config::Config;
 use crate::model::dtype::LoadOptions;
 use crate::model::weights::Weights;
-use crate::tokenizer::Tokenizer;
 
 pub(super) fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let (device, dtype) = (&opts.device, opts.dtype);
@@ -27,14 +26,7 @@ pub(super) fn load_folder(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel>
         Weights::from_safetensors(&shards, device, dtype)?
     };
     let model = arch::build(&cfg, &weights, device)?;
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer = if tok_path.exists() {
-        let t = Tokenizer::from_file(&tok_path)?;
-        t.check_fits(model.info().vocab_size, &tok_path)?;
-        Some(t)
-    } else {
-        None
-    };
+    let tokenizer = super::tokenizer_if_present(&dir.join("tokenizer.json"), model.info().vocab_size)?;
     Ok(LoadedModel {
         model,
         tokenizer,

@@ -95,14 +95,7 @@ pub fn random_model(config: &Path, opts: &LoadOptions, seed: u64) -> Result<Load
     };
     let weights = Weights::random(config.to_path_buf(), &opts.device, dtype, seed, placement, false);
     let model = build(&cfg, &weights, &opts.device)?;
-    let tok_path = config.with_file_name("tokenizer.json");
-    let tokenizer = if tok_path.exists() {
-        let t = Tokenizer::from_file(&tok_path)?;
-        t.check_fits(model.info().vocab_size, &tok_path)?;
-        Some(t)
-    } else {
-        None
-    };
+    let tokenizer = tokenizer_if_present(&config.with_file_name("tokenizer.json"), model.info().vocab_size)?;
     Ok(LoadedModel {
         model,
         tokenizer,
@@ -110,6 +103,16 @@ pub fn random_model(config: &Path, opts: &LoadOptions, seed: u64) -> Result<Load
         format: "random".into(),
         storage: weights.storage.clone(),
     })
+}
+
+/// The `tokenizer.json` at `path` when there is one, checked against the model's vocabulary.
+pub(crate) fn tokenizer_if_present(path: &Path, vocab_size: usize) -> Result<Option<Tokenizer>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let t = Tokenizer::from_file(path)?;
+    t.check_fits(vocab_size, path)?;
+    Ok(Some(t))
 }
 
 /// Turns MODEL into a path: as given if it exists, else a snapshot in the HF cache.
