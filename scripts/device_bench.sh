@@ -218,19 +218,19 @@ for section in $SECTIONS; do
         R=$W/agree-$name-$dev
         rm -rf "$R"
         # shellcheck disable=SC2086
-        timed "agree $name $dev hidden-states" "$BIN" --device $dev hidden-states "$M" $mask \
+        timed "agree $name $dev hidden-states" "$BIN" --device $dev --dtype f32 hidden-states "$M" $mask \
           --text "The quick brown fox jumps over the lazy dog near the river bank." --out "$W/hs-$name-$dev.safetensors"
-        timed "agree $name $dev collect" "$BIN" --device $dev collect "$M" --corpus "$W/wiki.json" --out "$R" \
+        timed "agree $name $dev collect" "$BIN" --device $dev --dtype f32 collect "$M" --corpus "$W/wiki.json" --out "$R" \
           --train 2000 --val 500 --quiet
         for stage in fit r2 predict early-exit; do
-          timed "agree $name $dev $stage" "$BIN" --device $dev $stage "$R" >/dev/null
+          timed "agree $name $dev $stage" "$BIN" --device $dev --dtype f32 $stage "$R" >/dev/null
         done
       done
       # The GPU fit of the CPU's states: the fit alone, same inputs.
       F=$W/agree-$name-cpu-states-gpu-fit
       rm -rf "$F" && mkdir -p "$F" && cp -r "$W/agree-$name-cpu/manifest.json" "$W/agree-$name-cpu/activations" "$F/"
-      timed "agree $name gpu fit of cpu states" "$BIN" --device cuda fit "$F" >/dev/null
-      timed "agree $name gpu r2 of cpu states" "$BIN" --device cuda r2 "$F" >/dev/null
+      timed "agree $name gpu fit of cpu states" "$BIN" --device cuda --dtype f32 fit "$F" >/dev/null
+      timed "agree $name gpu r2 of cpu states" "$BIN" --device cuda --dtype f32 r2 "$F" >/dev/null
       $PY "$ROOT/scripts/compare_runs.py" --states "$W/hs-$name-cuda.safetensors" "$W/hs-$name-cpu.safetensors" \
         >"$R_OUT/agree-$name-hidden.txt" || log "AGREEMENT FAILED: $name hidden states"
       $PY "$ROOT/scripts/compare_runs.py" "$W/agree-$name-cuda" "$W/agree-$name-cpu" --json "$R_OUT/agree-$name.json" \
@@ -313,24 +313,26 @@ for section in $SECTIONS; do
     cp "$R/manifest.json" "$R_OUT/study8b-manifest.json"
     ;;
   profile)
+    # PROFILE_MODEL (default llama3-8b-4l) and PROFILE_SHAPES (default "16x512 64x32") pick what.
     log "profile"
-    M4=$W/models/llama3-8b-4l
-    [ -f "$M4/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b-4l >>"$OUT/log.txt"
-    for shape in 16x512 64x32; do
+    PM=${PROFILE_MODEL:-llama3-8b-4l}
+    M4=$W/models/$PM
+    [ -f "$M4/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" "$PM" >>"$OUT/log.txt"
+    for shape in ${PROFILE_SHAPES:-16x512 64x32}; do
       b=${shape%x*} t=${shape#*x}
       "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 5 --profile \
-        --ids-out "$W/ids.safetensors" >"$R_OUT/profile-$shape-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens profile $shape"
+        --ids-out "$W/ids.safetensors" >"$R_OUT/profile-$PM-$shape-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens profile $shape"
       $PY "$ROOT/scripts/bench_torch.py" forward "$M4" "$W/ids.safetensors" 5 cuda bf16 \
-        >"$R_OUT/profile-$shape-torch-forward.json" 2>>"$OUT/log.txt" || log "FAILED torch forward $shape"
+        >"$R_OUT/profile-$PM-$shape-torch-forward.json" 2>>"$OUT/log.txt" || log "FAILED torch forward $shape"
       $PY "$ROOT/scripts/bench_torch.py" profile "$M4" "$W/ids.safetensors" cuda bf16 \
-        >"$R_OUT/profile-$shape-torch.jsonl" 2>>"$OUT/log.txt" || log "FAILED torch profile $shape"
+        >"$R_OUT/profile-$PM-$shape-torch.jsonl" 2>>"$OUT/log.txt" || log "FAILED torch profile $shape"
       # Kernel by kernel (Nsight Compute reads the durations where the runtime lets it): one
       # forward after the warm-up, summed by kernel name.
       if command -v ncu >/dev/null 2>&1; then
         timeout 240 ncu --clock-control none --csv --metrics gpu__time_duration.sum \
           "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 1 \
-          >"$R_OUT/ncu-$shape.csv" 2>>"$OUT/log.txt" || log "ncu failed or timed out ($shape)"
-        $PY - "$R_OUT/ncu-$shape.csv" <<'NCU' >"$R_OUT/ncu-$shape.txt" 2>&1
+          >"$R_OUT/ncu-$PM-$shape.csv" 2>>"$OUT/log.txt" || log "ncu failed or timed out ($shape)"
+        $PY - "$R_OUT/ncu-$PM-$shape.csv" <<'NCU' >"$R_OUT/ncu-$PM-$shape.txt" 2>&1
 import csv, collections, sys
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
 head, body = rows[0], rows[1:]
@@ -346,10 +348,10 @@ print(f"total {sum(tot.values()):.2f} ms over {sum(cnt.values())} kernels (2 for
 for k, v in tot.most_common(25):
     print(f"{v:9.2f} ms {cnt[k]:5d} x  {k}")
 NCU
-        cat "$R_OUT/ncu-$shape.txt"
+        cat "$R_OUT/ncu-$PM-$shape.txt"
       fi
-      echo "--- $shape jumplens"; cat "$R_OUT/profile-$shape-jumplens.json"
-      echo "--- $shape torch"; cat "$R_OUT/profile-$shape-torch-forward.json" "$R_OUT/profile-$shape-torch.jsonl"
+      echo "--- $shape jumplens"; cat "$R_OUT/profile-$PM-$shape-jumplens.json"
+      echo "--- $shape torch"; cat "$R_OUT/profile-$PM-$shape-torch-forward.json" "$R_OUT/profile-$PM-$shape-torch.jsonl"
     done
     ;;
   blocks)
@@ -367,25 +369,47 @@ NCU
     ;;
   fused)
     log "fused"
-    for m in llama3-8b-4l smollm2; do
+    # Ragged rows (lengths 200, 137, 64, 1 would need ids of varying length: bench pads none), so
+    # the default equal-length batch plus a causal check on every row; f16 and bf16 run the fused
+    # attention (flash kernel), f32 and JUMPLENS_ATTENTION=materialized the materialising path.
+    for m in llama3-8b-4l smollm2 gpt2; do
       [ -f "$W/models/$m/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" $m >>"$OUT/log.txt"
-      for dt in bf16 f32; do
+      for dt in bf16 f16 f32; do
         "$BIN" --device cuda --dtype $dt bench forward "$W/models/$m" --batch 4 --seq 200 --iters 1 \
           --ids-out "$W/ids.safetensors" --states-out "$W/st-j.safetensors" >/dev/null 2>>"$OUT/log.txt" || log "FAILED jumplens states $m $dt"
+        JUMPLENS_ATTENTION=materialized "$BIN" --device cuda --dtype $dt bench forward "$W/models/$m" --batch 4 --seq 200 --iters 1 \
+          --ids-out "$W/ids-m.safetensors" --states-out "$W/st-m.safetensors" >/dev/null 2>>"$OUT/log.txt" || log "FAILED jumplens materialized states $m $dt"
         $PY "$ROOT/scripts/bench_torch.py" states "$W/models/$m" "$W/ids.safetensors" "$W/st-e.safetensors" cuda $dt eager 2>>"$OUT/log.txt"
         $PY "$ROOT/scripts/bench_torch.py" states "$W/models/$m" "$W/ids.safetensors" "$W/st-s.safetensors" cuda $dt sdpa 2>>"$OUT/log.txt"
         $PY - "$W" "$m" "$dt" <<'CMP' | tee "$R_OUT/fused-$m-$dt.txt"
 import sys, numpy as np
 from safetensors.numpy import load_file
 w, m, dt = sys.argv[1:]
-j, e, s = (load_file(f"{w}/st-{k}.safetensors")["hidden_states"].astype(np.float64) for k in "jes")
+j, mt, e, s = (load_file(f"{w}/st-{k}.safetensors")["hidden_states"].astype(np.float64) for k in "jmes")
 rel = lambda a, b: [float(np.linalg.norm(a[l] - b[l]) / np.linalg.norm(b[l])) for l in range(b.shape[0] - 1)]
-rj, rs = rel(j, e), rel(s, e)
+rj, rm, rs = rel(j, e), rel(mt, e), rel(s, e)
 print(f"{m} {dt}: jumplens vs eager worst {max(rj):.2e} (layer {int(np.argmax(rj))}), last {rj[-1]:.2e}; "
-      f"PyTorch sdpa vs eager worst {max(rs):.2e}, last {rs[-1]:.2e}")
+      f"jumplens materialized vs eager worst {max(rm):.2e}; PyTorch sdpa vs eager worst {max(rs):.2e}, last {rs[-1]:.2e}; "
+      f"finite {bool(np.isfinite(j).all())}")
 CMP
       done
     done
+    # Real text in padded, length-grouped batches (the masks of ragged rows): a bf16 collect of the
+    # truncated SmolLM2 with the fused attention vs the materialising path, and vs the CPU in f32.
+    for how in fused materialized; do
+      rm -rf "$W/flash-$how"
+      JUMPLENS_ATTENTION=$how timed "fused collect bf16 ($how)" "$BIN" --device cuda --dtype bf16 collect "$DATA/smollm2-4blk.gguf" \
+        --corpus "$W/wiki.json" --out "$W/flash-$how" --train 500 --val 200 --quiet
+    done
+    rm -rf "$W/flash-cpu"
+    timed "fused collect f32 (cpu)" "$BIN" --device cpu --dtype f32 collect "$DATA/smollm2-4blk.gguf" \
+      --corpus "$W/wiki.json" --out "$W/flash-cpu" --train 500 --val 200 --quiet
+    { echo "fused vs materialized (both bf16 on the GPU):"
+      $PY "$ROOT/scripts/compare_runs.py" "$W/flash-fused" "$W/flash-materialized"
+      echo "fused bf16 GPU vs f32 CPU:"
+      $PY "$ROOT/scripts/compare_runs.py" "$W/flash-fused" "$W/flash-cpu"
+      echo "materialized bf16 GPU vs f32 CPU:"
+      $PY "$ROOT/scripts/compare_runs.py" "$W/flash-materialized" "$W/flash-cpu"; } 2>&1 | tee "$R_OUT/fused-collect.txt"
     ;;
   shards)
     log "shards"

@@ -84,6 +84,27 @@ pub(crate) fn attend(
     Ok(out.transpose(1, 2)?.reshape((b, t, h * hd))?)
 }
 
+/// The mask to run the fused attention kernel with ([`crate::model::fused::flash_attention`]), or
+/// `None` when block `layer` must materialise the probabilities: off the GPU, in f32, for head
+/// sizes without a kernel, or when a hook observes or patches `attn.hook_pattern`.
+pub(crate) fn fused_attention_mask<'m>(
+    layer: usize,
+    x: &Tensor,
+    head_dim: usize,
+    mask: &'m AttentionMask,
+    hooks: &dyn Hooks,
+) -> Option<&'m crate::model::fused::MaskSpec> {
+    match mask {
+        AttentionMask::Fused(spec)
+            if crate::model::fused::flash_supported(x, head_dim)
+                && !hooks.observes(Tap::Block(layer, BlockTap::AttnPattern)) =>
+        {
+            Some(spec)
+        }
+        _ => None,
+    }
+}
+
 /// `down(act(up x))`, reporting the activation as `mlp.hook_post` (GPT-2, BERT, GPT-NeoX).
 pub(crate) fn plain_mlp(
     layer: usize,

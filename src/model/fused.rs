@@ -142,6 +142,195 @@ __device__ void rms_norm(const T* x, const W* w, T* out, int d, float eps, int r
   }
 }
 
+// silu(gate) * up with PyTorch's rounding in a half dtype: round(round(silu(g)) * u), one pass.
+template <class T>
+__device__ void silu_mul(const T* g, const T* u, T* out, usize n) {
+  for (usize i = (usize)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (usize)gridDim.x * blockDim.x) {
+    float x = to_f(g[i]);
+    float s = round_to<T>(x / (1.0f + expf(-x)));
+    out[i] = from_f<T>(s * to_f(u[i]));
+  }
+}
+
+// ---- Flash attention (forward, no probabilities materialised) ----
+// q [B, T, H, D], k and v [B, T, Hkv, D] (the projections' own layout: no head transposes), out
+// [B, T, H, D]. One block of 4 warps per (64 query rows, head, batch row); each warp owns 16 rows
+// and walks the key tiles of 64 with an online softmax (FlashAttention-2). Products on tensor
+// cores (mma.sync m16n8k16, f32 accumulation). Scores are rounded as transformers' eager
+// attention rounds them (the GEMM's output in T, then times the scale in T), soft-capped and
+// masked in f32; the probabilities enter the second product rounded to T, unnormalised, and the
+// row sum divides at the end (as flash kernels do; PyTorch's sdpa deviates from eager the same way).
+__device__ __forceinline__ unsigned int smem_addr(const void* p) {
+  unsigned int a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+template <class T> __device__ __forceinline__ void mma16816(float* c, const unsigned int* a, unsigned int b0, unsigned int b1);
+template <> __device__ __forceinline__ void mma16816<bf16>(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<f16>(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <class T> __device__ __forceinline__ unsigned int pack2(float lo, float hi) {
+  return (unsigned int)from_f<T>(lo).x | ((unsigned int)from_f<T>(hi).x << 16);
+}
+__device__ __forceinline__ unsigned int ld32(const unsigned short* p) { return *(const unsigned int*)p; }
+
+#define FA_BR 64
+#define FA_BC 64
+template <class T, int D>
+__device__ void flash_attention(const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                const unsigned int* lens, unsigned short* out, int tlen, int heads, int kv_heads,
+                                float scale, float cap, int causal, int window) {
+  __shared__ __align__(16) unsigned short ks[FA_BC][D + 8];
+  __shared__ __align__(16) unsigned short vs[FA_BC][D + 8];
+  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_BR;
+  const int hk = h / (heads / kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, tq = lane & 3;
+  const int len = (int)lens[b];
+  const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
+  const usize qstride = (usize)heads * D, kstride = (usize)kv_heads * D;
+  const unsigned short* qb = q + (usize)b * tlen * qstride + (usize)h * D;
+  const unsigned short* kb = k + (usize)b * tlen * kstride + (usize)hk * D;
+  const unsigned short* vb = v + (usize)b * tlen * kstride + (usize)hk * D;
+
+  unsigned int qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + 2 * tq;
+    qf[kk][0] = r0 < tlen ? ld32(qb + (usize)r0 * qstride + c) : 0u;
+    qf[kk][1] = r1 < tlen ? ld32(qb + (usize)r1 * qstride + c) : 0u;
+    qf[kk][2] = r0 < tlen ? ld32(qb + (usize)r0 * qstride + c + 8) : 0u;
+    qf[kk][3] = r1 < tlen ? ld32(qb + (usize)r1 * qstride + c + 8) : 0u;
+  }
+  float of[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) { of[n][0] = of[n][1] = of[n][2] = of[n][3] = 0.0f; }
+  float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+
+  // Keys this block can see: below the row length (padded causal rows see key 0 only), up to the
+  // block's last row when causal, from the window's start when every row of the block is real.
+  int kend = len < 1 ? 1 : len;
+  if (kend > tlen) kend = tlen;
+  if (causal && q0 + FA_BR < kend) kend = q0 + FA_BR;
+  int kstart = 0;
+  if (causal && window > 0 && q0 + FA_BR <= len) {
+    int first = q0 - window + 1;
+    kstart = first > 0 ? (first / FA_BC) * FA_BC : 0;
+  }
+  for (int kt = kstart; kt < kend; kt += FA_BC) {
+    __syncthreads();
+    for (int c = threadIdx.x; c < FA_BC * D / 8; c += blockDim.x) {
+      const int row = c / (D / 8), col = (c % (D / 8)) * 8;
+      uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = make_uint4(0u, 0u, 0u, 0u);
+      if (kt + row < tlen) {
+        kv = *(const uint4*)(kb + (usize)(kt + row) * kstride + col);
+        vv = *(const uint4*)(vb + (usize)(kt + row) * kstride + col);
+      }
+      *(uint4*)&ks[row][col] = kv;
+      *(uint4*)&vs[row][col] = vv;
+    }
+    __syncthreads();
+    if (q0 + warp * 16 >= tlen) continue;
+    float sf[FA_BC / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < FA_BC / 8; ++nt) {
+      sf[nt][0] = sf[nt][1] = sf[nt][2] = sf[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const unsigned short* kr = &ks[nt * 8 + g][kk * 16 + 2 * tq];
+        mma16816<T>(sf[nt], qf[kk], ld32(kr), ld32(kr + 8));
+      }
+    }
+    float mx0 = NEG_INF, mx1 = NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < FA_BC / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = e < 2 ? r0 : r1, col = kt + nt * 8 + 2 * tq + (e & 1);
+        float s = round_to<T>(round_to<T>(sf[nt][e]) * scale);
+        if (cap > 0.0f) s = tanhf(s / cap) * cap;
+        if (col >= tlen || !allowed(row, col, len, causal, window)) s = NEG_INF;
+        sf[nt][e] = s;
+        if (e < 2) mx0 = fmaxf(mx0, s); else mx1 = fmaxf(mx1, s);
+      }
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+    const float a0 = n0 == NEG_INF ? 1.0f : expf(m0 - n0), a1 = n1 == NEG_INF ? 1.0f : expf(m1 - n1);
+    m0 = n0;
+    m1 = n1;
+    l0 *= a0;
+    l1 *= a1;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) { of[n][0] *= a0; of[n][1] *= a0; of[n][2] *= a1; of[n][3] *= a1; }
+#pragma unroll
+    for (int nt = 0; nt < FA_BC / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float mm = e < 2 ? n0 : n1;
+        const float p = sf[nt][e] == NEG_INF ? 0.0f : expf(sf[nt][e] - mm);
+        sf[nt][e] = p;
+        if (e < 2) l0 += p; else l1 += p;
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < FA_BC / 16; ++kk) {
+      unsigned int pa[4];
+      pa[0] = pack2<T>(sf[2 * kk][0], sf[2 * kk][1]);
+      pa[1] = pack2<T>(sf[2 * kk][2], sf[2 * kk][3]);
+      pa[2] = pack2<T>(sf[2 * kk + 1][0], sf[2 * kk + 1][1]);
+      pa[3] = pack2<T>(sf[2 * kk + 1][2], sf[2 * kk + 1][3]);
+#pragma unroll
+      for (int nt = 0; nt < D / 8; nt += 2) {
+        // ldmatrix.trans: matrix j = lane / 8 holds keys kk*16 + (j&1)*8 .. +8 of dims nt*8 + (j>>1)*8 .. +8;
+        // lane l gets (key 2*tq and 2*tq+1, dim g) of each: the B fragments of dims nt and nt + 1.
+        const int j = lane >> 3;
+        const unsigned int addr = smem_addr(&vs[kk * 16 + (j & 1) * 8 + (lane & 7)][nt * 8 + (j >> 1) * 8]);
+        unsigned int b0, b1, b2, b3;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3) : "r"(addr));
+        mma16816<T>(of[nt], pa, b0, b1);
+        mma16816<T>(of[nt + 1], pa, b2, b3);
+      }
+    }
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+  unsigned short* ob = out + (usize)b * tlen * qstride + (usize)h * D;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * tq;
+    if (r0 < tlen) *(unsigned int*)(ob + (usize)r0 * qstride + c) = pack2<T>(of[n][0] * i0, of[n][1] * i0);
+    if (r1 < tlen) *(unsigned int*)(ob + (usize)r1 * qstride + c) = pack2<T>(of[n][2] * i1, of[n][3] * i1);
+  }
+}
+
+#define FLASH(NAME, T, D) extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, \
+    const unsigned short* k, const unsigned short* v, const unsigned int* lens, unsigned short* out, int tlen, \
+    int heads, int kv_heads, float scale, float cap, int causal, int window) { \
+  flash_attention<T, D>(q, k, v, lens, out, tlen, heads, kv_heads, scale, cap, causal, window); }
+FLASH(flash_attention_bf16_64, bf16, 64)
+FLASH(flash_attention_bf16_128, bf16, 128)
+FLASH(flash_attention_f16_64, f16, 64)
+FLASH(flash_attention_f16_128, f16, 128)
+
+#define SILU_MUL(NAME, T) extern "C" __global__ void NAME(const T* g, const T* u, T* out, usize n) { \
+  silu_mul<T>(g, u, out, n); }
+SILU_MUL(silu_mul_bf16, bf16)
+SILU_MUL(silu_mul_f16, f16)
+
 #define SOFTMAX(NAME, T) extern "C" __global__ void NAME(const T* x, const unsigned int* lens, T* out, \
     int heads, int tq, int s, float scale, float cap, int causal, int window) { \
   masked_softmax<T>(x, lens, out, heads, tq, s, scale, cap, causal, window); }
@@ -314,6 +503,175 @@ RMS(rms_norm_f32_f32, float, float)
         }
     }
 
+    /// Flash attention over q [B, T, H, D], k and v [B, T, Hkv, D] (bf16 or f16, D 64 or 128).
+    pub struct Flash {
+        pub lengths: Tensor,
+        pub scale: f32,
+        pub cap: f32,
+        pub causal: bool,
+        pub window: Option<usize>,
+    }
+
+    impl candle_core::CustomOp3 for Flash {
+        fn name(&self) -> &'static str {
+            "jumplens-flash-attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the fused attention runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = q.device().clone();
+            let (b, t, h, d) = ql.shape().dims4()?;
+            let (kb, kt, h_kv, kd) = kl.shape().dims4()?;
+            if (kb, kt, kd) != (b, t, d) || vl.shape() != kl.shape() || h_kv == 0 || h % h_kv != 0 {
+                candle_core::bail!(
+                    "fused attention: q {:?}, k {:?}, v {:?} do not fit together",
+                    ql.shape(),
+                    kl.shape(),
+                    vl.shape()
+                );
+            }
+            let (lens_storage, lens_layout) = self.lengths.storage_and_layout();
+            let lens = match &*lens_storage {
+                candle_core::Storage::Cuda(c) => match &c.slice {
+                    CudaStorageSlice::U32(s) => contiguous(s, lens_layout)?,
+                    _ => candle_core::bail!("fused attention: lengths must be u32"),
+                },
+                _ => candle_core::bail!("fused attention: lengths must be on the GPU"),
+            };
+            let name = match (q.dtype(), d) {
+                (DType::BF16, 64) => "flash_attention_bf16_64",
+                (DType::BF16, 128) => "flash_attention_bf16_128",
+                (DType::F16, 64) => "flash_attention_f16_64",
+                (DType::F16, 128) => "flash_attention_f16_128",
+                (dt, d) => candle_core::bail!("fused attention: no kernel for {dt:?} with head size {d}"),
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (t.div_ceil(64) as u32, h as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let ints = [t as i32, h as i32, h_kv as i32];
+            let causal = self.causal as i32;
+            let window = self.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+            let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+            let n = b * t * h * d;
+            let out = match (&q.slice, &k.slice, &v.slice) {
+                (CudaStorageSlice::BF16(qs), CudaStorageSlice::BF16(ks), CudaStorageSlice::BF16(vs)) => {
+                    let (qs, ks, vs) = (aligned(qs, ql)?, aligned(ks, kl)?, aligned(vs, vl)?);
+                    // SAFETY: the kernel writes every element of the output.
+                    let dst = unsafe { dev.alloc::<half::bf16>(n)? };
+                    let mut bld = func.builder();
+                    bld.arg(&qs).arg(&ks).arg(&vs).arg(&lens).arg(&dst);
+                    bld.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
+                    bld.arg(&self.scale).arg(&self.cap).arg(&causal).arg(&window);
+                    // SAFETY: the arguments match the kernel's signature.
+                    unsafe { bld.launch(cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                }
+                (CudaStorageSlice::F16(qs), CudaStorageSlice::F16(ks), CudaStorageSlice::F16(vs)) => {
+                    let (qs, ks, vs) = (aligned(qs, ql)?, aligned(ks, kl)?, aligned(vs, vl)?);
+                    // SAFETY: the kernel writes every element of the output.
+                    let dst = unsafe { dev.alloc::<half::f16>(n)? };
+                    let mut bld = func.builder();
+                    bld.arg(&qs).arg(&ks).arg(&vs).arg(&lens).arg(&dst);
+                    bld.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
+                    bld.arg(&self.scale).arg(&self.cap).arg(&causal).arg(&window);
+                    // SAFETY: the arguments match the kernel's signature.
+                    unsafe { bld.launch(cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                }
+                _ => candle_core::bail!("fused attention: q, k and v must share one half dtype"),
+            };
+            Ok((out, ql.shape().clone()))
+        }
+    }
+
+    /// A contiguous view whose start is 16-byte aligned (the kernel loads 8 halves at a time).
+    fn aligned<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<CudaView<'a, T>> {
+        match l.contiguous_offsets() {
+            Some((a, b)) if a % 8 == 0 => Ok(s.slice(a..b)),
+            _ => candle_core::bail!("fused attention input must be contiguous and 16-byte aligned"),
+        }
+    }
+
+    /// silu(gate) * up in one pass (bf16 / f16).
+    pub struct SiluMul;
+
+    impl candle_core::CustomOp2 for SiluMul {
+        fn name(&self) -> &'static str {
+            "jumplens-silu-mul"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the fused SiLU product runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, g: &CudaStorage, gl: &Layout, u: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = g.device().clone();
+            if gl.shape() != ul.shape() {
+                candle_core::bail!("fused SiLU product: {:?} vs {:?}", gl.shape(), ul.shape());
+            }
+            let n = gl.shape().elem_count();
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(256).clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let n64 = n as u64;
+            let out = match (&g.slice, &u.slice) {
+                (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
+                    let (a, b) = (contiguous(a, gl)?, contiguous(b, ul)?);
+                    let func = dev.get_or_load_custom_func("silu_mul_bf16", MODULE, ptx()?)?;
+                    // SAFETY: the kernel writes every element.
+                    let dst = unsafe { dev.alloc::<half::bf16>(n)? };
+                    let mut bld = func.builder();
+                    bld.arg(&a).arg(&b).arg(&dst).arg(&n64);
+                    // SAFETY: the arguments match the kernel's signature.
+                    unsafe { bld.launch(cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                }
+                (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => {
+                    let (a, b) = (contiguous(a, gl)?, contiguous(b, ul)?);
+                    let func = dev.get_or_load_custom_func("silu_mul_f16", MODULE, ptx()?)?;
+                    // SAFETY: the kernel writes every element.
+                    let dst = unsafe { dev.alloc::<half::f16>(n)? };
+                    let mut bld = func.builder();
+                    bld.arg(&a).arg(&b).arg(&dst).arg(&n64);
+                    // SAFETY: the arguments match the kernel's signature.
+                    unsafe { bld.launch(cfg) }.w()?;
+                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                }
+                _ => candle_core::bail!("fused SiLU product: unsupported dtypes"),
+            };
+            Ok((out, gl.shape().clone()))
+        }
+    }
+
     struct SoftmaxArgs {
         heads: i32,
         tq: i32,
@@ -423,6 +781,70 @@ pub fn masked_softmax(
 
 /// RMSNorm of x over its last dimension on a CUDA device (`round_first`: the scale multiplies
 /// after rounding the normalised value to x's dtype); `None` elsewhere.
+/// Whether [`flash_attention`] can run: a CUDA tensor in bf16/f16 with head size 64 or 128, and not
+/// switched off (`JUMPLENS_ATTENTION=materialized` keeps the probabilities-materialising path for
+/// A/B comparisons).
+pub fn flash_supported(q: &Tensor, head_dim: usize) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("JUMPLENS_ATTENTION").is_ok_and(|v| v == "materialized"));
+    cfg!(feature = "cuda")
+        && !off
+        && q.device().is_cuda()
+        && matches!(q.dtype(), candle_core::DType::BF16 | candle_core::DType::F16)
+        && matches!(head_dim, 64 | 128)
+}
+
+/// softmax(mask(cap(round(q k^T) * scale))) v without materialising the probabilities, for q
+/// [B, T, H, D] and k, v [B, T, Hkv, D] in the projections' layout; returns [B, T, H, D]. `None`
+/// where [`flash_supported`] is false.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &MaskSpec,
+    scale: f64,
+    softcap: Option<f64>,
+) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        if flash_supported(q, q.dims4()?.3) {
+            let op = cuda::Flash {
+                lengths: mask.lengths.clone(),
+                scale: scale as f32,
+                cap: softcap.unwrap_or(0.0) as f32,
+                causal: mask.causal,
+                window: mask.window,
+            };
+            return Ok(Some(q.contiguous()?.apply_op3_no_bwd(
+                &k.contiguous()?,
+                &v.contiguous()?,
+                &op,
+            )?));
+        }
+    }
+    let _ = (q, k, v, mask, scale, softcap);
+    Ok(None)
+}
+
+/// silu(gate) * up in one pass on a CUDA device in bf16 / f16 (PyTorch's two roundings); `None`
+/// elsewhere.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        if gate.device().is_cuda()
+            && matches!(gate.dtype(), candle_core::DType::BF16 | candle_core::DType::F16)
+            && gate.dtype() == up.dtype()
+            && gate.dims() == up.dims()
+        {
+            return Ok(Some(
+                gate.contiguous()?.apply_op2_no_bwd(&up.contiguous()?, &cuda::SiluMul)?,
+            ));
+        }
+    }
+    let _ = (gate, up);
+    Ok(None)
+}
+
 pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, round_first: bool) -> candle_core::Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {

@@ -163,6 +163,12 @@ impl Tap {
 
 /// Observes and alters a forward pass. Every method has a do-nothing default.
 pub trait Hooks {
+    /// Whether the hook looks at (or patches) `tap`. Only asked for taps that cost something to
+    /// produce: a GPU forward skips materialising the attention probabilities
+    /// (`attn.hook_pattern`) when no hook wants them and runs a fused attention kernel instead.
+    fn observes(&self, _tap: Tap) -> bool {
+        true
+    }
     /// Called with the value of each named tap as it is computed. Return `Some(v)` (same shape)
     /// to replace the value from there on (activation patching); `None` keeps it.
     fn tap(&mut self, _tap: Tap, _value: &Tensor) -> Result<Option<Tensor>> {
@@ -180,7 +186,11 @@ pub trait Hooks {
 
 /// Hooks that observe nothing and replace nothing.
 pub struct NoHooks;
-impl Hooks for NoHooks {}
+impl Hooks for NoHooks {
+    fn observes(&self, _tap: Tap) -> bool {
+        false
+    }
+}
 
 /// Reports `value` at `tap` and returns what flows on: the hook's patch, or the value itself.
 pub(crate) fn emit(hooks: &mut dyn Hooks, tap: Tap, value: Tensor) -> Result<Tensor> {
@@ -250,6 +260,9 @@ impl TapRecorder {
 }
 
 impl Hooks for TapRecorder {
+    fn observes(&self, tap: Tap) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(&tap.name()))
+    }
     fn tap(&mut self, tap: Tap, value: &Tensor) -> Result<Option<Tensor>> {
         let name = tap.name();
         if self.only.as_ref().is_none_or(|o| o.contains(&name)) {
@@ -269,6 +282,9 @@ pub struct TapPatch {
 }
 
 impl Hooks for TapPatch {
+    fn observes(&self, tap: Tap) -> bool {
+        self.values.contains_key(&tap.name())
+    }
     fn tap(&mut self, tap: Tap, _value: &Tensor) -> Result<Option<Tensor>> {
         let name = tap.name();
         match self.values.get(&name) {
@@ -289,6 +305,9 @@ pub struct LinearReplacement {
 }
 
 impl Hooks for LinearReplacement {
+    fn observes(&self, _tap: Tap) -> bool {
+        false
+    }
     fn replace(&mut self, layer: usize, sub: SubModule, input: &Tensor) -> Result<Option<Tensor>> {
         match self.maps.get(&(layer, sub)) {
             Some(a) => Ok(Some(layers::Linear::new(a.clone(), None).forward(input)?)),

@@ -453,6 +453,21 @@ impl Rope {
         let sin = to_dtype(&self.sin.narrow(0, 0, t)?, x.dtype())?;
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
+
+    /// Rotates x [B, T, H, head_dim] (the projections' own layout) by positions 0..T, with the
+    /// same arithmetic as [`Rope::apply`].
+    pub fn apply_thd(&self, x: &Tensor) -> Result<Tensor> {
+        let t = x.dim(1)?;
+        if t > self.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than the rotary table ({})",
+                self.cos.dim(0)?
+            );
+        }
+        let cos = to_dtype(&self.cos.narrow(0, 0, t)?, x.dtype())?;
+        let sin = to_dtype(&self.sin.narrow(0, 0, t)?, x.dtype())?;
+        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+    }
 }
 
 /// Attention probabilities softmax(q k^T * scale [soft-capped] + bias) [B, H, T, T].
@@ -571,9 +586,13 @@ fn cpu_scaled_masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Resu
 
 /// `silu(gate) * up` (the gated MLP's product, SiLU as candle's `x / (1 + exp(-x))`). On the
 /// CPU in f32 one fused parallel pass instead of candle's two ops (each an allocation, a pass
-/// over memory and a thread-pool round); elsewhere candle's ops.
+/// over memory and a thread-pool round); on a GPU in bf16/f16 one kernel
+/// ([`crate::model::fused::silu_mul`]); elsewhere candle's ops.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
+    if let Some(out) = crate::model::fused::silu_mul(gate, up)? {
+        return Ok(out);
+    }
     let fused = gate.device().is_cpu()
         && gate.dtype() == DType::F32
         && up.dtype() == DType::F32

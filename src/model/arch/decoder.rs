@@ -24,7 +24,8 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
 use crate::model::batch::AttentionMask;
-use crate::model::block::{attend, gated_mlp, plain_mlp, Part, PreNormBlock};
+use crate::model::block::{attend, fused_attention_mask, gated_mlp, plain_mlp, Part, PreNormBlock};
+use crate::model::fused;
 use crate::model::hooks::{emit, Tap};
 use crate::model::layers::{self, Activation, LayerNorm, Linear, Norm, RmsNorm, Rope, RopeScaling};
 use crate::model::placement::{self, Placement};
@@ -526,29 +527,44 @@ impl Decoder {
             _ => &tables.rope,
         };
         let whole = matches!(self.qk_norm, QkNorm::Whole);
+        let (b, t, _) = x.dims3()?;
+        // Projection, q/k norm (over the whole projection or per head) and heads [B, T, n, hd].
         let heads = |proj: &Linear, n: usize, norm: &Option<Norm>| -> candle_core::Result<Tensor> {
-            let mut x = proj.forward(x)?;
+            let mut y = proj.forward(x)?;
             if let (true, Some(norm)) = (whole, norm) {
-                x = norm.forward(&x)?;
+                y = norm.forward(&y)?;
             }
-            let x = layers::split_heads(&x, n, hd)?;
+            let y = y.reshape((b, t, n, hd))?;
             match (whole, norm) {
-                (false, Some(norm)) => norm.forward(&x),
-                _ => Ok(x),
+                (false, Some(norm)) => norm.forward(&y),
+                _ => Ok(y),
             }
         };
-        let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
+        // RoPE on [B, T, n, hd] (`thd`) or [B, n, T, hd]; partial rotary turns only the leading
+        // `rotary_dim` dims of each head.
+        let rotate = |y: &Tensor, thd: bool| -> candle_core::Result<Tensor> {
+            let turn = |z: &Tensor| if thd { rope.apply_thd(z) } else { rope.apply(z) };
             if self.rotary_dim == hd {
-                return rope.apply(x);
+                return turn(y);
             }
-            // Partial rotary: only the leading `rotary_dim` dims of each head turn.
-            let turned = rope.apply(&x.narrow(3, 0, self.rotary_dim)?)?;
-            Tensor::cat(&[&turned, &x.narrow(3, self.rotary_dim, hd - self.rotary_dim)?], 3)
+            let turned = turn(&y.narrow(3, 0, self.rotary_dim)?)?;
+            Tensor::cat(&[&turned, &y.narrow(3, self.rotary_dim, hd - self.rotary_dim)?], 3)
         };
-        let q = rotate(&heads(&a.q, h, &a.q_norm)?)?;
-        let k = rotate(&heads(&a.k, h_kv, &a.k_norm)?)?;
-        let v = layers::split_heads(&a.v.forward(x)?, h_kv, hd)?;
         let bias = ctx.bias_on(on, a.sliding);
+        // On a GPU, unless a hook wants the probabilities: the fused kernel on the projections'
+        // own [B, T, heads, hd] layout (no head transposes, no [B, H, T, T] scores in memory).
+        if let Some(spec) = fused_attention_mask(layer, x, hd, bias, hooks) {
+            let q = rotate(&heads(&a.q, h, &a.q_norm)?, true)?;
+            let k = rotate(&heads(&a.k, h_kv, &a.k_norm)?, true)?;
+            let v = a.v.forward(x)?.reshape((b, t, h_kv, hd))?;
+            if let Some(out) = fused::flash_attention(&q, &k, &v, spec, self.attn_scale, self.attn_softcap)? {
+                return Ok(a.o.forward(&out.reshape((b, t, h * hd))?)?);
+            }
+        }
+        let to_bhtd = |y: Tensor| y.transpose(1, 2)?.contiguous();
+        let q = rotate(&to_bhtd(heads(&a.q, h, &a.q_norm)?)?, false)?;
+        let k = rotate(&to_bhtd(heads(&a.k, h_kv, &a.k_norm)?)?, false)?;
+        let v = layers::split_heads(&a.v.forward(x)?, h_kv, hd)?;
         let out = attend(layer, &q, &k, &v, bias, self.attn_scale, self.attn_softcap, hooks)?;
         Ok(a.o.forward(&out)?)
     }

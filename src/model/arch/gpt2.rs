@@ -9,8 +9,9 @@ use anyhow::{anyhow, Result};
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
-use crate::model::block::{attend, plain_mlp, PreNormBlock};
+use crate::model::block::{attend, fused_attention_mask, plain_mlp, PreNormBlock};
 use crate::model::config::Config;
+use crate::model::fused;
 use crate::model::hooks::{emit, Tap};
 use crate::model::layers::{self, Activation, LayerNorm, Linear};
 use crate::model::weights::Weights;
@@ -170,6 +171,16 @@ impl Gpt2 {
     ) -> Result<Tensor> {
         let d = self.info.d_model;
         let qkv = b.c_attn.forward(x)?;
+        let (h, hd) = (self.info.n_heads, self.head_dim);
+        if let Some(spec) = fused_attention_mask(layer, x, hd, &ctx.bias, hooks) {
+            // [B, T, d] slices of the fused projection, read in place by the kernel's layout.
+            let (bsz, t, _) = x.dims3()?;
+            let part = |i: usize| qkv.narrow(2, i * d, d)?.contiguous()?.reshape((bsz, t, h, hd));
+            let scale = 1.0 / (hd as f64).sqrt();
+            if let Some(out) = fused::flash_attention(&part(0)?, &part(1)?, &part(2)?, spec, scale, None)? {
+                return Ok(b.c_proj.forward(&out.reshape((bsz, t, d))?)?);
+            }
+        }
         let heads = |i: usize| layers::split_heads(&qkv.narrow(2, i * d, d)?, self.info.n_heads, self.head_dim);
         let out = attend(
             layer,
