@@ -362,9 +362,11 @@ NCU
       b=${shape%x*} t=${shape#*x}
       "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 10 \
         --ids-out "$W/ids.safetensors" >"$R_OUT/fwd8b4l-$shape-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens 8b-4l $shape"
+      JUMPLENS_ATTENTION=materialized "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 10 \
+        >"$R_OUT/fwd8b4l-$shape-materialized.json" 2>>"$OUT/log.txt" || log "FAILED jumplens materialized 8b-4l $shape"
       $PY "$ROOT/scripts/bench_torch.py" forward "$M4" "$W/ids.safetensors" 10 cuda bf16 \
         >"$R_OUT/fwd8b4l-$shape-torch.json" 2>>"$OUT/log.txt" || log "FAILED torch 8b-4l $shape"
-      cat "$R_OUT/fwd8b4l-$shape-jumplens.json" "$R_OUT/fwd8b4l-$shape-torch.json"
+      cat "$R_OUT/fwd8b4l-$shape-jumplens.json" "$R_OUT/fwd8b4l-$shape-materialized.json" "$R_OUT/fwd8b4l-$shape-torch.json"
     done
     ;;
   fused)
