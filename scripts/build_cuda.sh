@@ -61,6 +61,8 @@ nvcc --version | tail -2
 
 cargo build --release --features cuda --bin jumplens --manifest-path "$ROOT/Cargo.toml"
 mkdir -p "$ROOT/dist"
+# The NVRTC kernels compile only on the GPU machine at first use: assemble them here first.
+LD_LIBRARY_PATH="$CUDA_ROOT/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" python3 "$ROOT/scripts/check_kernels.py" "$CUDA_ROOT"
 strip -o "$ROOT/dist/jumplens-cuda" "$CARGO_TARGET_DIR/release/jumplens"
 xz -T0 -6 -f -k "$ROOT/dist/jumplens-cuda"
 ls -la "$ROOT"/dist/jumplens-cuda*

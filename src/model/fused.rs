@@ -152,6 +152,30 @@ __device__ void silu_mul(const T* g, const T* u, T* out, usize n) {
   }
 }
 
+#define SILU_MUL(NAME, T) extern "C" __global__ void NAME(const T* g, const T* u, T* out, usize n) { \
+  silu_mul<T>(g, u, out, n); }
+SILU_MUL(silu_mul_bf16, bf16)
+SILU_MUL(silu_mul_f16, f16)
+
+#define SOFTMAX(NAME, T) extern "C" __global__ void NAME(const T* x, const unsigned int* lens, T* out, \
+    int heads, int tq, int s, float scale, float cap, int causal, int window) { \
+  masked_softmax<T>(x, lens, out, heads, tq, s, scale, cap, causal, window); }
+SOFTMAX(masked_softmax_f32, float)
+SOFTMAX(masked_softmax_bf16, bf16)
+SOFTMAX(masked_softmax_f16, f16)
+
+#define RMS(NAME, T, W) extern "C" __global__ void NAME(const T* x, const W* w, T* out, int d, float eps, \
+    int round_first) { rms_norm<T, W>(x, w, out, d, eps, round_first); }
+RMS(rms_norm_bf16_bf16, bf16, bf16)
+RMS(rms_norm_bf16_f32, bf16, float)
+RMS(rms_norm_f16_f16, f16, f16)
+RMS(rms_norm_f16_f32, f16, float)
+RMS(rms_norm_f32_f32, float, float)
+"#;
+
+    /// The tensor-core kernels (mma.sync with bf16 needs PTX for compute_80 or newer), compiled
+    /// after [`SOURCE`] into a module of their own so that older GPUs keep the other kernels.
+    const FLASH_SOURCE: &str = r#"
 // ---- Flash attention (forward, no probabilities materialised) ----
 // q [B, T, H, D], k and v [B, T, Hkv, D] (the projections' own layout: no head transposes), out
 // [B, T, H, D]. One block of 4 warps per (64 query rows, head, batch row); each warp owns 16 rows
@@ -326,28 +350,10 @@ FLASH(flash_attention_bf16_128, bf16, 128)
 FLASH(flash_attention_f16_64, f16, 64)
 FLASH(flash_attention_f16_128, f16, 128)
 
-#define SILU_MUL(NAME, T) extern "C" __global__ void NAME(const T* g, const T* u, T* out, usize n) { \
-  silu_mul<T>(g, u, out, n); }
-SILU_MUL(silu_mul_bf16, bf16)
-SILU_MUL(silu_mul_f16, f16)
-
-#define SOFTMAX(NAME, T) extern "C" __global__ void NAME(const T* x, const unsigned int* lens, T* out, \
-    int heads, int tq, int s, float scale, float cap, int causal, int window) { \
-  masked_softmax<T>(x, lens, out, heads, tq, s, scale, cap, causal, window); }
-SOFTMAX(masked_softmax_f32, float)
-SOFTMAX(masked_softmax_bf16, bf16)
-SOFTMAX(masked_softmax_f16, f16)
-
-#define RMS(NAME, T, W) extern "C" __global__ void NAME(const T* x, const W* w, T* out, int d, float eps, \
-    int round_first) { rms_norm<T, W>(x, w, out, d, eps, round_first); }
-RMS(rms_norm_bf16_bf16, bf16, bf16)
-RMS(rms_norm_bf16_f32, bf16, float)
-RMS(rms_norm_f16_f16, f16, f16)
-RMS(rms_norm_f16_f32, f16, float)
-RMS(rms_norm_f32_f32, float, float)
 "#;
 
     const MODULE: &str = "jumplens_fused";
+    const FLASH_MODULE: &str = "jumplens_flash";
 
     /// The PTX, compiled once per process (NVRTC of the CUDA runtime on the machine).
     fn ptx() -> Result<&'static str> {
@@ -359,6 +365,30 @@ RMS(rms_norm_f32_f32, float, float)
         })
         .as_deref()
         .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+
+    /// The PTX of the tensor-core kernels (compute_80: Ampere and newer), compiled once.
+    fn flash_ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+                arch: Some("compute_80"),
+                ..Default::default()
+            };
+            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(format!("{SOURCE}\n{FLASH_SOURCE}"), opts)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("compiling jumplens's fused attention with NVRTC failed: {e:?}"))
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+
+    /// The error of a fused attention kernel the GPU's driver refused, saying what to do.
+    fn flash_load_error(name: &str, e: candle_core::Error) -> candle_core::Error {
+        candle_core::Error::Msg(format!(
+            "loading the fused attention kernel {name} (PTX for compute_80, needs an Ampere or newer GPU) \
+             failed: {e}; set JUMPLENS_ATTENTION=materialized to run without it"
+        ))
     }
 
     fn threads(n: usize) -> u32 {
@@ -572,7 +602,9 @@ RMS(rms_norm_f32_f32, float, float)
             let ints = [t as i32, h as i32, h_kv as i32];
             let causal = self.causal as i32;
             let window = self.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
-            let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+            let func = dev
+                .get_or_load_custom_func(name, FLASH_MODULE, flash_ptx()?)
+                .map_err(|e| flash_load_error(name, e))?;
             let n = b * t * h * d;
             let out = match (&q.slice, &k.slice, &v.slice) {
                 (CudaStorageSlice::BF16(qs), CudaStorageSlice::BF16(ks), CudaStorageSlice::BF16(vs)) => {
