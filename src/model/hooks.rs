@@ -332,6 +332,25 @@ mod tests {
         assert_eq!(Tap::parse("hook_resid_pre"), None);
     }
 
+    /// What a GPU forward may skip (the attention probabilities) follows what each hook says it
+    /// observes: nothing, only its chosen taps, or the taps it patches.
+    #[test]
+    fn hooks_say_which_taps_they_observe() {
+        let pattern = Tap::Block(2, BlockTap::AttnPattern);
+        assert!(!NoHooks.observes(pattern));
+        assert!(TapRecorder::default().observes(pattern));
+        assert!(!TapRecorder::only(&["blocks.2.hook_resid_post"]).observes(pattern));
+        assert!(TapRecorder::only(&["blocks.2.attn.hook_pattern"]).observes(pattern));
+        let mut patch = TapPatch::default();
+        assert!(!patch.observes(pattern));
+        patch.values.insert(
+            pattern.name(),
+            Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap(),
+        );
+        assert!(patch.observes(pattern));
+        assert!(!LinearReplacement::default().observes(pattern));
+    }
+
     #[test]
     fn a_patch_of_the_wrong_shape_is_an_error() {
         let mut patch = TapPatch::default();
