@@ -5,8 +5,9 @@
 //! schedules jump 1 -> 2, which to-final maps lack) with a word tokenizer:
 //! - the training examples a statistics-only run replays (`collect::replay_train`) are the
 //!   stored run's: same tokens, positions, order, and bitwise the same states;
-//! - `report` on a stats-only run does not collect again and gives the stored run's
-//!   sub-module and alternation results (within 1e-6: its maps come from the statistics);
+//! - `report` on a stats-only run, and on two stats-only shards merged, does not collect again
+//!   and gives the stored run's sub-module and alternation results (within 1e-6: its maps come
+//!   from the statistics);
 //! - with to-final maps (stats-only to-final, or a stored run fitted `--pairs to-final`) the
 //!   sub-module stage fits the short jumps itself and the periodic schedules give the same
 //!   results as with all-pair maps;
@@ -219,6 +220,40 @@ fn report_runs_every_stage_on_stats_only_and_to_final_runs() {
             assert!(l2 == 4 || l2 == l + 1, "r2-informed jump {l} -> {l2} without a map");
         }
     }
+
+    // Two stats-only shards merged: a single run to report on, with the same results.
+    let (s0, s1, merged) = (dir.path().join("s0"), dir.path().join("s1"), dir.path().join("merged"));
+    for (i, shard) in [&s0, &s1].into_iter().enumerate() {
+        let which = format!("{i}/2");
+        collect(
+            &model,
+            &corpus,
+            shard,
+            &[
+                "--stats-only",
+                "--pairs",
+                "all",
+                "--part-sentences",
+                "10",
+                "--shard",
+                &which,
+            ],
+        );
+    }
+    ok(&[
+        "merge",
+        merged.to_str().unwrap(),
+        s0.to_str().unwrap(),
+        s1.to_str().unwrap(),
+    ]);
+    let log = report(&model, &corpus, &merged);
+    assert!(
+        log.contains("collect: up to date, skipped"),
+        "merged run collected again: {log}"
+    );
+    assert_eq!(submodules_record(&merged)["train_replayed"], true);
+    json_agree(&sub(&merged), &sub(&stored), 1e-6, "submodules");
+    json_agree(&alt(&merged), &alt(&stored), 1e-6, "alternation");
 
     // A stored run fitted to-final: `submodules` fits the jump from the stored states.
     let stored_final = dir.path().join("stored-final");
