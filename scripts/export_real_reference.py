@@ -32,7 +32,20 @@ minilm (BertModel): ids and hidden only.
 GGUF models are loaded with transformers' own GGUF loader (dequantized to f32):
   AutoModelForCausalLM.from_pretrained(folder, gguf_file=..., dtype=torch.float32)
 
+bf16 (`--bf16 [ASSET...]`, smollm2 and gemma3): tests/fixtures/real/<asset>_bf16.safetensors,
+the same GGUF dequantized to f32 by transformers, then cast to bfloat16 in PyTorch
+(model.to(torch.bfloat16)) and run with eager attention, one sentence at a time:
+  sketch           [K, d]        f32, K = 4 Gaussian directions / sqrt(K) (numpy seed 0)
+  states.{i}       [L+1, T, K]   f32, the bf16 run's h_0..h_L (h_L before the final norm) at
+                                 every position, upcast to f32 and multiplied by sketch^T in f64:
+                                 the normwise error per layer is estimated from the sketch
+                                 (E||S x||^2 = ||x||^2; 4 x T x 20 projections per layer)
+  top5.{i}, top5_logits.{i} [T, 5]  the bf16 run's top-5 ids / logits (upcast to f32)
+meta.json "bf16".<asset> records the exact normwise distance of PyTorch's bf16 run from its
+f32 run per layer and what the sketch estimates for the same pair (the sketch's accuracy).
+
 Usage: /root/refenv/bin/python scripts/export_real_reference.py [ASSET...]
+       /root/refenv/bin/python scripts/export_real_reference.py --bf16 [smollm2 gemma3]
 Needs torch, transformers, gguf, safetensors, numpy (+ sentencepiece).
 Assets come from scripts/fetch_assets.sh (JUMPLENS_ASSETS overrides the folder).
 """
@@ -302,7 +315,92 @@ def export_bert(name, sents):
     return tensors, info
 
 
+SKETCH_K = 4
+
+
+def all_states(model, tap, ids):
+    """h_0..h_L at every position of one sentence: [L+1, T, d] (float64) and the logits [T, V]."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    L = len(tap.layers)
+    return torch.stack([tap.state(k).double() for k in range(L + 1)]), out.logits[0]
+
+
+def export_causal_bf16(name, sents):
+    folder, fn = ASSET_FILES[name]
+    path = ASSETS / folder
+    tok = AutoTokenizer.from_pretrained(str(path), gguf_file=fn)
+    f32 = AutoModelForCausalLM.from_pretrained(
+        str(path), gguf_file=fn, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(
+        str(path), gguf_file=fn, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    bf16.to(torch.bfloat16)
+    d = bf16.config.hidden_size
+    sketch = np.random.default_rng(0).standard_normal((SKETCH_K, d)) / np.sqrt(SKETCH_K)
+    s64 = torch.from_numpy(sketch)
+    tensors = {"sketch": sketch.astype(np.float32)}
+    taps = LayerTap(f32.model.layers), LayerTap(bf16.model.layers)
+    L = len(f32.model.layers)
+    num, den, num_s, den_s = (np.zeros(L + 1) for _ in range(4))
+    top1_same, positions = 0, 0
+    try:
+        for i, s in enumerate(sents):
+            ids = tok(s, return_tensors="pt")["input_ids"]
+            h32, logits32 = all_states(f32, taps[0], ids)
+            h16, logits16 = all_states(bf16, taps[1], ids)
+            assert taps[1].state(0).dtype == torch.bfloat16
+            proj16 = h16 @ s64.T
+            tensors[f"states.{i}"] = proj16.float().numpy()
+            t_ids, t_vals = top5(logits16)
+            tensors[f"top5.{i}"] = t_ids
+            tensors[f"top5_logits.{i}"] = t_vals
+            diff = h16 - h32
+            num += (diff**2).sum(dim=(1, 2)).numpy()
+            den += (h32**2).sum(dim=(1, 2)).numpy()
+            num_s += ((diff @ s64.T) ** 2).sum(dim=(1, 2)).numpy()
+            den_s += ((h32 @ s64.T) ** 2).sum(dim=(1, 2)).numpy()
+            top1_same += int((logits16.float().argmax(-1) == logits32.argmax(-1)).sum())
+            positions += ids.shape[1]
+    finally:
+        for t in taps:
+            t.remove()
+    info = {
+        "loader": f"AutoModelForCausalLM.from_pretrained(folder, gguf_file={fn!r}, dtype=torch.float32, attn_implementation='eager').to(torch.bfloat16)",
+        "sketch_k": SKETCH_K,
+        "torch_bf16_vs_f32_normwise_per_layer": [float(x) for x in np.sqrt(num / den)],
+        "torch_bf16_vs_f32_sketch_estimate_per_layer": [float(x) for x in np.sqrt(num_s / den_s)],
+        "torch_bf16_vs_f32_top1_same": f"{top1_same}/{positions}",
+    }
+    return tensors, info
+
+
+def main_bf16(names):
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    sents = sentences()
+    meta_path = OUT / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("bf16", {})
+    for name in names or ["smollm2", "gemma3"]:
+        if name not in ("smollm2", "gemma3"):
+            sys.exit(f"--bf16: unknown asset {name!r}; known: smollm2, gemma3")
+        print(f"== {name} bf16", file=sys.stderr)
+        tensors, info = export_causal_bf16(name, sents)
+        out = OUT / f"{name}_bf16.safetensors"
+        save_file(tensors, str(out), metadata={"source": f"{name} bf16; transformers {transformers.__version__}"})
+        out.chmod(0o644)
+        info["fixture_bytes"] = out.stat().st_size
+        info["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+        meta["bf16"][name] = info
+        print(json.dumps(info, indent=1), file=sys.stderr)
+    meta_path.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def main():
+    if sys.argv[1:2] == ["--bf16"]:
+        return main_bf16(sys.argv[2:])
     names = sys.argv[1:] or list(ASSET_FILES)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))

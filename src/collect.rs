@@ -407,7 +407,6 @@ pub fn collect_stream(
         );
     }
     let info = lm.model.info().clone();
-    let tok = lm.tokenizer()?;
     let (format, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
     let model_record = ModelRecord {
         // Absolute, so that later stages run from another folder find the model.
@@ -435,24 +434,12 @@ pub fn collect_stream(
         "collect had finished no part yet; run the same command again to start it in {}",
         run.root.display()
     )));
-    // Tokenize once; sentences too long for the context are skipped and counted.
-    let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
-    let mut too_long = 0usize;
-    let max = info.max_positions;
-    let (train, val) = corpus::sample_sentences(&articles, opts.n_train, opts.n_val, opts.seed, |s| {
-        match tok.encode(s) {
-            Ok(ids) if ids.len() > max => {
-                too_long += 1;
-                false
-            }
-            Ok(ids) if ids.len() >= 2 => {
-                tokens.insert(s.to_string(), ids);
-                true
-            }
-            _ => false,
-        }
-    })
-    .map_err(|e| anyhow::anyhow!("{}: {e}", corpus_path.display()))?;
+    let Sampled {
+        train,
+        val,
+        tokens,
+        too_long,
+    } = sample_splits(lm, &articles, opts, corpus_path)?;
 
     // A shard range the splits cannot hold is refused before anything is written.
     let part_len = stream.part_len();
@@ -536,6 +523,98 @@ pub fn collect_stream(
     }
     crate::interrupt::set_message(None);
     Ok(manifest)
+}
+
+/// Both splits' sentences as `collect` samples them, and their token ids.
+struct Sampled {
+    train: Vec<SampledSentence>,
+    val: Vec<SampledSentence>,
+    tokens: HashMap<String, Vec<u32>>,
+    /// Sentences skipped because they are longer than the model's context.
+    too_long: usize,
+}
+
+/// Samples both splits (tokenized once; sentences too long for the context are skipped and
+/// counted, sentences of fewer than two tokens skipped).
+fn sample_splits(
+    lm: &LoadedModel,
+    articles: &[corpus::Article],
+    opts: &CollectOptions,
+    corpus_path: &Path,
+) -> Result<Sampled> {
+    let tok = lm.tokenizer()?;
+    let mut tokens: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut too_long = 0usize;
+    let max = lm.model.info().max_positions;
+    let (train, val) =
+        corpus::sample_sentences(articles, opts.n_train, opts.n_val, opts.seed, |s| match tok.encode(s) {
+            Ok(ids) if ids.len() > max => {
+                too_long += 1;
+                false
+            }
+            Ok(ids) if ids.len() >= 2 => {
+                tokens.insert(s.to_string(), ids);
+                true
+            }
+            _ => false,
+        })
+        .map_err(|e| anyhow::anyhow!("{}: {e}", corpus_path.display()))?;
+    Ok(Sampled {
+        train,
+        val,
+        tokens,
+        too_long,
+    })
+}
+
+/// The first `limit` training examples of a collection made with `opts` from `corpus_path`,
+/// replayed: the same sentences, positions and order as `collect` drew (the same sampler and
+/// seed), with their states h_0..h_L computed again by `lm`. A statistics-only run (`collect
+/// --stats-only`, or a merge of such shards) keeps neither training states nor their token
+/// lists; the stages that need training examples (the sub-module maps) take them from here.
+pub fn replay_train(
+    lm: &LoadedModel,
+    corpus_path: &Path,
+    opts: &CollectOptions,
+    limit: usize,
+    batch_tokens: usize,
+    progress: bool,
+) -> Result<Activations> {
+    let (_, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
+    let sampled = sample_splits(lm, &articles, opts, corpus_path)?;
+    // The rng is drawn from in the same order as collect: the training split's jobs first.
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_add(1));
+    let mut jobs = make_jobs(lm, &sampled.train, &sampled.tokens, opts.positions, &mut rng)?;
+    let mut left = limit;
+    jobs.retain_mut(|job| {
+        job.positions.truncate(left);
+        left -= job.positions.len();
+        !job.positions.is_empty()
+    });
+    let n: usize = jobs.iter().map(|j| j.positions.len()).sum();
+    if n == 0 {
+        bail!("{}: no training example to replay", corpus_path.display());
+    }
+    let causal = lm.model.info().attention == AttentionKind::Causal;
+    let us = units(&jobs, causal, lm.tokenizer()?.mask_id)?;
+    let bar = crate::progress::bar(us.len() as u64, "replay train", progress);
+    let hidden_states = run_part(lm, &us, batch_tokens, n, &mut |rows| bar.inc(rows as u64))?;
+    bar.finish_and_clear();
+    let (mut positions, mut tokens, mut offsets) = (Vec::with_capacity(n), Vec::new(), vec![0]);
+    for job in &jobs {
+        for &p in &job.positions {
+            positions.push(p);
+            tokens.extend_from_slice(&job.tokens);
+            offsets.push(tokens.len());
+        }
+    }
+    Ok(Activations {
+        hidden_states,
+        positions,
+        tokens,
+        offsets,
+        path: corpus_path.to_path_buf(),
+    })
 }
 
 /// Collection options that do not change the collected states (only speed or memory): a

@@ -810,14 +810,15 @@ fn run(cli: Cli) -> Result<()> {
             };
             let run = RunDir::new(&run);
             if !common.quiet {
+                // Auto resolved first (the run's size and statistics form decide it).
+                let (planned, file) = pipeline::fit::planned_pairs(&run, pairs.into())?;
                 eprintln!(
-                    "fit: {} pairs of {} by least squares...",
-                    match pairs {
-                        PairsArg::All => "all",
-                        PairsArg::Auto => "all (to-final if their maps would exceed 4 GiB)",
-                        PairsArg::ToFinal => "the to-final",
+                    "fit: {} of {} by least squares...",
+                    match planned {
+                        pipeline::Pairs::ToFinal => "the to-final pairs",
+                        _ => "all pairs",
                     },
-                    run.activations("train").display()
+                    file.display()
                 );
             }
             let s = pipeline::run_fit(&run, pairs.into(), &opts, &device)?;

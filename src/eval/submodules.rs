@@ -364,15 +364,7 @@ pub fn experiments(
     };
 
     // Alternation.
-    let mut schedules: Vec<(String, Vec<Step>)> = Vec::new();
-    // Every a with short jumps (b = 1, 2): longer periodic jumps are dominated by the single jump.
-    for b in 1..=2 {
-        for a in 1..n_layers {
-            if n_layers.is_multiple_of(a + b) {
-                schedules.push((format!("run {a}, jump {b}"), periodic_schedule(n_layers, a, b)));
-            }
-        }
-    }
+    let schedules = periodic_schedules(n_layers);
     let mut r2_sched = Vec::new();
     let stride = n_layers.div_ceil(10).max(1);
     for k in (0..n_layers).step_by(stride) {
@@ -446,6 +438,30 @@ pub fn experiments(
     Ok((sub_report, alt))
 }
 
+/// The periodic schedules the alternation experiment runs, named: every `a` with short jumps
+/// (b = 1, 2; longer periodic jumps are dominated by the single jump) where a + b divides L.
+pub fn periodic_schedules(n_layers: usize) -> Vec<(String, Vec<Step>)> {
+    let mut schedules = Vec::new();
+    for b in 1..=2 {
+        for a in 1..n_layers {
+            if n_layers.is_multiple_of(a + b) {
+                schedules.push((format!("run {a}, jump {b}"), periodic_schedule(n_layers, a, b)));
+            }
+        }
+    }
+    schedules
+}
+
+/// The layer maps (l, l') the periodic schedules jump with, sorted: what [`experiments`] needs
+/// besides the to-final maps (the r²-informed schedules use whatever pairs `r2` scores).
+pub fn schedule_pairs(n_layers: usize) -> Vec<(usize, usize)> {
+    let set: std::collections::BTreeSet<(usize, usize)> = periodic_schedules(n_layers)
+        .iter()
+        .flat_map(|(_, steps)| jumps(steps))
+        .collect();
+    set.into_iter().collect()
+}
+
 /// Refuses an r^2 table that is not [L + 1][L + 1] (the schedules index it by layer pairs).
 pub fn check_r2_shape(r2: &[Vec<Option<f64>>], n_layers: usize) -> Result<()> {
     let n = n_layers + 1;
@@ -478,6 +494,15 @@ mod tests {
             ]
         );
         assert_eq!(executed(&s), 4);
+    }
+
+    #[test]
+    fn schedule_pairs_are_the_periodic_jumps() {
+        // L = 6: b = 1 with a = 1, 2, 5 (a + 1 divides 6); b = 2 with a = 1, 4.
+        // Jumps: run 1/jump 1: 1->2, 3->4, 5->6; run 2/jump 1: 2->3, 5->6; run 5/jump 1: 5->6;
+        // run 1/jump 2: 1->3, 4->6; run 4/jump 2: 4->6.
+        assert_eq!(periodic_schedules(6).len(), 5);
+        assert_eq!(schedule_pairs(6), vec![(1, 2), (1, 3), (2, 3), (3, 4), (4, 6), (5, 6)]);
     }
 
     #[test]

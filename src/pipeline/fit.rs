@@ -143,26 +143,45 @@ pub fn run_fit(run: &RunDir, pairs: Pairs, opts: &FitOptions, device: &Device) -
 /// The pairs to fit: `pairs` resolved for `s` states of width `d`. On a statistics run
 /// (`stats`), `auto` is the pairs the statistics hold and a choice they do not hold is refused.
 fn resolve_pairs(pairs: Pairs, s: usize, d: usize, stats: Option<StatsPairs>) -> Result<(Pairs, Vec<(usize, usize)>)> {
-    let resolved = match (pairs, stats) {
-        (Pairs::Auto, Some(StatsPairs::All)) => Pairs::All,
-        (Pairs::Auto, Some(StatsPairs::ToFinal)) => Pairs::ToFinal,
-        (Pairs::All, Some(StatsPairs::ToFinal)) => anyhow::bail!(
+    if let (Pairs::All, Some(StatsPairs::ToFinal)) = (pairs, stats) {
+        anyhow::bail!(
             "--pairs all: this run holds the statistics of the to-final pairs only (collected with \
              --stats-only --pairs to-final); fit --pairs to-final, or collect again with --pairs all"
-        ),
-        (p, _) => {
-            let (p, note) = p.resolve(s, d);
-            if let Some(note) = note {
-                eprintln!("{note}");
-            }
-            p
-        }
-    };
+        );
+    }
+    let (resolved, note) = resolved_pairs(pairs, s, d, stats);
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     let list = match resolved {
         Pairs::All | Pairs::Auto => fit::pairs_all(s),
         Pairs::ToFinal => fit::pairs_to_final(s),
     };
     Ok((resolved, list))
+}
+
+/// `pairs` with Auto resolved: a statistics-only run's pair set, else the size rule of
+/// [`Pairs::resolve`] (with its line when that is not all pairs).
+fn resolved_pairs(pairs: Pairs, s: usize, d: usize, stats: Option<StatsPairs>) -> (Pairs, Option<String>) {
+    match (pairs, stats) {
+        (Pairs::Auto, Some(StatsPairs::All)) => (Pairs::All, None),
+        (Pairs::Auto, Some(StatsPairs::ToFinal)) => (Pairs::ToFinal, None),
+        (p, _) => p.resolve(s, d),
+    }
+}
+
+/// What [`run_fit`] will fit on `run` for `pairs` (Auto resolved from the manifest's model
+/// size and statistics form) and the training file it reads: the CLI's start line.
+pub fn planned_pairs(run: &RunDir, pairs: Pairs) -> Result<(Pairs, std::path::PathBuf)> {
+    let m = run.read_manifest()?;
+    let stats = m.stats_form();
+    let (resolved, _) = resolved_pairs(pairs, m.model.n_layers + 1, m.model.d_model, stats);
+    let file = if stats.is_some() {
+        run.train_stats()
+    } else {
+        run.activations("train")
+    };
+    Ok((resolved, file))
 }
 
 /// Reads the training statistics of a `--stats-only` run and checks them against the manifest

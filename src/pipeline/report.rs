@@ -9,6 +9,9 @@
 //!   (`stages.<name>.wall_s`) where the stage function does not record it itself.
 //! - A stage is skipped when its outputs exist and its manifest record matches the options
 //!   asked for now; a stage that runs makes every stage that depends on it run again.
+//! - A statistics-only run (`collect --stats-only`, or a complete merge of shards) with the
+//!   same model, corpus and collection options counts as collected: it is not collected again;
+//!   fit reads its statistics and sub-modules replay the training examples they need.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -246,24 +249,15 @@ fn up_to_date(
     lm: &LoadedModel,
     collect_opts: &Value,
 ) -> Result<bool> {
+    if stage == Stage::Collect {
+        return collect_up_to_date(run, opts, lm, collect_opts);
+    }
     if stage.outputs().iter().any(|f| !run.file(f).exists()) {
         return Ok(false);
     }
     let Ok(m) = run.read_manifest() else {
         return Ok(false);
     };
-    if stage == Stage::Collect {
-        let same_inputs = m.model.sha256 == crate::data::io::sha256_path(&lm.path)?
-            && m.corpus.sha256 == crate::data::io::sha256_path(&opts.corpus)?
-            && &m.options == collect_opts;
-        if !same_inputs {
-            bail!(
-                "{}: this run was collected with another model, corpus or options; use a new --out folder",
-                run.root.display()
-            );
-        }
-        return Ok(m.counts.contains_key("train") && m.counts.contains_key("val"));
-    }
     // r2 and predict record the validation count they saw (the collected one, which is the
     // requested one unless the corpus ran short); compare with what was collected.
     let mut want = stage.expected_record(opts);
@@ -278,6 +272,48 @@ fn up_to_date(
         }
     }
     Ok(m.stages.get(stage.name()).is_some_and(|r| record_matches(r, &want)))
+}
+
+/// The collection options of a streamed run that do not change what the later stages compute
+/// from it: a statistics-only run (`stats_only`, `part_sentences`; also a complete merge of
+/// shards) is the report's collection in another form (fit reads the statistics, sub-modules
+/// replay the training examples).
+const STREAM_OPTIONS: &[&str] = &["stats_only", "part_sentences"];
+
+/// Whether the collection is done with these inputs: both splits there (the training split as
+/// stored states or as statistics) and recorded with the same model, corpus and options. A run
+/// collected differently, or one shard of a sharded run, is refused.
+fn collect_up_to_date(run: &RunDir, opts: &ReportOptions, lm: &LoadedModel, collect_opts: &Value) -> Result<bool> {
+    let train_there = run.activations("train").exists() || run.train_stats().exists();
+    if !train_there || !run.activations("val").exists() {
+        return Ok(false);
+    }
+    let Ok(m) = run.read_manifest() else {
+        return Ok(false);
+    };
+    if let Some(sh) = m.shard() {
+        bail!(
+            "{}: shards {}..{} of {} only; merge all shards (jumplens merge) and report on the merged run",
+            run.root.display(),
+            sh.from,
+            sh.to,
+            sh.count
+        );
+    }
+    let mut options = m.options.clone();
+    if let Some(o) = options.as_object_mut() {
+        o.retain(|k, _| !STREAM_OPTIONS.contains(&k.as_str()));
+    }
+    let same_inputs = m.model.sha256 == crate::data::io::sha256_path(&lm.path)?
+        && m.corpus.sha256 == crate::data::io::sha256_path(&opts.corpus)?
+        && &options == collect_opts;
+    if !same_inputs {
+        bail!(
+            "{}: this run was collected with another model, corpus or options; use a new --out folder",
+            run.root.display()
+        );
+    }
+    Ok(m.counts.contains_key("train") && m.counts.contains_key("val"))
 }
 
 /// Adds this call's wall time and options to the stage's manifest record, keeping what the

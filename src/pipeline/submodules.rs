@@ -2,13 +2,28 @@
 //! sub-module replacement and alternation experiments on the model
 //! ([`crate::eval::submodules::experiments`]) and write `submodules.json`, `alternation.json`
 //! and their figures.
+//!
+//! What the runner supplies when the run lacks it (the experiments themselves are unchanged):
+//! - a statistics-only run (`collect --stats-only`, or merged shards) stores no training states:
+//!   the training examples the sub-module maps are fitted on are replayed from the run's corpus
+//!   and options ([`crate::collect::replay_train`]: the same first `--train` examples a stored
+//!   run would give);
+//! - to-final maps (`--pairs to-final`, the default above 4 GiB of maps) lack the short jumps
+//!   l -> l+1, l -> l+2 of the periodic alternation schedules: those few maps are fitted here
+//!   (OLS on the training states, as `fit`), scored on the validation states, and used only by
+//!   this stage; the r²-informed schedules then choose among l -> L and these jumps. The
+//!   manifest records how many were fitted (`stages.submodules.jump_maps_fitted`).
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
-use crate::data::run::{require, RunDir};
+use crate::collect::CollectOptions;
+use crate::data::run::{require, Manifest, RunDir};
+use crate::data::Activations;
 pub use crate::eval::submodules::SubmoduleOptions;
-use crate::eval::submodules::{check_r2_shape, experiments, AlternationReport, SubmoduleReport};
+use crate::eval::submodules::{check_r2_shape, experiments, schedule_pairs, AlternationReport, SubmoduleReport};
+use crate::lens::fit::{fit_all_pairs, FitOptions};
 use crate::lens::maps::Maps;
+use crate::lens::r2::r2_all_pairs;
 use crate::model::LoadedModel;
 
 /// Runs the sub-module and alternation experiments and writes their JSON and plots.
@@ -29,12 +44,24 @@ pub fn run_submodules(
     let mut manifest = run.read_manifest()?;
     crate::pipeline::integrity::check_run_model(run, &manifest, lm)?;
     let info = lm.model.info().clone();
-    let train = run.read_split(&manifest, "train")?;
+    let (train, replayed) = match manifest.stats_form() {
+        None => (run.read_split(&manifest, "train")?, false),
+        Some(_) => (replay_training(lm, run, &manifest, opts)?, true),
+    };
     let val = run.read_split(&manifest, "val")?;
     let maps = Maps::read(&require(&run.maps(), "fit")?)?;
     maps.check_model(&manifest.model)?;
+    let mut r2 = read_r2(run, info.n_layers)?;
+    let (maps, fitted_here) = with_schedule_maps(
+        maps,
+        &train,
+        &val,
+        &mut r2,
+        info.n_layers,
+        lm.model.device(),
+        opts.progress,
+    )?;
     let maps = maps.to_device(lm.model.head_device())?;
-    let r2 = read_r2(run, info.n_layers)?;
     let (sub_report, alt) = experiments(lm, &train, &val, &maps, &r2, opts)?;
     check_finite(&sub_report, &alt)?;
     crate::data::io::write_json(&run.file("submodules.json"), &sub_report)?;
@@ -44,10 +71,115 @@ pub fn run_submodules(
     manifest.set_stage(
         "submodules",
         serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_eval": sub_report.n_eval,
-            "n_train": opts.n_train.min(train.len())}),
+            "n_train": opts.n_train.min(train.len()), "train_replayed": replayed,
+            "jump_maps_fitted": fitted_here}),
     );
     run.write_manifest(&manifest)?;
     Ok((sub_report, alt))
+}
+
+/// The training examples of a statistics-only run, replayed from the corpus and options its
+/// manifest records (the first `opts.n_train`; the corpus must be the one collected from).
+fn replay_training(
+    lm: &LoadedModel,
+    run: &RunDir,
+    manifest: &Manifest,
+    opts: &SubmoduleOptions,
+) -> Result<Activations> {
+    if let Some(sh) = manifest.shard() {
+        bail!(
+            "{}: shards {}..{} of {} only; merge all shards first (jumplens merge)",
+            run.root.display(),
+            sh.from,
+            sh.to,
+            sh.count
+        );
+    }
+    let corpus = std::path::PathBuf::from(&manifest.corpus.path);
+    if !corpus.exists() {
+        bail!(
+            "{}: the corpus {} is gone; sub-modules replay the training sentences of a --stats-only run from it",
+            run.root.display(),
+            corpus.display()
+        );
+    }
+    if crate::data::io::sha256_path(&corpus)? != manifest.corpus.sha256 {
+        bail!(
+            "{}: the corpus {} changed since collection (sha256 differs); sub-modules cannot replay the \
+             training sentences of this --stats-only run",
+            run.root.display(),
+            corpus.display()
+        );
+    }
+    let copts: CollectOptions = serde_json::from_value(manifest.options.clone()).map_err(|e| {
+        anyhow!(
+            "{}: the manifest's collection options are unreadable ({e})",
+            run.manifest().display()
+        )
+    })?;
+    if opts.progress {
+        eprintln!(
+            "submodules: a --stats-only run keeps no training states; replaying the first {} training examples",
+            opts.n_train.min(copts.n_train)
+        );
+    }
+    crate::collect::replay_train(lm, &corpus, &copts, opts.n_train, opts.batch_tokens, opts.progress)
+}
+
+/// The run's maps plus the jumps the periodic schedules need that it lacks (to-final maps),
+/// fitted on the training states and scored on the validation states on `device` (their mat r²
+/// is filled into `r2`); returns the maps and how many were fitted here.
+fn with_schedule_maps(
+    maps: Maps,
+    train: &Activations,
+    val: &Activations,
+    r2: &mut [Vec<Option<f64>>],
+    n_layers: usize,
+    device: &candle_core::Device,
+    progress: bool,
+) -> Result<(Maps, usize)> {
+    let missing: Vec<(usize, usize)> = schedule_pairs(n_layers)
+        .into_iter()
+        .filter(|&(l, l2)| maps.get(l, l2).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok((maps, 0));
+    }
+    if progress {
+        eprintln!(
+            "submodules: {} has no maps for the alternation's short jumps (to-final); fitting those {} \
+             (l -> l+1, l+2) on {} training examples for this stage",
+            maps.name(),
+            missing.len(),
+            train.len()
+        );
+    }
+    let fit = FitOptions {
+        progress,
+        ..FitOptions::default()
+    };
+    // On the model's device, as `fit` and `r2` run there (a GPU fits d = 4096 in seconds).
+    let (extra, _) = fit_all_pairs(&train.hidden_states.to_device(device)?, &missing, &fit)?;
+    let table = r2_all_pairs(&val.hidden_states.to_device(device)?, &extra)?;
+    for &(l, l2) in &missing {
+        r2[l][l2] = table.mat[l][l2];
+    }
+    let fitted = extra.len();
+    let Maps {
+        d,
+        mut pairs,
+        metadata,
+        path,
+    } = maps;
+    pairs.extend(extra.pairs);
+    Ok((
+        Maps {
+            metadata,
+            path,
+            ..Maps::new(d, pairs)
+        },
+        fitted,
+    ))
 }
 
 /// The mat r^2 table from `r2.json`, [L + 1][L + 1].
