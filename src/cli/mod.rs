@@ -423,9 +423,11 @@ enum Command {
         jumplens tuned-lens runs/smollm2-wiki --init mat --steps 250\n\n\
         The recipe: loss = sum over layers of the mean over positions of KL(model's final\n\
         distribution || lens), clip 1.0, SGD Nesterov 0.9, lr = LR * 0.1 decayed linearly to 0\n\
-        over --steps, weight decay 1e-3. --tokens-per-step 0 = 512 on the CPU, 32768 on a GPU\n\
-        (on the CPU a step is slow: SmolLM2-135M takes ~6 s per step of 64 tokens on 2 cores,\n\
-        so 250 steps of 512 tokens take hours; see the README). Checkpoints every 25 steps\n\
+        over --steps, weight decay 1e-3. --tokens-per-step 0 = 32 on the CPU, 32768 on a GPU\n\
+        (a step of fewer tokens than --seq-len is one sequence of that length). A step costs\n\
+        two [tokens, d] x [d, V] GEMMs per layer, ~3.4 GFLOP per token on SmolLM2-135M: the\n\
+        CPU default (250 steps x 32 tokens) is sized for minutes on 2 cores (README, Tuned\n\
+        lens); tuned-lens's own budget (2^18 tokens per step) is GPU work. Checkpoints every 25 steps\n\
         (RUN/tuned.checkpoint.safetensors); the same command again resumes. Writes RUN/tuned/\n\
         (RUN/tuned-mat/ with --init mat): params.pt + config.json (tuned-lens's format) and\n\
         lens.safetensors; `jumplens predict RUN` then scores them as tuned / mat+kl.")]
@@ -435,7 +437,7 @@ enum Command {
         /// Optimiser steps (also the linear decay's horizon).
         #[arg(long, default_value_t = 250)]
         steps: usize,
-        /// Tokens per step (0 = 512 on the CPU, 32768 on a GPU).
+        /// Tokens per step (0 = 32 on the CPU, 32768 on a GPU).
         #[arg(long, default_value_t = 0, value_name = "N")]
         tokens_per_step: usize,
         /// tuned-lens's lr_scale (SGD lr = LR * (1 - momentum 0.9)).
