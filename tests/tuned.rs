@@ -315,3 +315,46 @@ fn training_steps_equal_tuned_lens_package() {
     // The steps moved the parameters far more than the tolerance (else the test proves nothing).
     assert!(moved > 1e-2, "moved only {moved}");
 }
+
+/// The paper's published-matrix form (tests/fixtures/paper_maps, made by
+/// scripts/export_paper_maps_fixture.py with torch.save): every i_j.pickle read into maps with
+/// the values torch reads back (exactly: the same float32 bytes), and each bad folder refused
+/// with one line naming the file.
+#[test]
+fn paper_pickled_matrices_import_as_maps() {
+    let dir = root().join("tests/fixtures/paper_maps");
+    let maps = jumplens::lens::import::import_pickled_maps(&dir.join("good"), 4, 2).unwrap();
+    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(maps.len(), 3);
+    for (name, want) in &expected {
+        let (i, j) = name.split_once('_').unwrap();
+        let got = maps.require(i.parse().unwrap(), j.parse().unwrap()).unwrap();
+        let diff = (&got.a - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "map {name}");
+        assert!(want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
+    }
+    assert_eq!(maps.metadata.get("n_layers").map(String::as_str), Some("2"));
+    // Another width or fewer layers than the files name.
+    let e = format!(
+        "{:#}",
+        jumplens::lens::import::import_pickled_maps(&dir.join("good"), 8, 2).unwrap_err()
+    );
+    assert!(e.contains("0_1.pickle") && e.contains("[8, 8]"), "{e}");
+    let e = format!(
+        "{:#}",
+        jumplens::lens::import::import_pickled_maps(&dir.join("good"), 4, 1).unwrap_err()
+    );
+    assert!(e.contains("0_2.pickle") && e.contains("0 <= i < j <= 1"), "{e}");
+    for (case, want) in [
+        ("shape", "[4, 3]"),
+        ("layer", "1 -> 3"),
+        ("plain", "plain pickle.dump"),
+        ("dict", "not a single tensor"),
+        ("nan", "NaN"),
+    ] {
+        let e = jumplens::lens::import::import_pickled_maps(&dir.join(format!("bad_{case}")), 4, 2).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains(want) && e.contains(".pickle"), "{case}: {e}");
+        assert!(!e.contains('\n'), "{case}: one line: {e}");
+    }
+}
