@@ -479,6 +479,12 @@ fn tuned_lenses_in_report_early_exit_and_peek() {
     );
     assert!(ok, "peek: {err}");
     assert!(out.contains("tuned") && out.contains("mat"), "{out}");
+    // The paper's matrices for a 4-wide model against this run's: one line naming the file.
+    let good = root().join("tests/fixtures/paper_maps/good");
+    let (ok, _, err) = cli(dir.path(), &["import-maps", good.to_str().unwrap(), "--run", "run"]);
+    assert!(!ok && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("0_1.pickle") && err.contains("[4, 4]"), "{err}");
+    assert!(!run.join("maps_imported.safetensors").exists(), "nothing written");
     // A lens for another width is one line, no panic.
     let (ok, _, err) = cli(dir.path(), &["peek", "m", "--tuned-lens", "run", "--text", "w5"]);
     assert!(!ok && err.trim().lines().count() == 1, "{err}");
