@@ -315,3 +315,177 @@ fn training_steps_equal_tuned_lens_package() {
     // The steps moved the parameters far more than the tolerance (else the test proves nothing).
     assert!(moved > 1e-2, "moved only {moved}");
 }
+
+/// The paper's published-matrix form (tests/fixtures/paper_maps, made by
+/// scripts/export_paper_maps_fixture.py with torch.save): every i_j.pickle read into maps with
+/// the values torch reads back (exactly: the same float32 bytes), and each bad folder refused
+/// with one line naming the file.
+#[test]
+fn paper_pickled_matrices_import_as_maps() {
+    let dir = root().join("tests/fixtures/paper_maps");
+    let maps = jumplens::lens::import::import_pickled_maps(&dir.join("good"), 4, 2).unwrap();
+    let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(maps.len(), 3);
+    for (name, want) in &expected {
+        let (i, j) = name.split_once('_').unwrap();
+        let got = maps.require(i.parse().unwrap(), j.parse().unwrap()).unwrap();
+        let diff = (&got.a - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "map {name}");
+        assert!(want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.1);
+    }
+    assert_eq!(maps.metadata.get("n_layers").map(String::as_str), Some("2"));
+    // Another width or fewer layers than the files name.
+    let e = format!(
+        "{:#}",
+        jumplens::lens::import::import_pickled_maps(&dir.join("good"), 8, 2).unwrap_err()
+    );
+    assert!(e.contains("0_1.pickle") && e.contains("[8, 8]"), "{e}");
+    let e = format!(
+        "{:#}",
+        jumplens::lens::import::import_pickled_maps(&dir.join("good"), 4, 1).unwrap_err()
+    );
+    assert!(e.contains("0_2.pickle") && e.contains("0 <= i < j <= 1"), "{e}");
+    for (case, want) in [
+        ("shape", "[4, 3]"),
+        ("layer", "1 -> 3"),
+        ("plain", "plain pickle.dump"),
+        ("dict", "not a single tensor"),
+        ("nan", "NaN"),
+    ] {
+        let e = jumplens::lens::import::import_pickled_maps(&dir.join(format!("bad_{case}")), 4, 2).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains(want) && e.contains(".pickle"), "{case}: {e}");
+        assert!(!e.contains('\n'), "{case}: one line: {e}");
+    }
+}
+
+/// Runs the CLI in `dir`; returns (exit ok, stdout, stderr).
+fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jumplens"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run jumplens");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The tuned lenses everywhere a lens appears, on the tiny Llama: `report --tuned-lens` trains
+/// RUN/tuned after fit and predict scores it; early exit reports tuned and mat+kl (trained by
+/// `tuned-lens --init mat`) beside mat and id; peek --tuned-lens reads through it; the page
+/// shows its training cost.
+#[test]
+fn tuned_lenses_in_report_early_exit_and_peek() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(root().join("tests/fixtures/tiny/llama")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, m.join(p.file_name().unwrap())).unwrap();
+    }
+    let vocab: Vec<String> = (0..128).map(|i| format!("\"w{i}\": {i}")).collect();
+    std::fs::write(
+        m.join("tokenizer.json"),
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
+            vocab.join(",")
+        ),
+    )
+    .unwrap();
+    let lines: Vec<String> = (0..300)
+        .map(|i| {
+            (0..6)
+                .map(|k| format!("w{}", 3 + (i * 7 + k * 13 + i * k) % 120))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    std::fs::write(dir.path().join("c.txt"), lines.join("\n") + "\n").unwrap();
+    let (ok, _, err) = cli(
+        dir.path(),
+        &[
+            "report",
+            "m",
+            "--corpus",
+            "c.txt",
+            "--out",
+            "run",
+            "--train",
+            "150",
+            "--val",
+            "50",
+            "--tuned-lens",
+            "-q",
+        ],
+    );
+    assert!(ok, "report --tuned-lens: {err}");
+    let run = dir.path().join("run");
+    assert!(run.join("tuned/params.pt").exists());
+    let predict: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("predict.json")).unwrap()).unwrap();
+    assert!(predict["lenses"]["tuned"]["p@1"].is_array(), "predict scores tuned");
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(
+        html.contains("<b>tuned</b>: trained 250 steps of 32 tokens"),
+        "training cost on the page"
+    );
+    assert!(html.contains("<th>P@1 tuned</th>"));
+    // mat+kl, then predict and early exit again.
+    for args in [
+        &[
+            "tuned-lens",
+            "run",
+            "--init",
+            "mat",
+            "--steps",
+            "3",
+            "--tokens-per-step",
+            "16",
+            "--seq-len",
+            "8",
+            "-q",
+        ][..],
+        &["predict", "run", "-q"],
+        &["early-exit", "run"],
+    ] {
+        let (ok, _, err) = cli(dir.path(), args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    let ee: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("early_exit.json")).unwrap()).unwrap();
+    for lens in ["mat", "id", "tuned", "mat+kl"] {
+        assert!(
+            ee["curves"][lens].is_array(),
+            "early exit has no {lens} curve: {}",
+            ee["curves"]
+        );
+        assert!(ee["fixed"][lens].is_array(), "early exit has no fixed {lens}");
+    }
+    let (ok, out, err) = cli(
+        dir.path(),
+        &[
+            "peek",
+            "m",
+            "--maps",
+            "run/maps.safetensors",
+            "--tuned-lens",
+            "run/tuned",
+            "--text",
+            "w5 w9 w11",
+        ],
+    );
+    assert!(ok, "peek: {err}");
+    assert!(out.contains("tuned") && out.contains("mat"), "{out}");
+    // The paper's matrices for a 4-wide model against this run's: one line naming the file.
+    let good = root().join("tests/fixtures/paper_maps/good");
+    let (ok, _, err) = cli(dir.path(), &["import-maps", good.to_str().unwrap(), "--run", "run"]);
+    assert!(!ok && err.trim().lines().count() == 1, "{err}");
+    assert!(err.contains("0_1.pickle") && err.contains("[4, 4]"), "{err}");
+    assert!(!run.join("maps_imported.safetensors").exists(), "nothing written");
+    // A lens for another width is one line, no panic.
+    let (ok, _, err) = cli(dir.path(), &["peek", "m", "--tuned-lens", "run", "--text", "w5"]);
+    assert!(!ok && err.trim().lines().count() == 1, "{err}");
+}

@@ -30,6 +30,7 @@ from ._jumplens import (
     predict,
     r2,
     report,
+    train_tuned_lens,
 )
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "predict",
     "r2",
     "report",
+    "train_tuned_lens",
 ]

@@ -114,6 +114,20 @@ def predict(
     batch: int = 0,
     progress: bool = True,
 ) -> Dict[str, Any]: ...
+def train_tuned_lens(
+    run: Union[Run, _Path],
+    steps: int = 250,
+    tokens_per_step: int = 0,
+    lr: float = 1.0,
+    init: Literal["identity", "mat"] = "identity",
+    seed: int = 0,
+    seq_len: int = 128,
+    model: Union[Model, _Path, None] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """`jumplens tuned-lens`: trains RUN/tuned/ (init="mat": RUN/tuned-mat/); returns the report."""
+    ...
+
 def early_exit(
     run: Union[Run, _Path],
     rule: Literal["paper", "calm"] = "paper",

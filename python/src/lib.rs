@@ -843,6 +843,53 @@ fn predict<'py>(
     to_py_json(py, &report)
 }
 
+/// Trains a tuned lens on the run's training articles with tuned-lens 0.2.0's recipe, as
+/// `jumplens tuned-lens`: writes `RUN/tuned/` (`init="mat"`: `RUN/tuned-mat/`, started from
+/// the fitted maps, W = A - I) in tuned-lens's format, which `predict` then scores as `tuned` /
+/// `mat+kl`. `tokens_per_step=0` is the device default (32 on the CPU). Returns the training
+/// report (losses per step, wall time, the folder written).
+#[pyfunction]
+#[pyo3(signature = (run, steps = 250, tokens_per_step = 0, lr = 1.0, init = "identity", seed = 0, seq_len = 128, model = None, progress = true))]
+#[allow(clippy::too_many_arguments)]
+fn train_tuned_lens<'py>(
+    py: Python<'py>,
+    run: &Bound<'py, PyAny>,
+    steps: usize,
+    tokens_per_step: usize,
+    lr: f64,
+    init: &str,
+    seed: u64,
+    seq_len: usize,
+    model: Option<&Bound<'py, PyAny>>,
+    progress: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    use jumplens::pipeline::tuned::{run_tuned, TunedInit, TunedOptions};
+    let init = match init {
+        "identity" => TunedInit::Identity,
+        "mat" => TunedInit::Mat,
+        i => return Err(Error::new_err(format!("init '{i}': expected \"identity\" or \"mat\""))),
+    };
+    let lm = match (model, run.downcast::<Run>()) {
+        (Some(m), _) => model_arg(py, m, "cpu", &recorded_dtype(&RunDir::new(run_arg(run)?)))?,
+        (None, Ok(r)) => r.get().loaded_model(py)?,
+        (None, Err(_)) => Run::new(py, run_arg(run)?, None, "cpu")?.loaded_model(py)?,
+    };
+    let root = run_arg(run)?;
+    let opts = TunedOptions {
+        steps,
+        tokens_per_step,
+        lr,
+        init,
+        seed,
+        seq_len,
+        progress,
+        ..Default::default()
+    };
+    let lm_ref = &lm;
+    let report = long_call(py, || run_tuned(lm_ref, &RunDir::new(&root), &opts))?;
+    to_py_json(py, &report)
+}
+
 /// The early-exit threshold sweep (needs `predict`): the dict of `early_exit.json`.
 #[pyfunction]
 #[pyo3(signature = (run, rule = "paper", measure = "top1-top2"))]
@@ -943,6 +990,7 @@ fn _jumplens(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(r2, m)?)?;
     m.add_function(wrap_pyfunction!(predict, m)?)?;
     m.add_function(wrap_pyfunction!(early_exit, m)?)?;
+    m.add_function(wrap_pyfunction!(train_tuned_lens, m)?)?;
     m.add_function(wrap_pyfunction!(report, m)?)?;
     m.add_function(wrap_pyfunction!(default_assets, m)?)?;
     m.add_function(wrap_pyfunction!(_raise_library_error, m)?)?;

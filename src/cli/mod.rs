@@ -417,15 +417,36 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Imports the paper's published matrices (a folder of i_j.pickle files, each a
+    /// torch.save'd tensor A [d, d] for the jump from state i to state j) as a maps file.
+    #[command(after_help = "Examples:\n  \
+        jumplens import-maps paper-matrices/gpt2 --run runs/gpt2-wiki\n  \
+        jumplens predict runs/gpt2-wiki --maps runs/gpt2-wiki/maps_imported.safetensors\n\n\
+        States are numbered as hidden_states (0 = the embedding output, L = the last block's); each\n\
+        A is applied as A h. The files are read without executing pickle code; a shape other than\n\
+        the run's model's [d, d], a jump outside 0 <= i < j <= L, or a file that is not a\n\
+        torch.save'd float tensor is a one-line error.")]
+    ImportMaps {
+        /// Folder of i_j.pickle files.
+        dir: PathBuf,
+        /// Run folder whose model the matrices are for (its manifest gives d and L).
+        #[arg(long, value_name = "RUN")]
+        run: PathBuf,
+        /// Maps file to write [default: RUN/maps_imported.safetensors].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Trains a tuned lens (tuned-lens 0.2.0's recipe) on the run's training articles.
     #[command(after_help = "Examples:\n  \
         jumplens tuned-lens runs/smollm2-wiki\n  \
         jumplens tuned-lens runs/smollm2-wiki --init mat --steps 250\n\n\
         The recipe: loss = sum over layers of the mean over positions of KL(model's final\n\
         distribution || lens), clip 1.0, SGD Nesterov 0.9, lr = LR * 0.1 decayed linearly to 0\n\
-        over --steps, weight decay 1e-3. --tokens-per-step 0 = 512 on the CPU, 32768 on a GPU\n\
-        (on the CPU a step is slow: SmolLM2-135M takes ~6 s per step of 64 tokens on 2 cores,\n\
-        so 250 steps of 512 tokens take hours; see the README). Checkpoints every 25 steps\n\
+        over --steps, weight decay 1e-3. --tokens-per-step 0 = 32 on the CPU, 32768 on a GPU\n\
+        (a step of fewer tokens than --seq-len is one sequence of that length). A step costs\n\
+        two [tokens, d] x [d, V] GEMMs per layer, ~3.4 GFLOP per token on SmolLM2-135M: the\n\
+        CPU default (250 steps x 32 tokens) is sized for minutes on 2 cores (README, Tuned\n\
+        lens); tuned-lens's own budget (2^18 tokens per step) is GPU work. Checkpoints every 25 steps\n\
         (RUN/tuned.checkpoint.safetensors); the same command again resumes. Writes RUN/tuned/\n\
         (RUN/tuned-mat/ with --init mat): params.pt + config.json (tuned-lens's format) and\n\
         lens.safetensors; `jumplens predict RUN` then scores them as tuned / mat+kl.")]
@@ -435,7 +456,7 @@ enum Command {
         /// Optimiser steps (also the linear decay's horizon).
         #[arg(long, default_value_t = 250)]
         steps: usize,
-        /// Tokens per step (0 = 512 on the CPU, 32768 on a GPU).
+        /// Tokens per step (0 = 32 on the CPU, 32768 on a GPU).
         #[arg(long, default_value_t = 0, value_name = "N")]
         tokens_per_step: usize,
         /// tuned-lens's lr_scale (SGD lr = LR * (1 - momentum 0.9)).
@@ -517,6 +538,10 @@ enum Command {
         /// (its first occurrence), or a number: the word's 0-based index.
         #[arg(long, value_name = "WORD|INDEX")]
         mask: Option<String>,
+        /// A tuned lens folder (tuned-lens's config.json + params.pt, e.g. RUN/tuned), shown as
+        /// `tuned` beside mat and id.
+        #[arg(long, value_name = "DIR")]
+        tuned_lens: Option<PathBuf>,
     },
     /// The whole study (collect, fit, r², predict, early exit, sub-modules) and RUN/report.html.
     ///
@@ -556,6 +581,11 @@ enum Command {
         /// Only rewrite RUN/report.html from an existing run folder.
         #[arg(long, value_name = "RUN", conflicts_with_all = ["corpus", "out", "quick", "train", "val"])]
         html_only: Option<PathBuf>,
+        /// Also train a tuned lens after fit (`jumplens tuned-lens` with its defaults; a lens
+        /// already in RUN/tuned/ is kept): predict, early exit and the page then show `tuned`.
+        /// Without it a lens already in RUN/tuned/ is scored all the same.
+        #[arg(long, conflicts_with = "html_only")]
+        tuned_lens: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -867,6 +897,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{l:>5}  {}", row.join(" "));
             }
         }
+        Command::ImportMaps { dir, run, out } => {
+            let (path, n) = crate::pipeline::import::run_import_maps(&RunDir::new(run), &dir, out.as_deref())?;
+            eprintln!("imported {n} maps from {} -> {}", dir.display(), path.display());
+        }
         Command::TunedLens {
             run,
             steps,
@@ -970,6 +1004,7 @@ fn run(cli: Cli) -> Result<()> {
             text,
             html,
             mask,
+            tuned_lens,
         } => {
             let lm = load_model_with(&model, &load)?;
             say_placement(&lm, false);
@@ -979,7 +1014,11 @@ fn run(cli: Cli) -> Result<()> {
                 crate::pipeline::integrity::check_maps_model(m, &lm)?;
             }
             let mask = mask.map(|w| mask_word_index(&lm, &text, &w)).transpose()?;
-            let p = peek::peek(&lm, maps.as_ref(), &text, mask)?;
+            let tuned = match tuned_lens {
+                Some(dir) => vec![("tuned".to_string(), crate::lens::tuned::TunedLens::read_dir(&dir)?)],
+                None => Vec::new(),
+            };
+            let p = peek::peek_with(&lm, maps.as_ref(), &tuned, &text, mask)?;
             print!("{}", peek::render_terminal(&p));
             if let Some(path) = html {
                 crate::data::io::write_atomic(&path, peek::render_html_page(&p).as_bytes())?;
@@ -995,6 +1034,7 @@ fn run(cli: Cli) -> Result<()> {
             val,
             seed,
             html_only,
+            tuned_lens,
             common,
         } => {
             if let Some(run) = html_only {
@@ -1024,6 +1064,7 @@ fn run(cli: Cli) -> Result<()> {
             opts.device = device.clone();
             opts.split = load.split.clone();
             opts.dtype = load.dtype;
+            opts.tuned_lens = tuned_lens;
             let started = std::time::Instant::now();
             let path = report::run_report(&opts)?;
             let m = RunDir::new(&opts.out).read_manifest()?;

@@ -181,13 +181,32 @@ fn check_classes(obj: &Object, what: &str) -> Result<()> {
     }
 }
 
-/// Reads a `torch.save`d state dict of float tensors (f32/f64/f16/bf16, returned as f32 on
-/// the CPU), sorted by name (candle's interpreter reverses each SETITEMS batch, so the file's
-/// order is not kept); a repeated key is refused. Refuses (one line, naming `path`) anything that is not a plain
-/// tensor state dict.
-pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
+/// The archive of a `torch.save` file and its checked object tree: (name for messages, archive,
+/// object, the folder of its storages).
+type Opened = (
+    String,
+    zip::ZipArchive<std::io::BufReader<std::fs::File>>,
+    Object,
+    String,
+);
+
+fn open_pickle(path: &Path) -> Result<Opened> {
     let what = path.display().to_string();
     let file = std::fs::File::open(path).with_context(|| format!("{what}: cannot open"))?;
+    let mut head = [0u8; 2];
+    let is_zip = {
+        use std::io::Read as _;
+        let mut f = &file;
+        f.read_exact(&mut head).is_ok() && &head == b"PK"
+    };
+    if !is_zip {
+        // A plain `pickle.dump` of a tensor, or torch.save's legacy (pre-1.6) format: both
+        // rebuild storages by calling torch (torch.storage._load_from_bytes), so not read.
+        bail!(
+            "{what}: not a torch.save zip archive (a plain pickle.dump or legacy torch.save file is not read: \
+             re-save it with torch.save(tensor, path))"
+        );
+    }
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .map_err(|e| anyhow!("{what}: not a torch.save zip archive ({e})"))?;
     let names: Vec<String> = zip
@@ -213,6 +232,29 @@ pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
         .finalize()
         .map_err(|e| anyhow!("{what}: unreadable pickle ({e})"))?;
     check_classes(&obj, &what)?;
+    Ok((what, zip, obj, data_dir))
+}
+
+/// Reads one `torch.save(tensor)` file (a float tensor, returned as f32 on the CPU) with the same
+/// checks as [`read_state_dict`]; anything but a single tensor is refused.
+pub fn read_tensor_file(path: &Path) -> Result<Tensor> {
+    let (what, mut zip, obj, data_dir) = open_pickle(path)?;
+    if matches!(obj, Object::Dict(_)) {
+        bail!("{what}: a dict (a state dict?), not a single tensor");
+    }
+    let info = obj
+        .into_tensor_info(Object::Unicode("tensor".into()), Path::new(&data_dir))
+        .map_err(|e| anyhow!("{what}: not a tensor ({e})"))?
+        .ok_or_else(|| anyhow!("{what}: not a tensor"))?;
+    read_tensor(&mut zip, &info, &what)
+}
+
+/// Reads a `torch.save`d state dict of float tensors (f32/f64/f16/bf16, returned as f32 on
+/// the CPU), sorted by name (candle's interpreter reverses each SETITEMS batch, so the file's
+/// order is not kept); a repeated key is refused. Refuses (one line, naming `path`) anything that is not a plain
+/// tensor state dict.
+pub fn read_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let (what, mut zip, obj, data_dir) = open_pickle(path)?;
     let Object::Dict(entries) = obj else {
         bail!("{what}: the pickle is not a dict of tensors");
     };

@@ -330,7 +330,8 @@ pub fn analyse(
             .min_by(|a, b| a.mean_layers.total_cmp(&b.mean_layers));
         if let Some(p) = at95 {
             let casts = mean_casts(&x, opts.rule, p.lambda);
-            let per_cast = flops.per_cast + if lens_name == "mat" { flops.per_map } else { 0.0 };
+            // Every lens but the identity applies one d x d map per cast (mat, affine, tuned, mat+kl).
+            let per_cast = flops.per_cast + if lens_name == "id" { 0.0 } else { flops.per_map };
             let spent = p.mean_layers * flops.per_block + casts * per_cast;
             flops_rows.insert(
                 lens_name.to_string(),

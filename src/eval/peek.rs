@@ -1,5 +1,6 @@
 //! A look at one text: for every position and layer, the token each lens reads out of that
-//! layer's state (like tuned-lens's prediction trajectories), as a terminal table or a
+//! layer's state (like tuned-lens's prediction trajectories) through `mat`, `id` and any tuned
+//! lenses given (`tuned`, `mat+kl`), as a terminal table or a
 //! self-contained HTML grid.
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use crate::eval::predict::Lens;
 use crate::lens::maps::Maps;
+use crate::lens::tuned::TunedLens;
 use crate::model::LoadedModel;
 
 /// One cell: the lens's top-5 tokens and probabilities.
@@ -34,6 +36,22 @@ pub struct Peek {
 /// Reads every layer of `text` through `mat` (when maps are given) and `id`.
 /// `mask_word` masks the first token of that word (0-based, masked LMs).
 pub fn peek(lm: &LoadedModel, maps: Option<&Maps>, text: &str, mask_word: Option<usize>) -> Result<Peek> {
+    peek_with(lm, maps, &[], text, mask_word)
+}
+
+/// [`peek`] with tuned lenses too, each under its name (`tuned`, `mat+kl`); each must fit the
+/// model ([`TunedLens::check_model`]).
+pub fn peek_with(
+    lm: &LoadedModel,
+    maps: Option<&Maps>,
+    tuned: &[(String, TunedLens)],
+    text: &str,
+    mask_word: Option<usize>,
+) -> Result<Peek> {
+    let info = lm.model.info();
+    for (_, t) in tuned {
+        t.check_model(info.n_layers, info.d_model)?;
+    }
     let tok = lm.tokenizer()?;
     let enc = tok.encoding(text)?;
     if enc.get_ids().is_empty() {
@@ -55,6 +73,13 @@ pub fn peek(lm: &LoadedModel, maps: Option<&Maps>, text: &str, mask_word: Option
         lenses.push(("mat".into(), Lens::Maps(m)));
     }
     lenses.push(("id".into(), Lens::Identity));
+    let tuned = tuned
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), t.to_device(device)?)))
+        .collect::<Result<Vec<_>>>()?;
+    for (name, t) in &tuned {
+        lenses.push((name.clone(), Lens::Tuned(t)));
+    }
     let (s, _t, _) = st.hidden_states.dims3()?;
     let mut out = BTreeMap::new();
     for (name, lens) in &lenses {

@@ -1,6 +1,8 @@
 //! The early-exit stage on a run folder: read the per-example traces `predict` wrote
 //! (`predict_traces.safetensors`) and the validation positions, run the analysis
-//! ([`crate::eval::early_exit::analyse`]) and write `early_exit.json` and the figure.
+//! ([`crate::eval::early_exit::analyse`]) and write `early_exit.json` and the figure. Every lens
+//! predict traced is an exit criterion: `mat` and `id`, and `affine`, `tuned` and `mat+kl` when
+//! predict scored them.
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -10,6 +12,10 @@ use crate::eval::early_exit::{analyse, cosine_confidence, EarlyExitReport, LensT
 pub use crate::eval::early_exit::{EarlyExitOptions, Measure, Rule};
 use crate::eval::predict::Lens;
 use crate::lens::maps::Maps;
+use crate::lens::tuned::TunedLens;
+
+/// The lenses `predict` traces, in the order early exit reports them.
+const TRACED_LENSES: [&str; 5] = ["mat", "id", "affine", "tuned", "mat+kl"];
 
 /// Runs the early-exit stage from the run's `predict_traces.safetensors` (and activations).
 pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExitReport> {
@@ -37,18 +43,52 @@ pub fn run_early_exit(run: &RunDir, opts: &EarlyExitOptions) -> Result<EarlyExit
         .collect();
     let val = run.read_split(&manifest, "val")?;
     let masked = manifest.model.attention == "bidirectional";
-    let maps = match opts.measure {
-        Measure::Cosine => Some(Maps::read(&require(&run.maps(), "fit")?)?),
-        _ => None,
+    let cosine = opts.measure == Measure::Cosine;
+    let maps = if cosine {
+        Some(Maps::read(&require(&run.maps(), "fit")?)?)
+    } else {
+        None
     };
+    let read_maps = |path: std::path::PathBuf| -> Result<Option<Maps>> {
+        Ok(if cosine && path.exists() {
+            Some(Maps::read(&path)?)
+        } else {
+            None
+        })
+    };
+    let affine = read_maps(run.file("maps_affine.safetensors"))?;
+    let read_tuned = |name: &str| -> Result<Option<TunedLens>> {
+        let dir = run.file(name);
+        Ok(if cosine && dir.join("params.pt").exists() {
+            Some(TunedLens::read_dir(&dir)?)
+        } else {
+            None
+        })
+    };
+    let (tuned, mat_kl) = (read_tuned("tuned")?, read_tuned("tuned-mat")?);
     let mut lenses = Vec::new();
-    for lens_name in ["mat", "id"] {
+    // Every lens predict traced, in a fixed order: mat and id always, the others when present.
+    for lens_name in TRACED_LENSES {
+        if !traces.contains_key(&format!("{lens_name}.top1")) && !matches!(lens_name, "mat" | "id") {
+            continue;
+        }
         let top1 = ids(get(&format!("{lens_name}.top1"))?)?;
-        let confidence = match (opts.measure, &maps) {
-            (Measure::Top1Top2, _) => get(&format!("{lens_name}.margin"))?.to_vec2::<f32>()?,
-            (Measure::MaxProb, _) => get(&format!("{lens_name}.max_prob"))?.to_vec2::<f32>()?,
-            (Measure::Cosine, Some(maps)) if lens_name == "mat" => cosine_confidence(&val, &Lens::Maps(maps))?,
-            (Measure::Cosine, _) => cosine_confidence(&val, &Lens::Identity)?,
+        let confidence = match opts.measure {
+            Measure::Top1Top2 => get(&format!("{lens_name}.margin"))?.to_vec2::<f32>()?,
+            Measure::MaxProb => get(&format!("{lens_name}.max_prob"))?.to_vec2::<f32>()?,
+            Measure::Cosine => {
+                let lens = match lens_name {
+                    "mat" => maps.as_ref().map(Lens::Maps),
+                    "affine" => affine.as_ref().map(Lens::Maps),
+                    "tuned" => tuned.as_ref().map(Lens::Tuned),
+                    "mat+kl" => mat_kl.as_ref().map(Lens::Tuned),
+                    _ => Some(Lens::Identity),
+                };
+                // A lens predict read from elsewhere (`predict --tuned-lens DIR`) has no cast
+                // here to take cosines of: it is left out of the cosine rule.
+                let Some(lens) = lens else { continue };
+                cosine_confidence(&val, &lens)?
+            }
         };
         lenses.push((lens_name, LensTrace { top1, confidence }));
     }

@@ -5,6 +5,7 @@
 
 pub mod early_exit;
 pub mod fit;
+pub mod import;
 pub mod integrity;
 pub mod merge;
 pub mod predict;

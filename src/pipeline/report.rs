@@ -1,6 +1,7 @@
 //! The whole study in one call, and its report: [`run_report`] runs every stage on a run folder
 //! (collect -> fit -> r² -> predict -> early exit -> sub-modules, the [`Stage`]s of
-//! [`Stage::REPORT`]), skipping the stages that are already done, and [`write_report_html`]
+//! [`Stage::REPORT`], and `tuned-lens` after fit when [`ReportOptions::tuned_lens`] asks), skipping the
+//! stages that are already done, and [`write_report_html`]
 //! turns the folder into one self-contained HTML page ([`crate::render::html`]).
 //!
 //! Why it is built this way:
@@ -89,6 +90,9 @@ pub struct ReportOptions {
     pub split: Vec<Device>,
     /// Compute dtype of the model (`auto` unless set).
     pub dtype: crate::model::DtypeChoice,
+    /// Train a tuned lens (`jumplens tuned-lens` with its defaults, after fit) unless RUN/tuned/
+    /// has one; predict, early exit and the page then show `tuned` beside `mat` and `id`.
+    pub tuned_lens: bool,
 }
 
 impl ReportOptions {
@@ -115,6 +119,7 @@ impl ReportOptions {
             device: Device::Cpu,
             split: Vec::new(),
             dtype: crate::model::DtypeChoice::Auto,
+            tuned_lens: false,
         }
     }
 
@@ -183,13 +188,22 @@ pub fn run_report(opts: &ReportOptions) -> Result<PathBuf> {
         say(&format!("placement: {}", p.describe()));
     }
     let collect_opts = collect_options_value(opts)?;
-    let total = Stage::REPORT.len() + 1;
+    // The tuned lens, when asked for, trains after fit (and before predict, which scores it).
+    let mut stages = Stage::REPORT.to_vec();
+    if opts.tuned_lens {
+        stages.insert(2, Stage::TunedLens);
+    }
+    let total = stages.len() + 1;
     // Which stages ran in this call (their dependants must run again).
     let mut ran: HashSet<Stage> = HashSet::new();
-    for (i, &stage) in Stage::REPORT.iter().enumerate() {
+    for (i, &stage) in stages.iter().enumerate() {
         let head = format!("[{}/{total}] {}", i + 1, stage.name().replace('_', "-"));
-        let must_run =
-            stage.inputs().iter().any(|d| ran.contains(d)) || !up_to_date(&run, stage, opts, &lm, &collect_opts)?;
+        let must_run = stage
+            .inputs()
+            .iter()
+            .chain(stage.optional_inputs())
+            .any(|d| ran.contains(d))
+            || !up_to_date(&run, stage, opts, &lm, &collect_opts)?;
         if !must_run {
             say(&format!("{head}: up to date, skipped"));
             continue;

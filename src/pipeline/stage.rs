@@ -34,6 +34,9 @@ pub enum Stage {
     Submodules,
     /// The self-contained page (`RUN/report.html`).
     Html,
+    /// `jumplens tuned-lens RUN` with its defaults (RUN/tuned/); the report runs it only when
+    /// asked (`report --tuned-lens`), after fit, and predict then scores `tuned`.
+    TunedLens,
 }
 
 impl Stage {
@@ -58,6 +61,8 @@ impl Stage {
             Stage::EarlyExit => "early_exit",
             Stage::Submodules => "submodules",
             Stage::Html => "report",
+            // The manifest key `run_tuned` records under.
+            Stage::TunedLens => "tuned-lens.tuned",
         }
     }
 
@@ -65,7 +70,7 @@ impl Stage {
     pub fn inputs(self) -> &'static [Stage] {
         match self {
             Stage::Collect => &[],
-            Stage::Fit | Stage::FitAffine => &[Stage::Collect],
+            Stage::Fit | Stage::FitAffine | Stage::TunedLens => &[Stage::Collect],
             Stage::R2 | Stage::Predict => &[Stage::Fit],
             Stage::EarlyExit => &[Stage::Predict],
             Stage::Submodules => &[Stage::Fit, Stage::R2],
@@ -96,11 +101,21 @@ impl Stage {
                 "alternation.svg",
             ],
             Stage::Html => &["report.html"],
+            Stage::TunedLens => &["tuned/params.pt", "tuned/config.json", "tuned/lens.safetensors"],
         }
     }
 
     /// The options its manifest record must carry to count as done with `opts` (collect is
     /// checked against the whole collection options instead).
+    /// Stages whose outputs this stage reads when they exist (predict scores RUN/tuned/): when
+    /// one of them runs, this stage runs again.
+    pub fn optional_inputs(self) -> &'static [Stage] {
+        match self {
+            Stage::Predict => &[Stage::TunedLens],
+            _ => &[],
+        }
+    }
+
     pub fn expected_record(self, opts: &ReportOptions) -> Value {
         match self {
             // `pairs` is Auto: all pairs, or to-final above the size limit (fit.rs).
@@ -111,7 +126,8 @@ impl Stage {
             Stage::Submodules => {
                 json!({"n_eval": opts.submodule_eval, "n_train": limit_value(opts.submodule_train)})
             }
-            Stage::Collect | Stage::Html => json!({}),
+            // A lens already in RUN/tuned/ is kept (whatever options trained it).
+            Stage::Collect | Stage::Html | Stage::TunedLens => json!({}),
         }
     }
 
@@ -156,6 +172,13 @@ impl Stage {
             }
             Stage::Html => {
                 crate::render::html::write_report_html(run, Some(lm), &crate::pipeline::report::STAGES)?;
+            }
+            Stage::TunedLens => {
+                let t = crate::pipeline::tuned::TunedOptions {
+                    progress: opts.progress,
+                    ..Default::default()
+                };
+                crate::pipeline::tuned::run_tuned(lm, run, &t)?;
             }
         }
         Ok(())

@@ -50,12 +50,13 @@ impl TunedInit {
     }
 }
 
-/// Tokens per step when none is given: 512 on the CPU, 32768 (tuned-lens's 2^18 / 8) on a GPU.
-/// The CPU default does not yet meet its aim (250 SmolLM2 steps in minutes): a 64-token step
-/// takes ~6 s on 2 cores (the readout's two [64, 576] x [576, 49152] GEMMs per layer; README).
+/// Tokens per step when none is given: 32 on the CPU, 32768 (tuned-lens's 2^18 / 8) on a GPU.
+/// A step costs two [tokens, d] x [d, V] GEMMs per layer (the readout and its gradient), ~3.4
+/// GFLOP per token on SmolLM2-135M, which no other part of the step comes near; 250 steps of 32
+/// tokens (8000 tokens) are what 2 cores finish in about ten minutes (README, "Tuned lens").
 pub fn default_tokens_per_step(device: &Device) -> usize {
     if device.is_cpu() {
-        512
+        32
     } else {
         32768
     }
@@ -286,7 +287,8 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         );
     }
     let _lock = run.lock()?;
-    let seqs = training_sequences(lm, run, opts.seq_len)?;
+    // A step of fewer tokens than --seq-len is one sequence of that many tokens.
+    let seqs = training_sequences(lm, run, opts.seq_len.min(tokens_per_step).max(2))?;
     let seq_len = seqs[0].len();
     let per_step = tokens_per_step.div_ceil(seq_len).max(1);
     let mut recorded = opts.clone();

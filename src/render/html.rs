@@ -512,18 +512,27 @@ fn predict_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<Str
     } else {
         "the next token"
     };
-    let caption = format!(
+    let caption =
+        format!(
         "Agreement of each lens with the full model at {target}, on {n_val} validation examples; x = source \
          layer ℓ. <b>mat</b> = h<sub>ℓ</sub> cast to the last layer by the fitted map A<sub>ℓ→L</sub>, then read \
          out with the model's own final norm and unembedding; <b>id</b> = the logit lens (h<sub>ℓ</sub> read out \
          directly){}. Precision@k = share of examples whose lens top-1 token is among the model's top-k (it \
          measures agreement with the model, not with the text); higher is better. Surprisal = −ln \
          p<sub>model</sub>(lens top-1) in nats, with a 95% confidence band; lower is better.",
-        if p.get("lenses").and_then(|l| l.get("affine")).is_some() {
-            "; <b>affine</b> = A h + b"
-        } else {
-            ""
-        }
+        [
+            ("affine", "; <b>affine</b> = A h + b"),
+            (
+                "tuned",
+                "; <b>tuned</b> = the tuned lens (h + W<sub>ℓ</sub> h + b<sub>ℓ</sub>, trained on KL to the model's \
+                 final distribution, Belrose et al. 2023)",
+            ),
+            ("mat+kl", "; <b>mat+kl</b> = the tuned lens trained from W<sub>ℓ</sub> = A<sub>ℓ→L</sub> − I"),
+        ]
+        .iter()
+        .filter(|(k, _)| p.get("lenses").and_then(|l| l.get(*k)).is_some())
+        .map(|(_, text)| *text)
+        .collect::<String>()
     );
     h.push_str(&figure(
         figs,
@@ -532,6 +541,18 @@ fn predict_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<Str
         "Precision@1, @5, @10 and surprisal of each lens against the source layer",
         &caption,
     )?);
+    for (key, name) in [("tuned-lens.tuned", "tuned"), ("tuned-lens.tuned-mat", "mat+kl")] {
+        let Some(rec) = m.stages.get(key) else { continue };
+        let opt = |k: &str| rec.get("options").and_then(|o| o.get(k)).and_then(Value::as_u64);
+        let _ = writeln!(
+            h,
+            "<p><b>{name}</b>: trained {} steps of {} tokens in {} (final loss, summed over layers: {}).</p>",
+            opt("steps").map_or("?".into(), |v| v.to_string()),
+            opt("tokens_per_step").map_or("?".into(), |v| v.to_string()),
+            rec.get("wall_s").and_then(Value::as_f64).map_or("?".into(), fmt_secs),
+            fmt_num(rec.get("final_loss").and_then(Value::as_f64), 2)
+        );
+    }
     let Some(lenses) = p.get("lenses").and_then(Value::as_object) else {
         return Ok(h);
     };
@@ -608,21 +629,28 @@ fn early_exit_section(run: &RunDir, m: &Manifest, figs: &mut Figures) -> Result<
         &caption,
     )?);
     if let Some(saved) = e.get("saved_at").and_then(Value::as_object) {
-        h.push_str(
-            "<table class=\"data\"><tr><th>target Precision@1</th><th>layers saved, mat</th>\
-             <th>layers saved, id</th><th>difference</th></tr>\n",
-        );
+        // mat and id first, then any other lens early exit scored (affine, tuned, mat+kl).
+        let mut names: Vec<String> = vec!["mat".into(), "id".into()];
+        for row in saved.values().filter_map(Value::as_object) {
+            for k in row.keys() {
+                if k != "difference" && !names.contains(k) {
+                    names.push(k.clone());
+                }
+            }
+        }
+        h.push_str("<table class=\"data\"><tr><th>target Precision@1</th>");
+        for n in &names {
+            let _ = write!(h, "<th>layers saved, {}</th>", crate::data::io::escape_markup(n));
+        }
+        h.push_str("<th>difference (mat − id)</th></tr>\n");
         for (target, row) in saved {
             let get = |k: &str| row.get(k).and_then(Value::as_f64);
             let diff = get("difference").map(|d| format!("{:+.1} points", 100.0 * d));
-            let _ = writeln!(
-                h,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                crate::data::io::escape_markup(target),
-                fmt_pct(get("mat")),
-                fmt_pct(get("id")),
-                diff.unwrap_or_else(|| "—".into())
-            );
+            let _ = write!(h, "<tr><td>{}</td>", crate::data::io::escape_markup(target));
+            for n in &names {
+                let _ = write!(h, "<td>{}</td>", fmt_pct(get(n)));
+            }
+            let _ = writeln!(h, "<td>{}</td></tr>", diff.unwrap_or_else(|| "—".into()));
         }
         h.push_str(
             "</table><p class=\"tcap\">Share of layers saved (1 − mean blocks run / L) by the cheapest threshold reaching the \
@@ -793,6 +821,16 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
     } else {
         None
     };
+    // The run's tuned lenses (RUN/tuned/, RUN/tuned-mat/), when trained.
+    let mut tuned = Vec::new();
+    for (dir, name) in [("tuned", "tuned"), ("tuned-mat", "mat+kl")] {
+        if run.file(dir).join("params.pt").exists() {
+            tuned.push((
+                name.to_string(),
+                crate::lens::tuned::TunedLens::read_dir(&run.file(dir))?,
+            ));
+        }
+    }
     let tok = lm.tokenizer()?;
     let masked = info.attention == AttentionKind::Bidirectional;
     let mut h = String::new();
@@ -835,7 +873,7 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
         } else {
             None
         };
-        match peek::peek(lm, maps.as_ref(), &text, mask_word) {
+        match peek::peek_with(lm, maps.as_ref(), &tuned, &text, mask_word) {
             Ok(p) => {
                 let _ = write!(
                     h,

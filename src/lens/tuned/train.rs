@@ -27,7 +27,9 @@ pub struct Recipe {
     pub weight_decay: f64,
     /// Gradient-norm clip over all parameters together.
     pub max_grad_norm: f64,
-    /// Positions per backward pass (bounds memory: one chunk's logits [chunk, V] at a time).
+    /// Positions per backward pass (bounds memory: one chunk's logits [chunk, V] at a time; 128
+    /// keeps a SmolLM2 chunk's [128, 49152] f32 buffers under glibc's 32 MB mmap threshold, so
+    /// they are reused rather than mapped and faulted in anew for every layer).
     pub chunk: usize,
 }
 
@@ -39,7 +41,7 @@ impl Recipe {
             momentum: 0.9,
             weight_decay: 1e-3,
             max_grad_norm: 1.0,
-            chunk: 256,
+            chunk: 128,
         }
     }
 
@@ -177,19 +179,17 @@ impl Trainer {
         for start in (0..n).step_by(chunk) {
             let len = chunk.min(n - start);
             let last = states[n_layers].detach().narrow(0, start, len)?;
-            let target = candle_nn::ops::log_softmax(&model.readout(&last)?.to_dtype(DType::F32)?, D::Minus1)?;
-            let p = target.exp()?;
+            // The model's own final distribution: once per chunk, no graph.
+            let target = Target::new(&model.readout(&last)?.to_dtype(DType::F32)?)?;
             for (l, h) in states[..n_layers].iter().enumerate() {
                 let h = h.detach().narrow(0, start, len)?;
                 // Tracked: the lens and the final norm. The unembedding runs untracked (its fast
                 // path) and its gradient comes from `unembed_vjp`: d KL / d logits = (q - p) / n.
                 let u = model.final_norm(&lens.cast(l, &h)?)?;
                 let logits = model.unembed(&u.detach())?.to_dtype(DType::F32)?;
-                let logq = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
                 // sum_pos KL / n: this chunk's share of the mean over all n positions.
-                let kl = (&p * (&target - &logq)?)?.sum_all()?.affine(1.0 / n as f64, 0.0)?;
-                total += kl.to_scalar::<f32>()? as f64;
-                let g_logits = ((logq.exp()? - &p)? / n as f64)?;
+                let (kl, g_logits) = target.kl_and_grad(&logits, n)?;
+                total += kl;
                 let g_u = model.unembed_vjp(&u.detach(), &g_logits)?;
                 let surrogate = (&u * layers_to(&g_u, u.dtype())?)?.sum_all()?;
                 let g = surrogate.backward()?;
@@ -255,7 +255,158 @@ impl Trainer {
     }
 }
 
+/// The target distribution p of one chunk of positions, [rows, V], and what the loss needs of it.
+enum Target {
+    /// On the CPU: p as host rows, with each row's sum of p and of p log p (f64), for the fused
+    /// pass of [`Target::kl_and_grad`].
+    Host {
+        p: Vec<f32>,
+        sum_p: Vec<f64>,
+        sum_p_log_p: Vec<f64>,
+        vocab: usize,
+    },
+    /// Elsewhere: log p and p as device tensors (candle's ops).
+    Device { log_p: Tensor, p: Tensor },
+}
+
+impl Target {
+    fn new(logits: &Tensor) -> Result<Self> {
+        Self::build(logits, logits.device().is_cpu())
+    }
+
+    /// `host`: the fused CPU form (else candle's ops, on any device).
+    fn build(logits: &Tensor, host: bool) -> Result<Self> {
+        if !host {
+            let log_p = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+            let p = log_p.exp()?;
+            return Ok(Target::Device { log_p, p });
+        }
+        use rayon::prelude::*;
+        let (rows, vocab) = logits.dims2()?;
+        let mut p = vec![0f32; rows * vocab];
+        let mut sum_p = vec![0f64; rows];
+        let mut sum_p_log_p = vec![0f64; rows];
+        crate::host::with_f32_slice(logits, |z| {
+            p.par_chunks_mut(vocab)
+                .zip(z.par_chunks(vocab))
+                .zip(sum_p.par_iter_mut().zip(sum_p_log_p.par_iter_mut()))
+                .for_each(|((p, z), (sp, splp))| {
+                    let lse = log_sum_exp(z);
+                    let (mut a, mut b) = (0f64, 0f64);
+                    for (p, &z) in p.iter_mut().zip(z) {
+                        // log p in f32, as candle's log_softmax gives it.
+                        let lp = z - lse;
+                        *p = lp.exp();
+                        a += *p as f64;
+                        b += *p as f64 * lp as f64;
+                    }
+                    *sp = a;
+                    *splp = b;
+                });
+            Ok(())
+        })?;
+        Ok(Target::Host {
+            p,
+            sum_p,
+            sum_p_log_p,
+            vocab,
+        })
+    }
+
+    /// For the lens's `logits` [rows, V] of the same positions: `sum_rows KL(p || q) / n` and its
+    /// gradient with respect to the logits, `(q - p) / n` [rows, V] f32, q = softmax(logits).
+    /// On the CPU one fused pass per row (one exp per element, no [rows, V] temporaries besides
+    /// the gradient): KL = sum p log p - sum p z + lse(z) sum p.
+    fn kl_and_grad(&self, logits: &Tensor, n: usize) -> Result<(f64, Tensor)> {
+        let inv_n = 1.0 / n as f64;
+        match self {
+            Target::Device { log_p, p } => {
+                let logq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+                let kl = (p * (log_p - &logq)?)?.sum_all()?.affine(inv_n, 0.0)?;
+                let g = ((logq.exp()? - p)? * inv_n)?;
+                Ok((kl.to_dtype(DType::F64)?.to_scalar::<f64>()?, g))
+            }
+            Target::Host {
+                p,
+                sum_p,
+                sum_p_log_p,
+                vocab,
+            } => {
+                use rayon::prelude::*;
+                let vocab = *vocab;
+                let rows = logits.dims2()?.0;
+                if rows * vocab != p.len() {
+                    bail!(
+                        "lens logits [{rows}, {}] for a target of {} values",
+                        logits.dims2()?.1,
+                        p.len()
+                    );
+                }
+                let mut g = vec![0f32; rows * vocab];
+                let mut kl_rows = vec![0f64; rows];
+                crate::host::with_f32_slice(logits, |z| {
+                    g.par_chunks_mut(vocab)
+                        .zip(z.par_chunks(vocab))
+                        .zip(p.par_chunks(vocab))
+                        .zip(kl_rows.par_iter_mut().zip(sum_p.par_iter().zip(sum_p_log_p)))
+                        .for_each(|(((g, z), p), (kl, (&sp, &splp)))| {
+                            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            let (mut s, mut pz) = (0f64, 0f64);
+                            for ((g, &z), &p) in g.iter_mut().zip(z).zip(p) {
+                                let e = (z - max).exp();
+                                *g = e;
+                                s += e as f64;
+                                pz += p as f64 * z as f64;
+                            }
+                            let lse = max as f64 + s.ln();
+                            *kl = splp - pz + lse * sp;
+                            let inv_s = (1.0 / s) as f32;
+                            let inv_n = inv_n as f32;
+                            for (g, &p) in g.iter_mut().zip(p) {
+                                *g = (*g * inv_s - p) * inv_n;
+                            }
+                        });
+                    Ok(())
+                })?;
+                let kl: f64 = kl_rows.iter().sum::<f64>() * inv_n;
+                Ok((kl, Tensor::from_vec(g, (rows, vocab), logits.device())?))
+            }
+        }
+    }
+}
+
+/// log sum exp of a row (f32, shifted by its maximum).
+fn log_sum_exp(z: &[f32]) -> f32 {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = z.iter().map(|&z| (z - max).exp() as f64).sum();
+    max + s.ln() as f32
+}
+
 /// `t` in `dtype`, detached (the surrogate's constant factor).
 fn layers_to(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
     crate::model::layers::to_dtype(&t.detach(), dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused CPU pass and candle's ops (in f64, the reference) give the same KL and gradient.
+    #[test]
+    fn fused_kl_and_gradient_match_candle_ops_in_f64() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (rows, vocab, n) = (5, 300, 7);
+        let zp = (Tensor::randn(0f32, 3.0, (rows, vocab), &dev)? + 2.0)?;
+        let zq = Tensor::randn(0f32, 4.0, (rows, vocab), &dev)?;
+        let (kl, g) = Target::build(&zp, true)?.kl_and_grad(&zq, n)?;
+        let reference = Target::build(&zp.to_dtype(DType::F64)?, false)?;
+        let (kl_ref, g_ref) = reference.kl_and_grad(&zq.to_dtype(DType::F64)?, n)?;
+        assert!(kl_ref > 0.1, "a KL far from zero ({kl_ref})");
+        assert!((kl - kl_ref).abs() <= 1e-6 * kl_ref, "KL {kl} vs {kl_ref}");
+        let g = g.to_dtype(DType::F64)?;
+        let err = (g - &g_ref)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let scale = g_ref.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(err <= 1e-6 * scale, "gradient error {err} (scale {scale})");
+        Ok(())
+    }
 }
