@@ -19,6 +19,8 @@ use crate::lens::maps::Maps;
 use crate::lens::tuned::TunedLens;
 use crate::model::{AttentionKind, Transformer};
 
+mod cpu_cast;
+
 /// How a state of layer l is carried to the last layer.
 #[derive(Debug, Clone)]
 pub enum Lens<'a> {
@@ -177,16 +179,18 @@ pub fn evaluate(
         let reference = Reference::new(model, &h_last, &gold[start..start + rows])?;
         model_top1[start..start + rows].copy_from_slice(&reference.top1);
         for ((_, lens), (lens_acc, tr)) in lenses.iter().zip(acc.iter_mut().zip(traces.iter_mut())) {
-            for (layer, cell_acc) in lens_acc.iter_mut().enumerate() {
+            let cast = |layer: usize| -> Result<Tensor> {
                 let h = val
                     .hidden_states
                     .get(layer)?
                     .narrow(0, start, rows)?
                     .to_device(&device)?;
-                let logits = model
-                    .readout(&lens.cast(layer, last, &h)?)
-                    .map_err(|e| crate::device::explain_oom(e, &format!("casting {rows} examples"), "lower --batch"))?;
-                let cell = reference.score(&logits)?;
+                lens.cast(layer, last, &h)
+            };
+            let cells = reference
+                .score_layers(model, s, &cast)
+                .map_err(|e| crate::device::explain_oom(e, &format!("casting {rows} examples"), "lower --batch"))?;
+            for (layer, (cell_acc, cell)) in lens_acc.iter_mut().zip(cells).enumerate() {
                 cell_acc.add(&cell, &gold[start..start + rows]);
                 tr.top1[layer][start..start + rows].copy_from_slice(&cell.top1);
                 tr.margin[layer][start..start + rows].copy_from_slice(&cell.margin);
@@ -344,63 +348,58 @@ impl Reference {
             None => score(logits, &self.logits, &self.logp, &self.p, &self.gold, &self.gold_mask),
         }
     }
+
+    /// Scores a lens's casts of every layer 0..states (`cast(l)`: the states of layer l carried
+    /// to the last layer, before the final norm) read out through the model; the last layer's
+    /// casts are the model's own states, whose logits the reference holds. On the CPU with a plain
+    /// f32 unembedding the logits are never formed: every layer's final-normed casts are
+    /// multiplied by each vocabulary chunk of the unembedding while it is in cache and scored
+    /// there ([`cpu_cast::score_casts`]); elsewhere one layer at a time is read out and scored.
+    pub(crate) fn score_layers(
+        &self,
+        model: &dyn Transformer,
+        states: usize,
+        cast: &dyn Fn(usize) -> Result<Tensor>,
+    ) -> Result<Vec<Cell>> {
+        let last = states - 1;
+        if let Some(c) = &self.cpu {
+            let head = model.unembedding_matrix().filter(|w| {
+                w.device().is_cpu() && w.dtype() == DType::F32 && w.dims2().is_ok_and(|(v, _)| v == c.vocab)
+            });
+            if let Some(w) = head {
+                let d = w.dims2()?.1;
+                let normed = (0..last)
+                    .map(|l| Ok(model.final_norm(&cast(l)?)?.to_dtype(DType::F32)?.contiguous()?))
+                    .collect::<Result<Vec<_>>>()?;
+                if normed
+                    .iter()
+                    .all(|u| u.dims2().is_ok_and(|(rows, du)| rows == c.gold.len() && du == d))
+                {
+                    let mut cells = if normed.is_empty() {
+                        Vec::new()
+                    } else {
+                        let u = Tensor::cat(&normed, 0)?;
+                        crate::host::with_f32_slice(&u, |u| {
+                            crate::host::with_f32_slice(w, |w| Ok(cpu_cast::score_casts(u, last, w, d, c)))
+                        })?
+                    };
+                    cells.push(cpu_cast::score_logits(&c.logits, c));
+                    return Ok(cells);
+                }
+            }
+        }
+        (0..states)
+            .map(|l| match (&self.cpu, l == last) {
+                (Some(c), true) => Ok(cpu_cast::score_logits(&c.logits, c)),
+                _ => self.score(&model.readout(&cast(l)?)?),
+            })
+            .collect()
+    }
 }
 
-/// The same scores as [`score`], row by row in two passes over the vocabulary, rows in parallel.
+/// The same scores as [`score`], by the CPU kernel's chunked reduction ([`cpu_cast`]).
 fn score_rows(z: &[f32], r: &CpuReference) -> Cell {
-    use rayon::prelude::*;
-    let v = r.vocab;
-    let per_row: Vec<(u32, f32, f32, f32, u32, f32, f32)> = z
-        .par_chunks(v)
-        .enumerate()
-        .map(|(row, z)| {
-            let (m, lp, p) = (
-                &r.logits[row * v..(row + 1) * v],
-                &r.logp[row * v..(row + 1) * v],
-                &r.p[row * v..(row + 1) * v],
-            );
-            // Pass 1: top-2 logits and sum_j p_model_j z_j.
-            let (mut best, mut second, mut arg) = (f32::NEG_INFINITY, f32::NEG_INFINITY, 0usize);
-            let mut pz = 0f64;
-            for (j, (&zj, &pj)) in z.iter().zip(p).enumerate() {
-                if zj > best {
-                    second = best;
-                    best = zj;
-                    arg = j;
-                } else if zj > second {
-                    second = zj;
-                }
-                pz += pj as f64 * zj as f64;
-            }
-            // Pass 2: log-sum-exp.
-            let sum: f64 = z.iter().map(|&zj| ((zj - best) as f64).exp()).sum();
-            let lse = best as f64 + sum.ln();
-            let chosen = m[arg];
-            let rank = m.iter().filter(|&&x| x > chosen).count() as u32;
-            let kl = r.neg_entropy[row] - pz + lse;
-            let ce = r.gold[row].map_or(0.0, |g| lse - z[g as usize] as f64);
-            let p1 = (best as f64 - lse).exp();
-            let p2 = (second as f64 - lse).exp();
-            (
-                rank,
-                -lp[arg],
-                kl as f32,
-                ce as f32,
-                arg as u32,
-                (p1 - p2) as f32,
-                p1 as f32,
-            )
-        })
-        .collect();
-    Cell {
-        rank: per_row.iter().map(|x| x.0).collect(),
-        surprisal: per_row.iter().map(|x| x.1).collect(),
-        kl: per_row.iter().map(|x| x.2).collect(),
-        ce: per_row.iter().map(|x| x.3).collect(),
-        top1: per_row.iter().map(|x| x.4).collect(),
-        margin: per_row.iter().map(|x| x.5).collect(),
-        max_prob: per_row.iter().map(|x| x.6).collect(),
-    }
+    cpu_cast::score_logits(z, r)
 }
 
 /// Per-row scores of one lens at one layer.

@@ -320,6 +320,10 @@ pub fn experiments(
         opts.progress,
     );
     for b in &batches {
+        let ctx = lm.model.context(&b.ub.batch)?;
+        // Every variant's (and mat's, id's) read rows from each l, scored together afterwards:
+        // on the CPU one pass over the unembedding scores all layers (`Reference::score_layers`).
+        let mut outs: BTreeMap<&str, Vec<Tensor>> = BTreeMap::new();
         for l in 0..=n_layers {
             for name in names {
                 let mut hooks = LinearReplacement::default();
@@ -330,10 +334,17 @@ pub fn experiments(
                         }
                     }
                 }
-                let ctx = lm.model.context(&b.ub.batch)?;
-                let h = model::run_blocks(lm.model.as_ref(), &b.states[l], &ctx, l, n_layers, &mut hooks)?;
-                let logits = lm.model.readout(&b.ub.rows(&h)?)?;
-                acc.get_mut(name).expect("variant")[l].add(&b.reference.score(&logits)?, &b.gold);
+                // With every attention from l on replaced by a map, nothing moves between
+                // positions: only the read rows need to run (as sequences of one token).
+                let position_wise = (l..n_layers).all(|block| hooks.maps.contains_key(&(block, SubModule::Attn)));
+                let rows = if position_wise {
+                    let x = b.ub.rows(&b.states[l])?.unsqueeze(1)?;
+                    model::run_blocks(lm.model.as_ref(), &x, &ctx, l, n_layers, &mut hooks)?.squeeze(1)?
+                } else {
+                    let h = model::run_blocks(lm.model.as_ref(), &b.states[l], &ctx, l, n_layers, &mut hooks)?;
+                    b.ub.rows(&h)?
+                };
+                outs.entry(name).or_default().push(rows);
                 bar.inc(1);
             }
             let rows = move_to(&b.ub.rows(&b.states[l])?, lm.model.head_device())?;
@@ -342,8 +353,16 @@ pub fn experiments(
             } else {
                 maps.require(l, n_layers)?.apply(&rows)?
             };
-            acc.get_mut("mat").expect("mat")[l].add(&b.reference.score(&lm.model.readout(&mat)?)?, &b.gold);
-            acc.get_mut("id").expect("id")[l].add(&b.reference.score(&lm.model.readout(&rows)?)?, &b.gold);
+            outs.entry("mat").or_default().push(mat);
+            outs.entry("id").or_default().push(rows);
+        }
+        for (name, rows) in outs {
+            let cells = b
+                .reference
+                .score_layers(lm.model.as_ref(), n_layers + 1, &|l| Ok(rows[l].clone()))?;
+            for (cell_acc, cell) in acc.get_mut(name).expect("variant").iter_mut().zip(&cells) {
+                cell_acc.add(cell, &b.gold);
+            }
         }
     }
     bar.finish_and_clear();
@@ -478,6 +497,48 @@ pub fn check_r2_shape(r2: &[Vec<Option<f64>>], n_layers: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shortcut of `experiments`: with every attention from l on replaced by a map, running
+    /// only the read rows as one-token sequences gives the rows of the full run.
+    #[test]
+    fn replaced_attention_runs_position_wise() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
+        let lm = model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+        let (d, n_layers) = (lm.model.info().d_model, lm.model.info().n_layers);
+        let batch = model::Batch::from_sequences(&[vec![5, 9, 2, 7], vec![3, 4]], 0, &Device::Cpu).unwrap();
+        let ctx = lm.model.context(&batch).unwrap();
+        let states = model::hidden_states(lm.model.as_ref(), &batch).unwrap();
+        let l = 0;
+        let mut hooks = LinearReplacement::default();
+        for block in l..n_layers {
+            let a = Tensor::randn(0f32, 0.2, (d, d), &Device::Cpu).unwrap();
+            hooks.maps.insert((block, SubModule::Attn), a);
+        }
+        let full = model::run_blocks(lm.model.as_ref(), &states[l], &ctx, l, n_layers, &mut hooks).unwrap();
+        // Read rows (0, 3) and (1, 1).
+        let pick = |h: &Tensor| {
+            let h = h.reshape(((), d)).unwrap();
+            Tensor::cat(&[h.get(3).unwrap(), h.get(4 + 1).unwrap()], 0)
+                .unwrap()
+                .reshape((2, d))
+                .unwrap()
+        };
+        let rows = pick(&states[l]).unsqueeze(1).unwrap();
+        let short = model::run_blocks(lm.model.as_ref(), &rows, &ctx, l, n_layers, &mut hooks)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let diff: f32 = (pick(&full) - short)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "position-wise rows differ by {diff}");
+        assert!(n_layers >= 2, "the test should run several replaced blocks");
+    }
 
     #[test]
     fn periodic_schedules_cover_all_layers() {

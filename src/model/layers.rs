@@ -177,7 +177,7 @@ fn cpu_matmul_wt_half(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<O
 /// Runs `vzeroupper` on every rayon thread and this one. faer's AVX-512 kernels leave the upper
 /// halves of the vector registers dirty, and on Intel cores every later legacy-SSE instruction
 /// then pays a transition penalty: glibc's `exp` in the predict scorer ran 5x slower after them.
-fn clear_upper_vector_state() {
+pub(crate) fn clear_upper_vector_state() {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx") {

@@ -119,6 +119,14 @@ pub trait Transformer: Send + Sync {
     fn sub_modules(&self) -> &'static [SubModule] {
         &[SubModule::Ln1, SubModule::Attn, SubModule::Ln2, SubModule::Mlp]
     }
+
+    /// The unembedding as one plain matrix, when it is one: W [V, d] with `unembed(u) = u W^T`
+    /// (no bias, no soft-cap, no head transform). The CPU predict kernel multiplies by W in
+    /// vocabulary chunks and scores each chunk while it is in cache instead of forming the
+    /// [n, V] logits; `None` (the default) keeps the generic [`Transformer::unembed`].
+    fn unembedding_matrix(&self) -> Option<&Tensor> {
+        None
+    }
 }
 
 /// All hidden states h_0..h_L of a batch, each [B, T, d] (h_L before the final norm).

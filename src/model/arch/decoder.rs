@@ -734,4 +734,8 @@ impl Transformer for Decoder {
     fn sub_modules(&self) -> &'static [SubModule] {
         self.sub_modules
     }
+
+    fn unembedding_matrix(&self) -> Option<&Tensor> {
+        (self.final_softcap.is_none() && self.lm_head.bias.is_none()).then_some(&self.lm_head.weight)
+    }
 }
