@@ -74,7 +74,10 @@ fi
 
 if [ "$REPORT" = 1 ]; then
     start=$(date +%s.%N)
-    peak "$tmp/report.mem" "$BIN" report "$MODEL" --quiet --corpus assets/wiki/summaries_en-us.json --out "$tmp/report" 2> "$tmp/report.log" > /dev/null
+    # Keep what the report said when it fails (the temporary folder is removed on exit).
+    peak "$tmp/report.mem" "$BIN" report "$MODEL" --quiet --corpus assets/wiki/summaries_en-us.json --out "$tmp/report" 2> "$tmp/report.log" > /dev/null \
+        || { echo "report failed; its last lines and stage times:" >&2; tail -n 5 "$tmp/report.log" >&2
+             python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("stages"))' "$tmp/report/manifest.json" >&2 || true; exit 1; }
     echo "$(date +%s.%N) - $start" | bc > "$tmp/report.s"
 fi
 
