@@ -143,6 +143,31 @@ pub struct SubmoduleReport {
     pub n_eval: usize,
     pub note: String,
     pub variants: BTreeMap<String, LensMetrics>,
+    /// Cells whose KL or cross-entropy is not a number because the replaced network's logits
+    /// overflowed f32 (the replacement diverged): written as null in the JSON, named here.
+    pub diverged: Vec<String>,
+}
+
+impl SubmoduleReport {
+    /// Records the variants' non-finite KL / cross-entropy cells in `diverged` (a diverged
+    /// replacement is a result, not an error) and returns them; other non-finite metrics stay for
+    /// the caller's integrity check.
+    pub fn mark_diverged(&mut self) -> &[String] {
+        self.diverged.clear();
+        for (name, m) in &self.variants {
+            for layer in 0..m.kl.len().max(m.ce.len()) {
+                let bad: Vec<&str> = [("kl", m.kl.get(layer)), ("ce", m.ce.get(layer))]
+                    .into_iter()
+                    .filter(|(_, v)| v.is_some_and(|v| !v.is_finite()))
+                    .map(|(k, _)| k)
+                    .collect();
+                if !bad.is_empty() {
+                    self.diverged.push(format!("{name} layer {layer}: {}", bad.join(", ")));
+                }
+            }
+        }
+        &self.diverged
+    }
 }
 
 /// One alternation schedule's result.
@@ -380,6 +405,7 @@ pub fn experiments(
                between tokens."
             .into(),
         variants,
+        diverged: Vec::new(),
     };
 
     // Alternation.
@@ -496,6 +522,34 @@ pub fn check_r2_shape(r2: &[Vec<Option<f64>>], n_layers: usize) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// A variant whose KL / cross-entropy overflowed is listed cell by cell; finite cells are not.
+    #[test]
+    fn diverged_cells_are_named() {
+        let ok = crate::eval::predict::LensMetrics {
+            kl: vec![0.5, 0.25],
+            ce: vec![1.0, 2.0],
+            ..Default::default()
+        };
+        let bad = crate::eval::predict::LensMetrics {
+            kl: vec![f64::NAN, 0.5],
+            ce: vec![f64::INFINITY, 1.0],
+            ..Default::default()
+        };
+        let mut r = SubmoduleReport {
+            layers: 2,
+            n_eval: 1,
+            note: String::new(),
+            variants: [("attn".to_string(), ok), ("norms".to_string(), bad)]
+                .into_iter()
+                .collect(),
+            diverged: Vec::new(),
+        };
+        assert_eq!(r.mark_diverged(), ["norms layer 0: kl, ce"]);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["diverged"][0], "norms layer 0: kl, ce");
+        assert!(json["variants"]["norms"]["kl"][0].is_null());
+    }
+
     use super::*;
 
     /// The shortcut of `experiments`: with every attention from l on replaced by a map, running

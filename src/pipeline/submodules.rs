@@ -62,7 +62,15 @@ pub fn run_submodules(
         opts.progress,
     )?;
     let maps = maps.to_device(lm.model.head_device())?;
-    let (sub_report, alt) = experiments(lm, &train, &val, &maps, &r2, opts)?;
+    let (mut sub_report, alt) = experiments(lm, &train, &val, &maps, &r2, opts)?;
+    let diverged = sub_report.mark_diverged();
+    if let Some(first) = diverged.first() {
+        eprintln!(
+            "submodules: {} replacement cell(s) diverged (logits overflow f32, so KL / cross-entropy are \
+             not numbers), e.g. {first}; written as null and listed under \"diverged\" in submodules.json",
+            diverged.len()
+        );
+    }
     check_finite(&sub_report, &alt)?;
     crate::data::io::write_json(&run.file("submodules.json"), &sub_report)?;
     crate::render::figures::plot_submodules(&run.file("submodules"), &manifest.model.arch, &sub_report)?;
@@ -199,7 +207,15 @@ pub fn read_r2(run: &RunDir, n_layers: usize) -> Result<Vec<Vec<Option<f64>>>> {
 
 /// Refuses results with a NaN or infinite number (serde would write it as `null`).
 fn check_finite(sub: &SubmoduleReport, alt: &AlternationReport) -> Result<()> {
-    crate::pipeline::integrity::check_finite_metrics("submodules", "submodules.json", &sub.variants)?;
+    // KL / cross-entropy of diverged cells are named in `diverged`; everything else must be finite.
+    let mut checked = sub.variants.clone();
+    for m in checked.values_mut() {
+        m.kl.iter_mut()
+            .chain(m.ce.iter_mut())
+            .filter(|v| !v.is_finite())
+            .for_each(|v| *v = 0.0);
+    }
+    crate::pipeline::integrity::check_finite_metrics("submodules", "submodules.json", &checked)?;
     let schedules = [
         ("periodic", &alt.periodic),
         ("r2_informed", &alt.r2_informed),

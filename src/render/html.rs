@@ -731,6 +731,19 @@ fn submodules_section(run: &RunDir, figs: &mut Figures) -> Result<String> {
             "Precision and surprisal with sub-modules replaced from layer ℓ on",
             &caption,
         )?);
+        let diverged: Vec<&str> = s
+            .get("diverged")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(first) = diverged.first() {
+            h.push_str(&format!(
+                "<p>{} replacement cell(s) diverged: their logits overflow f32, so KL and cross-entropy are not \
+                 numbers (null in submodules.json, listed under <code>diverged</code>), e.g. {}.</p>\n",
+                diverged.len(),
+                first
+            ));
+        }
     } else {
         h.push_str(&not_run("Sub-modules", "submodules.json", "jumplens submodules RUN"));
     }
