@@ -602,37 +602,22 @@ FLASH(flash_attention_f16_128, f16, 128)
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let ints = [t as i32, h as i32, h_kv as i32];
             let causal = self.causal as i32;
             let window = self.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
-            let func = dev
-                .get_or_load_custom_func(name, FLASH_MODULE, flash_ptx()?)
-                .map_err(|e| flash_load_error(name, e))?;
+            let args = FlashArgs {
+                ints: [t as i32, h as i32, h_kv as i32],
+                scale: self.scale,
+                cap: self.cap,
+                causal,
+                window,
+            };
             let n = b * t * h * d;
             let out = match (&q.slice, &k.slice, &v.slice) {
                 (CudaStorageSlice::BF16(qs), CudaStorageSlice::BF16(ks), CudaStorageSlice::BF16(vs)) => {
-                    let (qs, ks, vs) = (aligned(qs, ql)?, aligned(ks, kl)?, aligned(vs, vl)?);
-                    // SAFETY: the kernel writes every element of the output.
-                    let dst = unsafe { dev.alloc::<half::bf16>(n)? };
-                    let mut bld = func.builder();
-                    bld.arg(&qs).arg(&ks).arg(&vs).arg(&lens).arg(&dst);
-                    bld.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
-                    bld.arg(&self.scale).arg(&self.cap).arg(&causal).arg(&window);
-                    // SAFETY: the arguments match the kernel's signature.
-                    unsafe { bld.launch(cfg) }.w()?;
-                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                    flash_launch(&dev, name, [(qs, ql), (ks, kl), (vs, vl)], &lens, n, cfg, &args)?
                 }
                 (CudaStorageSlice::F16(qs), CudaStorageSlice::F16(ks), CudaStorageSlice::F16(vs)) => {
-                    let (qs, ks, vs) = (aligned(qs, ql)?, aligned(ks, kl)?, aligned(vs, vl)?);
-                    // SAFETY: the kernel writes every element of the output.
-                    let dst = unsafe { dev.alloc::<half::f16>(n)? };
-                    let mut bld = func.builder();
-                    bld.arg(&qs).arg(&ks).arg(&vs).arg(&lens).arg(&dst);
-                    bld.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
-                    bld.arg(&self.scale).arg(&self.cap).arg(&causal).arg(&window);
-                    // SAFETY: the arguments match the kernel's signature.
-                    unsafe { bld.launch(cfg) }.w()?;
-                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                    flash_launch(&dev, name, [(qs, ql), (ks, kl), (vs, vl)], &lens, n, cfg, &args)?
                 }
                 _ => candle_core::bail!("fused attention: q, k and v must share one half dtype"),
             };
@@ -677,34 +662,73 @@ FLASH(flash_attention_f16_128, f16, 128)
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let n64 = n as u64;
             let out = match (&g.slice, &u.slice) {
                 (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
-                    let (a, b) = (contiguous(a, gl)?, contiguous(b, ul)?);
-                    let func = dev.get_or_load_custom_func("silu_mul_bf16", MODULE, ptx()?)?;
-                    // SAFETY: the kernel writes every element.
-                    let dst = unsafe { dev.alloc::<half::bf16>(n)? };
-                    let mut bld = func.builder();
-                    bld.arg(&a).arg(&b).arg(&dst).arg(&n64);
-                    // SAFETY: the arguments match the kernel's signature.
-                    unsafe { bld.launch(cfg) }.w()?;
-                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                    silu_mul_launch(&dev, "silu_mul_bf16", (a, gl), (b, ul), n, cfg)?
                 }
                 (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b)) => {
-                    let (a, b) = (contiguous(a, gl)?, contiguous(b, ul)?);
-                    let func = dev.get_or_load_custom_func("silu_mul_f16", MODULE, ptx()?)?;
-                    // SAFETY: the kernel writes every element.
-                    let dst = unsafe { dev.alloc::<half::f16>(n)? };
-                    let mut bld = func.builder();
-                    bld.arg(&a).arg(&b).arg(&dst).arg(&n64);
-                    // SAFETY: the arguments match the kernel's signature.
-                    unsafe { bld.launch(cfg) }.w()?;
-                    CudaStorage::wrap_cuda_slice(dst, dev.clone())
+                    silu_mul_launch(&dev, "silu_mul_f16", (a, gl), (b, ul), n, cfg)?
                 }
                 _ => candle_core::bail!("fused SiLU product: unsupported dtypes"),
             };
             Ok((out, gl.shape().clone()))
         }
+    }
+
+    /// The fused attention kernel's scalar arguments: (T, heads, kv heads), scale, cap, causal, window.
+    struct FlashArgs {
+        ints: [i32; 3],
+        scale: f32,
+        cap: f32,
+        causal: i32,
+        window: i32,
+    }
+
+    /// One launch of a fused attention kernel on q, k, v (16-byte aligned views) of one dtype.
+    fn flash_launch<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        qkv: [(&CudaSlice<T>, &Layout); 3],
+        lens: &CudaView<'_, u32>,
+        n: usize,
+        cfg: LaunchConfig,
+        a: &FlashArgs,
+    ) -> Result<CudaStorage> {
+        let [q, k, v] = qkv;
+        let (q, k, v) = (aligned(q.0, q.1)?, aligned(k.0, k.1)?, aligned(v.0, v.1)?);
+        let func = dev
+            .get_or_load_custom_func(name, FLASH_MODULE, flash_ptx()?)
+            .map_err(|e| flash_load_error(name, e))?;
+        // SAFETY: the kernel writes every element of the output.
+        let dst = unsafe { dev.alloc::<T>(n)? };
+        let mut bld = func.builder();
+        bld.arg(&q).arg(&k).arg(&v).arg(lens).arg(&dst);
+        bld.arg(&a.ints[0]).arg(&a.ints[1]).arg(&a.ints[2]);
+        bld.arg(&a.scale).arg(&a.cap).arg(&a.causal).arg(&a.window);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
+    }
+
+    /// One launch of the fused SiLU product on gate and up of one dtype.
+    fn silu_mul_launch<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        gate: (&CudaSlice<T>, &Layout),
+        up: (&CudaSlice<T>, &Layout),
+        n: usize,
+        cfg: LaunchConfig,
+    ) -> Result<CudaStorage> {
+        let (g, u) = (contiguous(gate.0, gate.1)?, contiguous(up.0, up.1)?);
+        let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+        // SAFETY: the kernel writes every element.
+        let dst = unsafe { dev.alloc::<T>(n)? };
+        let n64 = n as u64;
+        let mut bld = func.builder();
+        bld.arg(&g).arg(&u).arg(&dst).arg(&n64);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }
 
     struct SoftmaxArgs {
