@@ -441,7 +441,19 @@ impl Rope {
 
     /// Rotates x [B, H, T, head_dim] by positions 0..T.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(2)?;
+        let (cos, sin) = self.tables(x.dim(2)?, x.dtype())?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+
+    /// Rotates x [B, T, H, head_dim] (the projections' own layout) by positions 0..T, with the
+    /// same arithmetic as [`Rope::apply`].
+    pub fn apply_thd(&self, x: &Tensor) -> Result<Tensor> {
+        let (cos, sin) = self.tables(x.dim(1)?, x.dtype())?;
+        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+    }
+
+    /// The cos and sin rows of positions 0..t in `dtype`.
+    fn tables(&self, t: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
         if t > self.cos.dim(0)? {
             candle_core::bail!(
                 "sequence of {t} tokens is longer than the rotary table ({})",
@@ -449,24 +461,9 @@ impl Rope {
             );
         }
         // The f32 tables are cast to the input's dtype, as transformers' rotary embedding does.
-        let cos = to_dtype(&self.cos.narrow(0, 0, t)?, x.dtype())?;
-        let sin = to_dtype(&self.sin.narrow(0, 0, t)?, x.dtype())?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-    }
-
-    /// Rotates x [B, T, H, head_dim] (the projections' own layout) by positions 0..T, with the
-    /// same arithmetic as [`Rope::apply`].
-    pub fn apply_thd(&self, x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(1)?;
-        if t > self.cos.dim(0)? {
-            candle_core::bail!(
-                "sequence of {t} tokens is longer than the rotary table ({})",
-                self.cos.dim(0)?
-            );
-        }
-        let cos = to_dtype(&self.cos.narrow(0, 0, t)?, x.dtype())?;
-        let sin = to_dtype(&self.sin.narrow(0, 0, t)?, x.dtype())?;
-        candle_nn::rotary_emb::rope_thd(&x.contiguous()?, &cos, &sin)
+        let cos = to_dtype(&self.cos.narrow(0, 0, t)?, dtype)?;
+        let sin = to_dtype(&self.sin.narrow(0, 0, t)?, dtype)?;
+        Ok((cos, sin))
     }
 }
 
