@@ -23,6 +23,7 @@
 #            `--dtype bf16` vs PyTorch bf16 (sdpa) on the same ids, with each process's peak GPU
 #            memory (nvidia-smi, sampled every 100 ms: CUDA context and allocator caches
 #            included, for both); then SmolLM2 and GPT-2 shapes in bf16 at 32/256/1024 x 24
+#   bf16small only the SmolLM2 and GPT-2 rows of bf16 (BF16_MODELS="gpt2" for one of them)
 #   study8b  the whole study (collect 9,000 + 3,000 Wikipedia sentences with SmolLM2's tokenizer,
 #            fit, r2, predict, early exit, sub-modules) on the 8B-shaped model in bf16
 #   report8b `jumplens report` (every stage, 2,000 + 500 sentences) on the 8B shape in bf16
@@ -35,7 +36,7 @@
 #            hidden states of jumplens on the GPU vs transformers' eager attention (the arithmetic
 #            jumplens follows) and, as a yardstick, PyTorch's sdpa vs its eager; the 8B shape cut
 #            to 4 blocks and SmolLM2's shape, bf16 and f32 (states h_0..h_{L-1}; transformers'
-#            last state is after the final norm)
+#            last state is after the final norm); FUSED_MODELS picks the models
 #   shards   issue 17: the SmolLM2-shaped study (9,000 + 3,000) as two --stats-only shards run as
 #            two processes on the one GPU at once, merged, fitted and compared with the single
 #            GPU run (stored activations): maps, r2 and predict (scripts/compare_runs.py when
@@ -276,9 +277,9 @@ for section in $SECTIONS; do
     done
     ;;
   bf16)
-    log "bf16"
+    log "bf16 (8B shape)"
     M8=$W/models/llama3-8b
-    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b >>"$OUT/log.txt"
+    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 --device cuda "$W/models" llama3-8b >>"$OUT/log.txt"
     for shape in 64x32 16x512 64x512; do
       b=${shape%x*} t=${shape#*x}
       gpu_peak "$R_OUT/mem-8b-$shape-jumplens.txt" "$BIN" --device cuda --dtype bf16 bench forward "$M8" --batch $b --seq $t --iters 10 \
@@ -286,7 +287,10 @@ for section in $SECTIONS; do
       gpu_peak "$R_OUT/mem-8b-$shape-torch.txt" $PY "$ROOT/scripts/bench_torch.py" forward "$M8" "$W/ids.safetensors" 10 cuda bf16 \
         >"$R_OUT/fwd8b-$shape-torch.json" 2>>"$OUT/log.txt" || log "FAILED torch 8b $shape"
     done
-    for m in smollm2 gpt2; do
+    ;;&
+  bf16 | bf16small)
+    # BF16_MODELS picks the small shapes (default: both).
+    for m in ${BF16_MODELS:-smollm2 gpt2}; do
       [ -f "$W/models/$m/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" $m >>"$OUT/log.txt"
       for b in 32 256 1024; do
         "$BIN" --device cuda --dtype bf16 bench forward "$W/models/$m" --batch $b --seq 24 --iters 10 \
@@ -299,7 +303,7 @@ for section in $SECTIONS; do
   study8b)
     log "study8b"
     M8=$W/models/llama3-8b
-    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b >>"$OUT/log.txt"
+    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 --device cuda "$W/models" llama3-8b >>"$OUT/log.txt"
     # SmolLM2's tokenizer (49,152 ids < the model's 128,256): the text is real, the weights random.
     "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$M8/tokenizer.json" >/dev/null
     R=$W/study8b
@@ -319,7 +323,7 @@ for section in $SECTIONS; do
     # Issue 13 item 4: `jumplens report` on the 8B shape finishes every stage on one GPU.
     log "report8b"
     M8=$W/models/llama3-8b
-    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b >>"$OUT/log.txt"
+    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 --device cuda "$W/models" llama3-8b >>"$OUT/log.txt"
     "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$M8/tokenizer.json" >/dev/null
     rm -rf "$W/report8b"
     timed "report8b (2000 + 500)" "$BIN" --device cuda --dtype bf16 report "$M8" --corpus "$W/wiki.json" \
@@ -371,7 +375,7 @@ NCU
   blocks)
     log "blocks"
     M4=$W/models/llama3-8b-4l
-    [ -f "$M4/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" llama3-8b-4l >>"$OUT/log.txt"
+    [ -f "$M4/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 --device cuda "$W/models" llama3-8b-4l >>"$OUT/log.txt"
     for shape in 16x512 64x32 64x512; do
       b=${shape%x*} t=${shape#*x}
       "$BIN" --device cuda --dtype bf16 bench forward "$M4" --batch $b --seq $t --iters 10 \
@@ -388,7 +392,7 @@ NCU
     # Ragged rows (lengths 200, 137, 64, 1 would need ids of varying length: bench pads none), so
     # the default equal-length batch plus a causal check on every row; f16 and bf16 run the fused
     # attention (flash kernel), f32 and JUMPLENS_ATTENTION=materialized the materialising path.
-    for m in llama3-8b-4l smollm2 gpt2; do
+    for m in ${FUSED_MODELS:-llama3-8b-4l smollm2 gpt2}; do
       [ -f "$W/models/$m/config.json" ] || $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 "$W/models" $m >>"$OUT/log.txt"
       for dt in bf16 f16 f32; do
         "$BIN" --device cuda --dtype $dt bench forward "$W/models/$m" --batch 4 --seq 200 --iters 1 \

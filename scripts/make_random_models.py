@@ -4,6 +4,7 @@ model.safetensors), for GPU benchmarks where real weights cannot be carried.
   python3 scripts/make_random_models.py OUT_DIR [NAME ...]
 
   python3 scripts/make_random_models.py --dtype bf16 OUT_DIR llama3-8b
+  python3 scripts/make_random_models.py --dtype bf16 --device cuda OUT_DIR llama3-8b   (values drawn on the GPU: seconds, not minutes)
 
 Names: smollm2 (SmolLM2-135M), gpt2 (124M), gpt2-medium, gpt2-xl, bert-large (BertForMaskedLM),
 llama3-8b (Llama-3-8B shape: 32 layers, d 4096, ffn 14336, 32/8 heads, vocabulary 128,256; 8.03B
@@ -78,19 +79,21 @@ SHAPES = {
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
-def init_tensor(name, shape, dtype, std, seed):
-    """One tensor as transformers initialises it, created directly in `dtype`."""
-    t = torch.empty(shape, dtype=dtype)
+def init_tensor(name, shape, dtype, std, seed, device="cpu"):
+    """One tensor as transformers initialises it, created directly in `dtype` on `device` (a
+    GPU draws an 8B model's values in seconds where the CPU takes minutes; the values then come
+    from the GPU's generator, equally seeded) and returned on the CPU."""
+    t = torch.empty(shape, dtype=dtype, device=device)
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "bias":
-        return t.zero_()
+        return t.zero_().cpu()
     if "norm" in name.lower() and len(shape) == 1:
-        return t.fill_(1.0)
-    g = torch.Generator().manual_seed(seed)
-    return t.normal_(0.0, std, generator=g)
+        return t.fill_(1.0).cpu()
+    g = torch.Generator(device=device).manual_seed(seed)
+    return t.normal_(0.0, std, generator=g).cpu()
 
 
-def write_streamed(model, path, dtype):
+def write_streamed(model, path, dtype, device="cpu"):
     """Writes `model` (on the meta device) tensor by tensor; returns the parameter count."""
     os.makedirs(path, exist_ok=True)
     model.config.dtype = dtype
@@ -119,7 +122,7 @@ def write_streamed(model, path, dtype):
     for fname, shard in zip(files, shards):
         tensors = {}
         for name, shape in shard:
-            tensors[name] = init_tensor(name, shape, dtype, std, index)
+            tensors[name] = init_tensor(name, shape, dtype, std, index, device)
             index += 1
             weight_map[name] = fname
             total_bytes += size(shape)
@@ -133,9 +136,12 @@ def write_streamed(model, path, dtype):
 
 def main():
     args = sys.argv[1:]
-    dtype = torch.float32
-    if args[:1] == ["--dtype"]:
-        dtype = DTYPES[args[1]]
+    dtype, device = torch.float32, "cpu"
+    while args[:1] in (["--dtype"], ["--device"]):
+        if args[0] == "--dtype":
+            dtype = DTYPES[args[1]]
+        else:
+            device = args[1]
         args = args[2:]
     out = args[0]
     names = args[1:] or list(SHAPES)
@@ -144,7 +150,7 @@ def main():
         with torch.device("meta"):
             model = SHAPES[name]()
         path = os.path.join(out, name)
-        n = write_streamed(model, path, dtype)
+        n = write_streamed(model, path, dtype, device)
         print(f"{name}: {n / 1e6:.0f}M parameters -> {path} ({time.time() - t0:.1f} s)", flush=True)
         del model
 

@@ -114,7 +114,7 @@ pub(crate) fn plain_mlp(
     x: &Tensor,
     hooks: &mut dyn Hooks,
 ) -> Result<Tensor> {
-    let post = act.forward(&up.forward(x)?)?;
+    let post = up.forward_act(x, Some(act))?;
     let post = emit(hooks, Tap::Block(layer, BlockTap::MlpPost), post)?;
     Ok(down.forward(&post)?)
 }

@@ -23,24 +23,34 @@ impl Linear {
     /// Applies the layer to x [..., in]; x is first cast to the weight's dtype (states from
     /// outside the model, e.g. f32 lens outputs, enter a bf16 model in bf16).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, None)
+    }
+
+    /// `act(x W^T + b)`: [`Linear::forward`] followed by the activation, which on a GPU runs
+    /// with the bias add as one pass ([`crate::model::fused::bias_act`]).
+    pub fn forward_act(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
+        let then_act = |y: Tensor| match act {
+            Some(a) => a.forward(&y),
+            None => Ok(y),
+        };
         let x = &to_dtype(x, self.weight.dtype())?;
         if x.track_op() {
             // A Var upstream (lens training): the fast paths below rebuild outputs without a graph.
             let y = x.broadcast_matmul(&self.weight.t()?)?;
-            return match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            };
+            return then_act(match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            });
         }
         let dims = x.dims().to_vec();
         let inner = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut out_dims = dims;
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.weight.dims()[0];
         let x2 = x.reshape((rows, inner))?;
         if let Some(y) = cpu_matmul_wt_half(&x2, &self.weight, self.bias.as_ref())? {
-            let mut out_dims = dims;
-            let last = out_dims.len() - 1;
-            out_dims[last] = self.weight.dims()[0];
-            return y.reshape(out_dims);
+            return then_act(y.reshape(out_dims)?);
         }
         // One 2-D GEMM against the transposed (strided, not copied) weight is the fast path.
         let y = match cpu_matmul_wt(&x2, &self.weight)? {
@@ -48,13 +58,13 @@ impl Linear {
             None => x2.matmul(&self.weight.t()?)?,
         };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => match crate::model::fused::bias_act(&y, b, act)? {
+                Some(y) => return y.reshape(out_dims),
+                None => y.broadcast_add(b)?,
+            },
             None => y,
         };
-        let mut out_dims = dims;
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dims()[0];
-        y.reshape(out_dims)
+        then_act(y.reshape(out_dims)?)
     }
 
     /// Number of parameters (weight and bias).
@@ -216,6 +226,12 @@ impl LayerNorm {
             let (w, b) = (to_dtype(&self.weight, DType::F32)?, to_dtype(&self.bias, DType::F32)?);
             return candle_nn::ops::layer_norm_slow(&to_dtype(x, DType::F32)?, &w, &b, self.eps as f32)?
                 .to_dtype(out_dtype);
+        }
+        // On a GPU one fused kernel (f32 arithmetic, one rounding) instead of casts around candle's.
+        if !x.device().is_cpu() && x.dtype() == out_dtype {
+            if let Some(y) = crate::model::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+                return Ok(y);
+            }
         }
         if x.dtype() == DType::F32 && out_dtype == DType::F32 {
             let x = x.contiguous()?;
