@@ -1141,8 +1141,17 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, round_first: bool) -> cand
     Ok(None)
 }
 
+/// Whether the LayerNorm and bias/activation kernels ([`layer_norm`], [`bias_act`]) run: only
+/// with `JUMPLENS_FUSED_EPILOGUES=1` until their first measurement on a GPU (they were written
+/// after this session's device time was spent; `scripts/device_bench.sh fused` and `agree` with
+/// the variable set compare them with transformers and with the CPU). Elsewhere candle's ops run.
+pub fn epilogues_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("JUMPLENS_FUSED_EPILOGUES").is_ok_and(|v| v == "1"))
+}
+
 /// `act(y + bias)` with the bias broadcast over rows, in one pass on a CUDA device (f32, bf16,
-/// f16; the bias in y's dtype); `None` elsewhere. Replaces candle's broadcast add, whose strided
+/// f16; the bias in y's dtype) when [`epilogues_enabled`]; `None` elsewhere. Replaces candle's broadcast add, whose strided
 /// indexing took 32 of a GPT-2 forward's 60 ms at 1024 x 24 tokens on the H200 (four bias adds
 /// per block), and the activation's own pass.
 pub fn bias_act(
@@ -1153,7 +1162,7 @@ pub fn bias_act(
     #[cfg(feature = "cuda")]
     {
         use crate::model::layers::Activation;
-        if cuda::is_cuda(y) && cuda::half_or_f32(y.dtype()) && bias.dtype() == y.dtype() {
+        if epilogues_enabled() && cuda::is_cuda(y) && cuda::half_or_f32(y.dtype()) && bias.dtype() == y.dtype() {
             let code = match act {
                 None => 0,
                 Some(Activation::GeluTanh) => 1,
@@ -1172,11 +1181,15 @@ pub fn bias_act(
 }
 
 /// LayerNorm of x over its last dimension on a CUDA device, weight and bias in x's dtype
-/// (computed in f32, one rounding); `None` elsewhere.
+/// (computed in f32, one rounding) when [`epilogues_enabled`]; `None` elsewhere.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> candle_core::Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
-        if cuda::is_cuda(x) && cuda::half_or_f32(x.dtype()) && weight.dtype() == x.dtype() && bias.dtype() == x.dtype()
+        if epilogues_enabled()
+            && cuda::is_cuda(x)
+            && cuda::half_or_f32(x.dtype())
+            && weight.dtype() == x.dtype()
+            && bias.dtype() == x.dtype()
         {
             let op = cuda::LayerNormOp { eps: eps as f32 };
             return Ok(Some(x.contiguous()?.apply_op3_no_bwd(
