@@ -12,30 +12,14 @@
 //! see [`check`] (99% of all positions is out of reach of any two bf16 runs; 99% of the decided
 //! ones holds). Skipped without the assets unless JUMPLENS_REQUIRE_ASSETS=1 (as real_models.rs).
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, D};
 use jumplens::model::{self, Batch, DtypeChoice, LoadOptions};
 
 mod common;
+#[path = "common/real.rs"]
+mod real;
 use common::asset;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn sentences() -> Vec<String> {
-    std::fs::read_to_string(root().join("tests/fixtures/real/sentences.txt"))
-        .unwrap()
-        .lines()
-        .map(|l| l.replace("\\n", "\n"))
-        .collect()
-}
-
-fn reference(name: &str) -> HashMap<String, Tensor> {
-    jumplens::data::io::read_safetensors(&root().join(format!("tests/fixtures/real/{name}_bf16.safetensors"))).unwrap()
-}
+use real::{reference, sentences};
 
 /// What one model's comparison measured.
 struct Outcome {
@@ -66,7 +50,7 @@ fn compare(name: &str, gguf: &str) -> Option<Outcome> {
     };
     let lm = model::load_model_with(p.to_str().unwrap(), &opts).unwrap();
     assert_eq!(lm.model.info().dtype, "bf16", "{name}: ModelInfo.dtype");
-    let r = reference(name);
+    let r = reference(&format!("{name}_bf16"));
     let tok = lm.tokenizer().unwrap();
     let inputs: Vec<Vec<u32>> = sentences().iter().map(|s| tok.encode(s).unwrap()).collect();
     let batch = Batch::from_sequences(&inputs, tok.pad_id, &Device::Cpu).unwrap();
@@ -78,8 +62,7 @@ fn compare(name: &str, gguf: &str) -> Option<Outcome> {
     let (mut num, mut den) = (vec![0f64; n_states], vec![0f64; n_states]);
     let (mut top1_same, mut positions, mut worst_logit) = (0usize, 0usize, 0f64);
     let (mut top1_f32, mut n_decided, mut same_decided, mut flip_margin) = (0usize, 0usize, 0usize, 0f64);
-    let f32_ref =
-        jumplens::data::io::read_safetensors(&root().join(format!("tests/fixtures/real/{name}.safetensors"))).unwrap();
+    let f32_ref = reference(name);
     for (i, input) in inputs.iter().enumerate() {
         let t = input.len();
         let theirs = &r[&format!("states.{i}")];

@@ -7,30 +7,14 @@
 //! message, unless JUMPLENS_REQUIRE_ASSETS=1 (`scripts/test.sh`, CI), which makes a missing
 //! asset a failure (see tests/common).
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use jumplens::model::{self, Batch, LoadedModel};
 
 mod common;
+#[path = "common/real.rs"]
+mod real;
 use common::asset;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn sentences() -> Vec<String> {
-    std::fs::read_to_string(root().join("tests/fixtures/real/sentences.txt"))
-        .unwrap()
-        .lines()
-        .map(|l| l.replace("\\n", "\n"))
-        .collect()
-}
-
-fn reference(name: &str) -> HashMap<String, Tensor> {
-    jumplens::data::io::read_safetensors(&root().join(format!("tests/fixtures/real/{name}.safetensors"))).unwrap()
-}
+use real::{reference, sentences};
 
 fn ids(t: &Tensor) -> Vec<u32> {
     t.to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
