@@ -471,6 +471,10 @@ enum Command {
         /// Tokens per training sequence.
         #[arg(long, default_value_t = 128, value_name = "N")]
         seq_len: usize,
+        /// Write the token ids of every step (safetensors `ids` [steps x sequences, seq-len],
+        /// int64) before training, for a reference run on the same batches.
+        #[arg(long, value_name = "FILE")]
+        ids_out: Option<PathBuf>,
         /// Model to use instead of the one recorded in the run's manifest.
         #[arg(long)]
         model: Option<String>,
@@ -909,6 +913,7 @@ fn run(cli: Cli) -> Result<()> {
             init,
             seed,
             seq_len,
+            ids_out,
             model,
             common,
         } => {
@@ -925,6 +930,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 seed,
                 seq_len,
+                ids_out,
                 progress: !common.quiet,
                 ..Default::default()
             };

@@ -78,6 +78,11 @@ pub struct TunedOptions {
     /// Steps between checkpoints.
     #[serde(skip)]
     pub checkpoint_every: usize,
+    /// Where to write the token ids of every step before training (safetensors `ids`
+    /// [steps x sequences per step, seq_len] int64, step by step), so a reference
+    /// (scripts/bench_tuned_torch.py --ids) trains on the same batches.
+    #[serde(skip)]
+    pub ids_out: Option<PathBuf>,
     #[serde(skip)]
     pub progress: bool,
 }
@@ -92,6 +97,7 @@ impl Default for TunedOptions {
             seed: 0,
             seq_len: 128,
             checkpoint_every: 25,
+            ids_out: None,
             progress: true,
         }
     }
@@ -108,6 +114,9 @@ pub struct TunedReport {
     pub losses: Vec<f64>,
     /// Steps taken from a checkpoint (0 when trained from the start).
     pub resumed_from: usize,
+    /// Wall seconds of each step this process took (batch, forward and optimiser step), for
+    /// speed comparisons that leave out the first steps' warm-up.
+    pub step_s: Vec<f64>,
     pub wall_s: f64,
 }
 
@@ -162,6 +171,20 @@ fn batch_indices(n: usize, per_step: usize, step: usize, seed: u64) -> Vec<usize
         out.push(cached.as_ref().expect("just set").1[g % n]);
     }
     out
+}
+
+/// Writes the ids of steps 0..steps (each step's sequences in order) as safetensors `ids`
+/// [steps * per_step, seq_len] int64.
+fn write_step_ids(path: &std::path::Path, seqs: &[Vec<u32>], per_step: usize, steps: usize, seed: u64) -> Result<()> {
+    let seq_len = seqs[0].len();
+    let mut ids = Vec::with_capacity(steps * per_step * seq_len);
+    for step in 0..steps {
+        for i in batch_indices(seqs.len(), per_step, step, seed) {
+            ids.extend(seqs[i].iter().map(|&t| t as i64));
+        }
+    }
+    let t = Tensor::from_vec(ids, (steps * per_step, seq_len), &Device::Cpu)?;
+    crate::data::io::write_safetensors(path, &[("ids".to_string(), t)], None)
 }
 
 /// The starting lens: zeros, or `A_{l->L} - I` (+ intercept) from the run's maps.
@@ -299,17 +322,23 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
     crate::data::io::remove_stale_temps(&run.root);
     remove_stale_lens_dirs(run, opts.init.dir_name());
 
-    let recipe = Recipe::new(opts.steps, opts.lr);
+    let mut recipe = Recipe::new(opts.steps, opts.lr);
+    recipe.chunk = crate::lens::tuned::train::default_chunk(&device);
     let start_lens = initial_lens(lm, run, opts.init)?.to_device(&device)?;
     let (mut trainer, mut losses) = match read_checkpoint(&ckpt, &start_lens, &recipe, &options_json)? {
         Some((t, l)) => (t, l),
         None => (Trainer::new(&start_lens, recipe)?, Vec::new()),
     };
     let resumed_from = trainer.step;
+    if let Some(path) = &opts.ids_out {
+        write_step_ids(path, &seqs, per_step, opts.steps, opts.seed)?;
+    }
+    let mut step_s = Vec::with_capacity(opts.steps - resumed_from);
     let bar = crate::progress::bar(opts.steps as u64, "tuned-lens", opts.progress);
     bar.set_position(trainer.step as u64);
     while trainer.step < opts.steps {
         crate::cancel::check()?;
+        let step_started = Instant::now();
         let step = trainer.step;
         let rows: Vec<Vec<u32>> = batch_indices(seqs.len(), per_step, step, opts.seed)
             .into_iter()
@@ -321,6 +350,8 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
             .map(|h| h.flatten_to(1))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let loss = trainer.step(lm.model.as_ref(), &states)?;
+        // The loss's read-back has waited for the device: the step is done.
+        step_s.push(step_started.elapsed().as_secs_f64());
         losses.push(loss);
         bar.set_message(format!("loss {:.3}", loss / info.n_layers as f64));
         bar.inc(1);
@@ -350,6 +381,7 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         sequences: seqs.len(),
         losses,
         resumed_from,
+        step_s,
         wall_s: started.elapsed().as_secs_f64(),
     };
     let mut manifest = run.read_manifest()?;
@@ -360,6 +392,7 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
             "options": recorded,
             "final_loss": report.losses.last(),
             "resumed_from": resumed_from,
+            "step_s": report.step_s,
         }),
     );
     run.write_manifest(&manifest)?;

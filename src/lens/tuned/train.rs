@@ -33,6 +33,18 @@ pub struct Recipe {
     pub chunk: usize,
 }
 
+/// Positions per backward pass on `device`: [`Recipe::new`]'s 128 on the CPU; 4096 on a GPU,
+/// where a [128, d] x [d, V] GEMM is too small to keep the device busy (a step of 32768 tokens
+/// would be 256 x L launches of each kernel), while a 4096-row chunk's f32 [4096, V] buffers stay
+/// at 0.8 GB each for a 49k vocabulary.
+pub fn default_chunk(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        128
+    } else {
+        4096
+    }
+}
+
 impl Recipe {
     pub fn new(horizon: usize, lr_scale: f64) -> Self {
         Self {
