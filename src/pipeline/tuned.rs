@@ -10,6 +10,14 @@
 //! seeded shuffle (a new one each pass), a function of s alone, so a resumed run sees the same
 //! batches. Targets are the model's own final distribution at every position.
 //!
+//! Masked LMs (BERT): the targets are the model's masked-LM distribution at the positions
+//! `collect` reads a masked LM at (each training sentence with its sampled token replaced by
+//! [MASK], the states at that position: the examples `predict` scores on the validation side),
+//! taken from the run's stored training states (or replayed from the corpus for a
+//! `--stats-only` run, [`crate::collect::replay_train`]); a step takes `tokens_per_step` of these
+//! examples from the same seeded shuffles, and the loss is the same sum over translators of the
+//! mean KL.
+//!
 //! A checkpoint (`RUN/tuned.checkpoint.safetensors`: parameters, momentum, step, losses,
 //! options) is written atomically every `checkpoint_every` steps and picked up by a rerun with
 //! the same options; the lens folder is written into a temporary folder and renamed into place.
@@ -109,7 +117,10 @@ pub struct TunedReport {
     pub out: PathBuf,
     pub steps: usize,
     pub tokens_per_step: usize,
+    /// Sequences of training text drawn from (causal LMs), or masked training examples
+    /// (masked LMs, `masked`).
     pub sequences: usize,
+    pub masked: bool,
     /// Loss per step (summed over layers, as tuned-lens logs it), resumed steps included.
     pub losses: Vec<f64>,
     /// Steps taken from a checkpoint (0 when trained from the start).
@@ -154,6 +165,86 @@ fn training_sequences(lm: &crate::model::LoadedModel, run: &RunDir, seq_len: usi
         );
     }
     Ok(seqs)
+}
+
+/// What the steps train on.
+enum TrainingData {
+    /// Causal LMs: fixed-length token sequences of the training articles, every position a
+    /// target; `per_step` sequences a step.
+    Text { seqs: Vec<Vec<u32>>, per_step: usize },
+    /// Masked LMs: the run's training examples as `collect` made them (each sampled token
+    /// replaced by [MASK] in its sentence, the states read at that position: the positions
+    /// `predict` scores), h_0..h_L [S, n, d] f32 on the training device; `tokens_per_step`
+    /// examples a step.
+    Masked { states: Tensor, n: usize },
+}
+
+impl TrainingData {
+    /// Sequences (causal) or examples (masked) to draw from.
+    fn len(&self) -> usize {
+        match self {
+            TrainingData::Text { seqs, .. } => seqs.len(),
+            TrainingData::Masked { n, .. } => *n,
+        }
+    }
+
+    /// h_0..h_L of step `step`'s batch, each [positions, d].
+    fn step_states(
+        &self,
+        lm: &crate::model::LoadedModel,
+        step: usize,
+        tokens_per_step: usize,
+        seed: u64,
+    ) -> Result<Vec<Tensor>> {
+        match self {
+            TrainingData::Text { seqs, per_step } => {
+                let rows: Vec<Vec<u32>> = batch_indices(seqs.len(), *per_step, step, seed)
+                    .into_iter()
+                    .map(|i| seqs[i].clone())
+                    .collect();
+                let batch = crate::model::Batch::from_sequences(&rows, 0, lm.model.device())?;
+                Ok(crate::model::transformer::hidden_states(lm.model.as_ref(), &batch)?
+                    .into_iter()
+                    .map(|h| h.flatten_to(1))
+                    .collect::<candle_core::Result<Vec<_>>>()?)
+            }
+            TrainingData::Masked { states, n } => {
+                let idx: Vec<u32> = batch_indices(*n, tokens_per_step, step, seed)
+                    .into_iter()
+                    .map(|i| i as u32)
+                    .collect();
+                let idx = Tensor::from_vec(idx, tokens_per_step, states.device())?;
+                Ok((0..states.dim(0)?)
+                    .map(|l| states.get(l)?.index_select(&idx, 0))
+                    .collect::<candle_core::Result<Vec<_>>>()?)
+            }
+        }
+    }
+}
+
+/// A masked LM's training examples, h_0..h_L [S, n, d]: the run's stored training states, or
+/// for a statistics-only run the same examples replayed from its corpus
+/// ([`crate::collect::replay_train`]).
+fn masked_examples(lm: &crate::model::LoadedModel, run: &RunDir, progress: bool) -> Result<Tensor> {
+    let manifest = run.read_manifest()?;
+    let act = match manifest.stats_form() {
+        None => run.read_split(&manifest, "train")?,
+        Some(_) => {
+            let copts: crate::collect::CollectOptions = serde_json::from_value(manifest.options.clone())
+                .map_err(|e| anyhow!("{}: options: {e}", run.manifest().display()))?;
+            let corpus = PathBuf::from(&manifest.corpus.path);
+            crate::collect::replay_train(lm, &corpus, &copts, copts.n_train, 0, progress)?
+        }
+    };
+    let s = act.hidden_states.dim(0)?;
+    if s != lm.model.info().n_layers + 1 {
+        bail!(
+            "{}: training states have {s} layers of states, the model {} layers",
+            run.root.display(),
+            lm.model.info().n_layers
+        );
+    }
+    Ok(act.hidden_states)
 }
 
 /// The sequences of step `step`: positions `step * per_step ..` of an endless stream of seeded
@@ -302,18 +393,24 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         n => n,
     };
     let info = lm.model.info().clone();
-    if info.attention != crate::model::AttentionKind::Causal {
-        bail!(
-            "tuned-lens training needs a causal language model ({} attends {:?})",
-            info.arch,
-            info.attention
-        );
+    let masked = info.attention == crate::model::AttentionKind::Bidirectional;
+    if masked && opts.ids_out.is_some() {
+        bail!("--ids-out: a masked LM trains on the collected [MASK] positions, not on token sequences");
     }
     let _lock = run.lock()?;
-    // A step of fewer tokens than --seq-len is one sequence of that many tokens.
-    let seqs = training_sequences(lm, run, opts.seq_len.min(tokens_per_step).max(2))?;
-    let seq_len = seqs[0].len();
-    let per_step = tokens_per_step.div_ceil(seq_len).max(1);
+    let data = if masked {
+        let states = masked_examples(lm, run, opts.progress)?;
+        let n = states.dim(1)?;
+        TrainingData::Masked {
+            states: states.to_device(&device)?,
+            n,
+        }
+    } else {
+        // A step of fewer tokens than --seq-len is one sequence of that many tokens.
+        let seqs = training_sequences(lm, run, opts.seq_len.min(tokens_per_step).max(2))?;
+        let per_step = tokens_per_step.div_ceil(seqs[0].len()).max(1);
+        TrainingData::Text { seqs, per_step }
+    };
     let mut recorded = opts.clone();
     recorded.tokens_per_step = tokens_per_step;
     let options_json = serde_json::to_string(&recorded)?;
@@ -330,8 +427,8 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         None => (Trainer::new(&start_lens, recipe)?, Vec::new()),
     };
     let resumed_from = trainer.step;
-    if let Some(path) = &opts.ids_out {
-        write_step_ids(path, &seqs, per_step, opts.steps, opts.seed)?;
+    if let (Some(path), TrainingData::Text { seqs, per_step }) = (&opts.ids_out, &data) {
+        write_step_ids(path, seqs, *per_step, opts.steps, opts.seed)?;
     }
     let mut step_s = Vec::with_capacity(opts.steps - resumed_from);
     let bar = crate::progress::bar(opts.steps as u64, "tuned-lens", opts.progress);
@@ -340,15 +437,7 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         crate::cancel::check()?;
         let step_started = Instant::now();
         let step = trainer.step;
-        let rows: Vec<Vec<u32>> = batch_indices(seqs.len(), per_step, step, opts.seed)
-            .into_iter()
-            .map(|i| seqs[i].clone())
-            .collect();
-        let batch = crate::model::Batch::from_sequences(&rows, 0, &device)?;
-        let states = crate::model::transformer::hidden_states(lm.model.as_ref(), &batch)?
-            .into_iter()
-            .map(|h| h.flatten_to(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let states = data.step_states(lm, step, tokens_per_step, opts.seed)?;
         let loss = trainer.step(lm.model.as_ref(), &states)?;
         // The loss's read-back has waited for the device: the step is done.
         step_s.push(step_started.elapsed().as_secs_f64());
@@ -378,7 +467,8 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         out: out_dir,
         steps: opts.steps,
         tokens_per_step,
-        sequences: seqs.len(),
+        sequences: data.len(),
+        masked,
         losses,
         resumed_from,
         step_s,

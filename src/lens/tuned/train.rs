@@ -172,6 +172,15 @@ impl Trainer {
     /// (summed over layers, as tuned-lens logs it) before the step; a non-finite loss is an
     /// error and leaves the parameters unchanged.
     pub fn step(&mut self, model: &dyn Transformer, states: &[Tensor]) -> Result<f64> {
+        let (total, grads) = self.loss_and_grads(model, states)?;
+        self.apply(&grads)?;
+        Ok(total)
+    }
+
+    /// The loss of a batch (as [`Trainer::step`]) and its gradient with respect to every
+    /// parameter, in `{i}.weight`, `{i}.bias` order, before clipping and weight decay; the
+    /// parameters are not changed. A non-finite loss is an error.
+    pub fn loss_and_grads(&self, model: &dyn Transformer, states: &[Tensor]) -> Result<(f64, Vec<Tensor>)> {
         let n_layers = self.weights.len();
         if states.len() != n_layers + 1 {
             bail!(
@@ -226,8 +235,7 @@ impl Trainer {
             .zip(&params)
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        self.apply(&grads)?;
-        Ok(total)
+        Ok((total, grads))
     }
 
     /// Clip, weight decay, Nesterov momentum and the parameter update (torch's `SGD.step`
