@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use jumplens::lens::tuned::TunedLens;
 
+mod common;
+
 const LOGIT_TOL: f32 = 1e-5;
 
 fn root() -> PathBuf {
@@ -380,32 +382,8 @@ fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn tuned_lenses_in_report_early_exit_and_peek() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m");
-    std::fs::create_dir_all(&m).unwrap();
-    for e in std::fs::read_dir(root().join("tests/fixtures/tiny/llama")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, m.join(p.file_name().unwrap())).unwrap();
-    }
-    let vocab: Vec<String> = (0..128).map(|i| format!("\"w{i}\": {i}")).collect();
-    std::fs::write(
-        m.join("tokenizer.json"),
-        format!(
-            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
-            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
-            vocab.join(",")
-        ),
-    )
-    .unwrap();
-    let lines: Vec<String> = (0..300)
-        .map(|i| {
-            (0..6)
-                .map(|k| format!("w{}", 3 + (i * 7 + k * 13 + i * k) % 120))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    std::fs::write(dir.path().join("c.txt"), lines.join("\n") + "\n").unwrap();
+    common::tiny_model_with_words("llama", &[], &dir.path().join("m"), 128, false);
+    write_corpus(&dir.path().join("c.txt"), 120);
     let (ok, _, err) = cli(
         dir.path(),
         &[
@@ -511,37 +489,17 @@ fn tuned_lenses_in_report_early_exit_and_peek() {
     assert!(!ok && err.trim().lines().count() == 1, "{err}");
 }
 
-/// A copy of the tiny fixture `name` with a word-level tokenizer (w0..w{words-1}, then [MASK]
-/// when `mask`) in `to`, and a corpus of 300 six-word lines over w3..w{words-1} at `corpus`.
-fn tiny_model_and_corpus(name: &str, words: usize, mask: bool, to: &Path, corpus: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(root().join("tests/fixtures/tiny").join(name)).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-    }
-    let mut vocab: Vec<String> = (0..words).map(|i| format!("\"w{i}\": {i}")).collect();
-    if mask {
-        vocab.push(format!("\"[MASK]\": {words}"));
-    }
-    std::fs::write(
-        to.join("tokenizer.json"),
-        format!(
-            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
-            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
-            vocab.join(",")
-        ),
-    )
-    .unwrap();
+/// 300 six-word lines over w3..w{span+2}, one a line, at `path`.
+fn write_corpus(path: &Path, span: usize) {
     let lines: Vec<String> = (0..300)
         .map(|i| {
             (0..6)
-                .map(|k| format!("w{}", 3 + (i * 7 + k * 13 + i * k) % (words - 3)))
+                .map(|k| format!("w{}", 3 + (i * 7 + k * 13 + i * k) % span))
                 .collect::<Vec<_>>()
                 .join(" ")
         })
         .collect();
-    std::fs::write(corpus, lines.join("\n") + "\n").unwrap();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
 }
 
 /// The masked-LM loss (sum over translators of the mean KL of the MLM head's distribution at
@@ -610,7 +568,8 @@ fn masked_lm_loss_and_gradient_equal_pytorch_autograd() {
 fn masked_lm_trains_at_the_collected_mask_positions() {
     let dir = tempfile::tempdir().unwrap();
     let m = dir.path().join("m");
-    tiny_model_and_corpus("bert_mlm", 100, true, &m, &dir.path().join("c.txt"));
+    common::tiny_model_with_words("bert_mlm", &[], &m, 100, true);
+    write_corpus(&dir.path().join("c.txt"), 97);
     let (ok, _, err) = cli(
         dir.path(),
         &[
