@@ -13,7 +13,10 @@ Compare with `jumplens tuned-lens RUN --device cuda --steps 20 --tokens-per-step
 way, or compare wall time per step over many steps). --ids: a safetensors file with `ids`
 [n, seq] (int64), e.g. `jumplens bench` ids; default: seeded random ids from the vocabulary.
 --autocast: bf16 autocast as the package's train_loop.py runs it on a GPU (default: the model's
-dtype, no autocast).
+dtype, no autocast). --json FILE: also write {steps, warmup, rows, seq_len, seconds, s_per_step,
+tokens_per_s, last_loss, dtype, autocast, device} there. With ids from `jumplens tuned-lens
+--ids-out` (all K steps' batches in order), `--warmup W --steps K-W` trains on the same batches
+with the same K-step schedule horizon as jumplens's K steps.
 """
 
 import argparse
@@ -41,6 +44,7 @@ def main():
     ap.add_argument("--ids")
     ap.add_argument("--autocast", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json")
     a = ap.parse_args()
     dev = torch.device(a.device)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).to(dev).eval()
@@ -98,6 +102,26 @@ def main():
         f"{a.steps / wall:.3f} steps/s, {a.steps * rows * seq / wall:.0f} tokens/s "
         f"(last loss {float(loss):.4f}, device {dev}, dtype {a.dtype}, autocast {a.autocast})"
     )
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(
+                {
+                    "steps": a.steps,
+                    "warmup": a.warmup,
+                    "rows": rows,
+                    "seq_len": seq,
+                    "seconds": wall,
+                    "s_per_step": wall / a.steps,
+                    "tokens_per_s": a.steps * rows * seq / wall,
+                    "last_loss": float(loss),
+                    "dtype": a.dtype,
+                    "autocast": a.autocast,
+                    "device": str(dev),
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@
 #            (`bench --random-config`), forward with all 81 hidden states and a 500-sentence
 #            re-collection across cuda:0,cuda:1 (tok/s, peak memory per GPU), next to PyTorch
 #            `device_map="auto"` (scripts/bench_split_torch.py) on the same ids
+#   tuned    issue 15: tuned-lens training speed, `jumplens tuned-lens` vs the tuned-lens 0.2.0
+#            package's own training step (scripts/bench_tuned_torch.py, the package from
+#            .device-data/pylib) on the random SmolLM2-shaped model, the same K steps (TUNED_STEPS,
+#            20) of the same token ids (jumplens --ids-out), 32768 tokens per step as 16 x 2048,
+#            first 2 steps untimed on both sides; f32 (no autocast) and bf16 (jumplens --dtype
+#            bf16; the package as its train_loop.py runs on a GPU: bf16 weights, bf16 autocast)
 #
 # Results in $OUT (default ./device-out): tables.md (the tables, also printed after each section),
 # log.txt, and raw.tgz with one JSON/text file per measurement (the device tool returns at most 8
@@ -200,6 +206,20 @@ for p in sorted(glob.glob(os.path.join(out, "agree-*.json"))):
         print(f"  {k}: worst rel {v['worst']:.2e} ({v['worst_name']}), median {v['median']:.2e}")
     for k, v in r["json"].items():
         print(f"  {k}: max |diff| {v['max_abs_diff']:.2e} at {v['where']}")
+tl = [(dt, j(os.path.join(out, f"tuned-{dt}-jumplens.json")), j(os.path.join(out, f"tuned-{dt}-torch.json"))) for dt in ["f32", "bf16"]]
+if any(a or t for _, a, t in tl):
+    print("\n| tuned lens training, jumplens vs tuned-lens package | dtype | steps timed (of K) x tokens | jumplens s/step | package s/step | ratio (package s / jumplens s) | last loss jumplens / package |")
+    print("|---|---|---|---|---|---|---|")
+    for dt, a, t in tl:
+        if not (a or t):
+            continue
+        js = f"{a['s_per_step']:.3f}" if a else "failed"
+        ts = f"{t['s_per_step']:.3f}" if t else "failed"
+        ratio = f"{t['s_per_step'] / a['s_per_step']:.2f}x" if a and t else "-"
+        steps = f"{a['steps_timed']} (of {a['steps']}) x {a['options']['tokens_per_step']}" if a else f"{t['steps']} x {t['rows'] * t['seq_len']}"
+        loss = f"{a['last_loss']:.4f} / {t['last_loss']:.4f}" if a and t else "-"
+        how = "bf16, package with bf16 autocast" if dt == "bf16" else "f32, no autocast"
+        print(f"| SmolLM2 shape (random) | {how} | {steps} | {js} | {ts} | {ratio} | {loss} |")
 PY
   tar czf "$OUT/raw.tgz" -C "$R_OUT" .
 }
@@ -553,6 +573,44 @@ JSON
       --random-config "$M70/config.json" --activations "$W/sentences500/activations/val.safetensors" \
       >"$R_OUT/collect70b-jumplens.json" 2>>"$OUT/log.txt" || log "FAILED jumplens 70b collect"
     cat "$R_OUT"/fwd70b-*.json "$R_OUT"/collect70b-*.json "$R_OUT"/mem-70b-*.txt
+    ;;
+  tuned)
+    # Seconds per step of tuned-lens training (forward with all states, the loss and backward of
+    # every translator, clip, SGD): jumplens's from its manifest (`step_s`, one entry per step),
+    # the package's from bench_tuned_torch.py; both leave out the first TUNED_WARMUP steps.
+    log "tuned"
+    DEV=${TUNED_DEVICE:-cuda}
+    K=${TUNED_STEPS:-20} WU=${TUNED_WARMUP:-2} TPS=${TUNED_TOKENS:-32768} SEQ=${TUNED_SEQ:-2048}
+    M=$W/models/smollm2
+    [ -f "$M/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" "$W/models" smollm2 >>"$OUT/log.txt"
+    "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$M/tokenizer.json" >/dev/null
+    R=$W/tuned-run
+    rm -rf "$R"
+    timed "tuned collect ${TUNED_TRAIN:-1000}+100" "$BIN" --device $DEV collect "$M" --corpus "$W/wiki.json" --out "$R" \
+      --train "${TUNED_TRAIN:-1000}" --val 100 --quiet
+    for dt in ${TUNED_DTYPES:-f32 bf16}; do
+      case $dt in
+      f32) pdt=float32 ac="" ;;
+      bf16) pdt=bfloat16 ac=--autocast ;;
+      esac
+      rm -rf "$R/tuned" "$W/tuned-ids.safetensors"
+      timed "tuned jumplens $dt ($K steps x $TPS tokens)" "$BIN" --device $DEV --dtype $dt tuned-lens "$R" --steps "$K" \
+        --tokens-per-step "$TPS" --seq-len "$SEQ" --ids-out "$W/tuned-ids.safetensors" --quiet
+      $PY - "$R/manifest.json" "$WU" "$dt" >"$R_OUT/tuned-$dt-jumplens.json" <<'TUNED' || log "FAILED reading jumplens tuned $dt"
+import json, sys
+rec = json.load(open(sys.argv[1]))["stages"]["tuned-lens.tuned"]
+w = int(sys.argv[2])
+s = rec["step_s"][w:]
+print(json.dumps({"steps": len(rec["step_s"]), "warmup": w, "steps_timed": len(s), "s_per_step": sum(s) / len(s),
+                  "step_s": rec["step_s"], "last_loss": rec["final_loss"], "wall_s": rec["wall_s"],
+                  "dtype": sys.argv[3], "options": rec["options"]}))
+TUNED
+      PYTHONPATH=$DATA/pylib${PYTHONPATH:+:$PYTHONPATH} timed "tuned tuned-lens package $dt ($K steps x $TPS tokens)" \
+        $PY "$ROOT/scripts/bench_tuned_torch.py" --model "$M" --device $DEV --dtype $pdt $ac --steps $((K - WU)) \
+        --warmup "$WU" --tokens-per-step "$TPS" --seq-len "$SEQ" --ids "$W/tuned-ids.safetensors" \
+        --json "$R_OUT/tuned-$dt-torch.json"
+      cat "$R_OUT/tuned-$dt-jumplens.json" "$R_OUT/tuned-$dt-torch.json" 2>/dev/null
+    done
     ;;
   *) log "unknown section $section" ;;
   esac

@@ -19,6 +19,8 @@ use std::process::Command;
 use candle_core::Device;
 use serde_json::Value;
 
+mod common;
+
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jumplens"))
 }
@@ -62,28 +64,9 @@ fn setup(dir: &Path) -> (String, String) {
         .collect();
     weights.extend(copies);
     candle_core::safetensors::save(&weights, m.join("model.safetensors")).unwrap();
-    let vocab: Vec<String> = (0..100).map(|i| format!("\"w{i}\": {i}")).collect();
-    std::fs::write(
-        m.join("tokenizer.json"),
-        format!(
-            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
-            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
-            vocab.join(",")
-        ),
-    )
-    .unwrap();
-    let lines: Vec<String> = (0..200)
-        .map(|i| {
-            (0..6)
-                .map(|j| format!("w{}", 1 + (7 * i + 3 * j + i * j) % 99))
-                .collect::<Vec<_>>()
-                .join(" ")
-                + &format!(" w{}", 1 + i % 97)
-        })
-        .collect();
+    common::write_word_tokenizer(&m, 100, false);
     let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    common::write_word_corpus(&corpus);
     (m.display().to_string(), corpus.display().to_string())
 }
 

@@ -9,6 +9,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
+mod common;
+
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jumplens"))
 }
@@ -49,36 +51,12 @@ fn fails_with(args: &[&str], env: &[(&str, &str)], needles: &[&str]) {
     }
 }
 
-/// The tiny GPT-2 with a 100-word tokenizer and a corpus of 200 distinct 6-word sentences.
+/// The tiny GPT-2 with a 100-word tokenizer and a corpus of 200 distinct 7-word sentences.
 fn setup(dir: &Path) -> (String, String) {
     let m = dir.join("m");
-    std::fs::create_dir_all(&m).unwrap();
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/gpt2");
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), m.join(f)).unwrap();
-    }
-    let vocab: Vec<String> = (0..100).map(|i| format!("\"w{i}\": {i}")).collect();
-    std::fs::write(
-        m.join("tokenizer.json"),
-        format!(
-            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
-            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
-            vocab.join(",")
-        ),
-    )
-    .unwrap();
-    let lines: Vec<String> = (0..200)
-        .map(|i| {
-            (0..6)
-                .map(|j| format!("w{}", 1 + (7 * i + 3 * j + i * j) % 99))
-                .collect::<Vec<_>>()
-                .join(" ")
-                + &format!(" w{}", 1 + i % 97)
-        })
-        .collect();
+    common::tiny_model_with_words("gpt2", &["config.json", "model.safetensors"], &m, 100, false);
     let corpus = dir.join("corpus.txt");
-    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    common::write_word_corpus(&corpus);
     (m.display().to_string(), corpus.display().to_string())
 }
 

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use jumplens::lens::tuned::TunedLens;
 
+mod common;
+
 const LOGIT_TOL: f32 = 1e-5;
 
 fn root() -> PathBuf {
@@ -380,32 +382,8 @@ fn cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn tuned_lenses_in_report_early_exit_and_peek() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m");
-    std::fs::create_dir_all(&m).unwrap();
-    for e in std::fs::read_dir(root().join("tests/fixtures/tiny/llama")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, m.join(p.file_name().unwrap())).unwrap();
-    }
-    let vocab: Vec<String> = (0..128).map(|i| format!("\"w{i}\": {i}")).collect();
-    std::fs::write(
-        m.join("tokenizer.json"),
-        format!(
-            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
-            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
-            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
-            vocab.join(",")
-        ),
-    )
-    .unwrap();
-    let lines: Vec<String> = (0..300)
-        .map(|i| {
-            (0..6)
-                .map(|k| format!("w{}", 3 + (i * 7 + k * 13 + i * k) % 120))
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    std::fs::write(dir.path().join("c.txt"), lines.join("\n") + "\n").unwrap();
+    common::tiny_model_with_words("llama", &[], &dir.path().join("m"), 128, false);
+    write_corpus(&dir.path().join("c.txt"), 120);
     let (ok, _, err) = cli(
         dir.path(),
         &[
@@ -447,6 +425,8 @@ fn tuned_lenses_in_report_early_exit_and_peek() {
             "16",
             "--seq-len",
             "8",
+            "--ids-out",
+            "ids.safetensors",
             "-q",
         ][..],
         &["predict", "run", "-q"],
@@ -455,6 +435,25 @@ fn tuned_lenses_in_report_early_exit_and_peek() {
         let (ok, _, err) = cli(dir.path(), args);
         assert!(ok, "{args:?}: {err}");
     }
+    // The ids of the 3 steps of 2 sequences of 8 tokens, and one wall time per step.
+    let ids = &jumplens::data::io::read_safetensors(&dir.path().join("ids.safetensors")).unwrap()["ids"];
+    assert_eq!(ids.dims(), &[6, 8]);
+    assert!(
+        ids.to_vec2::<i64>()
+            .unwrap()
+            .iter()
+            .flatten()
+            .all(|&t| (3..123).contains(&t)),
+        "corpus words"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["stages"]["tuned-lens.tuned-mat"]["step_s"]
+            .as_array()
+            .map(Vec::len),
+        Some(3)
+    );
     let ee: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("early_exit.json")).unwrap()).unwrap();
     for lens in ["mat", "id", "tuned", "mat+kl"] {
         assert!(
@@ -488,4 +487,151 @@ fn tuned_lenses_in_report_early_exit_and_peek() {
     // A lens for another width is one line, no panic.
     let (ok, _, err) = cli(dir.path(), &["peek", "m", "--tuned-lens", "run", "--text", "w5"]);
     assert!(!ok && err.trim().lines().count() == 1, "{err}");
+}
+
+/// 300 six-word lines over w3..w{span+2}, one a line, at `path`.
+fn write_corpus(path: &Path, span: usize) {
+    let lines: Vec<String> = (0..300)
+        .map(|i| {
+            (0..6)
+                .map(|k| format!("w{}", 3 + (i * 7 + k * 13 + i * k) % span))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// The masked-LM loss (sum over translators of the mean KL of the MLM head's distribution at
+/// h_L to the lens's) and its gradient, against PyTorch autograd on transformers'
+/// BertForMaskedLM in float64 (scripts/export_tuned_mlm_fixture.py): same states, same random
+/// lens. Tolerances: the loss within 1e-5 relative, every gradient within 1e-5 of its largest
+/// entry (jumplens runs in float32; measured: ~4e-7).
+#[test]
+fn masked_lm_loss_and_gradient_equal_pytorch_autograd() {
+    use jumplens::lens::tuned::train::{Recipe, Trainer};
+    let lm = jumplens::model::load_model(
+        root().join("tests/fixtures/tiny/bert_mlm").to_str().unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let t = jumplens::data::io::read_safetensors(&fixture("bert_mlm_grad.safetensors")).unwrap();
+    let hs = &t["hidden_states"];
+    let (s, _, d) = hs.dims3().unwrap();
+    let n_layers = s - 1;
+    let f32 = |x: Tensor| x.to_dtype(candle_core::DType::F32).unwrap();
+    let mut lens = TunedLens::zeros("bert_mlm", d, n_layers, &Device::Cpu).unwrap();
+    lens.weights = (0..n_layers).map(|l| f32(t["weights"].get(l).unwrap())).collect();
+    lens.biases = Some((0..n_layers).map(|l| f32(t["biases"].get(l).unwrap())).collect());
+    let trainer = Trainer::new(&lens, Recipe::new(1, 1.0)).unwrap();
+    let states: Vec<Tensor> = (0..s).map(|l| hs.get(l).unwrap()).collect();
+    let (loss, grads) = trainer.loss_and_grads(lm.model.as_ref(), &states).unwrap();
+    let loss_ref = t["loss"].to_vec1::<f64>().unwrap()[0];
+    println!("masked-LM loss {loss:.8} vs PyTorch {loss_ref:.8}");
+    assert!(loss_ref > 0.1, "a loss far from zero");
+    assert!((loss - loss_ref).abs() <= 1e-5 * loss_ref, "loss {loss} vs {loss_ref}");
+    assert_eq!(grads.len(), 2 * n_layers);
+    for l in 0..n_layers {
+        for (k, (ours, theirs)) in [
+            (&grads[2 * l], t["grad_weights"].get(l).unwrap()),
+            (&grads[2 * l + 1], t["grad_biases"].get(l).unwrap()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let theirs = f32(theirs);
+            let scale = theirs.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let err = (ours - &theirs)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            println!("layer {l} {}: max |error| {err:.2e} of {scale:.2e}", ["W", "b"][k]);
+            assert!(scale > 1e-4, "a gradient far from zero");
+            assert!(
+                err <= 1e-5 * scale,
+                "layer {l} {}: error {err} of {scale}",
+                ["W", "b"][k]
+            );
+        }
+    }
+}
+
+/// BERT MLM trains at the positions collect read it at (the sampled token masked): with a step
+/// of every training example, step 0's loss is the logit lens's summed mean KL at the stored
+/// training states (computed here with candle's ops in float64); the loss falls, and predict's
+/// KL of the trained lens is below the logit lens's at every layer. --ids-out is refused.
+#[test]
+fn masked_lm_trains_at_the_collected_mask_positions() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    common::tiny_model_with_words("bert_mlm", &[], &m, 100, true);
+    write_corpus(&dir.path().join("c.txt"), 97);
+    let (ok, _, err) = cli(
+        dir.path(),
+        &[
+            "collect", "m", "--corpus", "c.txt", "--out", "run", "--train", "150", "--val", "50", "-q",
+        ],
+    );
+    assert!(ok, "collect: {err}");
+    let run = jumplens::data::run::RunDir::new(dir.path().join("run"));
+    let lm = jumplens::model::load_model(m.to_str().unwrap(), &Device::Cpu).unwrap();
+    let opts = jumplens::pipeline::tuned::TunedOptions {
+        steps: 30,
+        tokens_per_step: 150,
+        progress: false,
+        ..Default::default()
+    };
+    let report = jumplens::pipeline::tuned::run_tuned(&lm, &run, &opts).unwrap();
+    assert_eq!(report.sequences, 150, "one example per training sentence");
+    assert_eq!(report.step_s.len(), 30);
+    let train = jumplens::data::Activations::read(&run.activations("train")).unwrap();
+    let f64 = candle_core::DType::F64;
+    let log_softmax =
+        |h: &Tensor| candle_nn::ops::log_softmax(&lm.model.readout(h).unwrap().to_dtype(f64).unwrap(), 1).unwrap();
+    let n_layers = lm.model.info().n_layers;
+    let log_p = log_softmax(&train.hidden_states.get(n_layers).unwrap());
+    let mut expected = 0f64;
+    for l in 0..n_layers {
+        let log_q = log_softmax(&train.hidden_states.get(l).unwrap());
+        let kl = (log_p.exp().unwrap() * (&log_p - log_q).unwrap()).unwrap();
+        expected += kl.sum_all().unwrap().to_scalar::<f64>().unwrap() / 150.0;
+    }
+    let (first, last) = (report.losses[0], *report.losses.last().unwrap());
+    println!("masked-LM losses {first:.6} (logit lens {expected:.6}) -> {last:.6}");
+    assert!((first - expected).abs() <= 1e-5 * expected, "{first} vs {expected}");
+    assert!(last < 0.5 * first, "the loss falls: {first} -> {last}");
+    for args in [&["fit", "run", "-q"][..], &["predict", "run", "-q"]] {
+        let (ok, _, err) = cli(dir.path(), args);
+        assert!(ok, "{args:?}: {err}");
+    }
+    let p: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("run/predict.json")).unwrap()).unwrap();
+    for l in 0..n_layers {
+        let (tuned, id) = (
+            p["lenses"]["tuned"]["kl"][l].as_f64().unwrap(),
+            p["lenses"]["id"]["kl"][l].as_f64().unwrap(),
+        );
+        assert!(tuned < id, "layer {l}: tuned KL {tuned} vs id {id}");
+    }
+    let (ok, _, err) = cli(
+        dir.path(),
+        &[
+            "tuned-lens",
+            "run",
+            "--steps",
+            "2",
+            "--ids-out",
+            "ids.safetensors",
+            "-q",
+        ],
+    );
+    assert!(
+        !ok && err.trim().lines().count() == 1 && err.contains("--ids-out"),
+        "{err}"
+    );
+    assert!(!dir.path().join("ids.safetensors").exists());
 }

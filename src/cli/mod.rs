@@ -449,7 +449,9 @@ enum Command {
         lens); tuned-lens's own budget (2^18 tokens per step) is GPU work. Checkpoints every 25 steps\n\
         (RUN/tuned.checkpoint.safetensors); the same command again resumes. Writes RUN/tuned/\n\
         (RUN/tuned-mat/ with --init mat): params.pt + config.json (tuned-lens's format) and\n\
-        lens.safetensors; `jumplens predict RUN` then scores them as tuned / mat+kl.")]
+        lens.safetensors; `jumplens predict RUN` then scores them as tuned / mat+kl. Masked LMs\n\
+        (BERT) train on the run's training examples at their [MASK] positions (KL to the\n\
+        masked-LM distribution), --tokens-per-step of them a step.")]
     TunedLens {
         /// Run folder (after `jumplens collect`; `jumplens fit` too for --init mat).
         run: PathBuf,
@@ -471,6 +473,10 @@ enum Command {
         /// Tokens per training sequence.
         #[arg(long, default_value_t = 128, value_name = "N")]
         seq_len: usize,
+        /// Write the token ids of every step (safetensors `ids` [steps x sequences, seq-len],
+        /// int64) before training, for a reference run on the same batches.
+        #[arg(long, value_name = "FILE")]
+        ids_out: Option<PathBuf>,
         /// Model to use instead of the one recorded in the run's manifest.
         #[arg(long)]
         model: Option<String>,
@@ -909,6 +915,7 @@ fn run(cli: Cli) -> Result<()> {
             init,
             seed,
             seq_len,
+            ids_out,
             model,
             common,
         } => {
@@ -925,6 +932,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 seed,
                 seq_len,
+                ids_out,
                 progress: !common.quiet,
                 ..Default::default()
             };
@@ -936,11 +944,15 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 String::new()
             };
+            let drawn = if r.masked {
+                format!("{} masked training examples", r.sequences)
+            } else {
+                format!("{} sequences of training text", r.sequences)
+            };
             eprintln!(
-                "tuned-lens: {} steps of {} tokens ({} sequences of training text){resumed}: loss {first:.4} -> {last:.4} in {:.1} s -> {}",
+                "tuned-lens: {} steps of {} tokens ({drawn}){resumed}: loss {first:.4} -> {last:.4} in {:.1} s -> {}",
                 r.steps,
                 r.tokens_per_step,
-                r.sequences,
                 r.wall_s,
                 r.out.display()
             );

@@ -10,6 +10,14 @@
 //! seeded shuffle (a new one each pass), a function of s alone, so a resumed run sees the same
 //! batches. Targets are the model's own final distribution at every position.
 //!
+//! Masked LMs (BERT): the targets are the model's masked-LM distribution at the positions
+//! `collect` reads a masked LM at (each training sentence with its sampled token replaced by
+//! [MASK], the states at that position: the examples `predict` scores on the validation side),
+//! taken from the run's stored training states (or replayed from the corpus for a
+//! `--stats-only` run, [`crate::collect::replay_train`]); a step takes `tokens_per_step` of these
+//! examples from the same seeded shuffles, and the loss is the same sum over translators of the
+//! mean KL.
+//!
 //! A checkpoint (`RUN/tuned.checkpoint.safetensors`: parameters, momentum, step, losses,
 //! options) is written atomically every `checkpoint_every` steps and picked up by a rerun with
 //! the same options; the lens folder is written into a temporary folder and renamed into place.
@@ -78,6 +86,11 @@ pub struct TunedOptions {
     /// Steps between checkpoints.
     #[serde(skip)]
     pub checkpoint_every: usize,
+    /// Where to write the token ids of every step before training (safetensors `ids`
+    /// [steps x sequences per step, seq_len] int64, step by step), so a reference
+    /// (scripts/bench_tuned_torch.py --ids) trains on the same batches.
+    #[serde(skip)]
+    pub ids_out: Option<PathBuf>,
     #[serde(skip)]
     pub progress: bool,
 }
@@ -92,6 +105,7 @@ impl Default for TunedOptions {
             seed: 0,
             seq_len: 128,
             checkpoint_every: 25,
+            ids_out: None,
             progress: true,
         }
     }
@@ -103,11 +117,17 @@ pub struct TunedReport {
     pub out: PathBuf,
     pub steps: usize,
     pub tokens_per_step: usize,
+    /// Sequences of training text drawn from (causal LMs), or masked training examples
+    /// (masked LMs, `masked`).
     pub sequences: usize,
+    pub masked: bool,
     /// Loss per step (summed over layers, as tuned-lens logs it), resumed steps included.
     pub losses: Vec<f64>,
     /// Steps taken from a checkpoint (0 when trained from the start).
     pub resumed_from: usize,
+    /// Wall seconds of each step this process took (batch, forward and optimiser step), for
+    /// speed comparisons that leave out the first steps' warm-up.
+    pub step_s: Vec<f64>,
     pub wall_s: f64,
 }
 
@@ -147,6 +167,86 @@ fn training_sequences(lm: &crate::model::LoadedModel, run: &RunDir, seq_len: usi
     Ok(seqs)
 }
 
+/// What the steps train on.
+enum TrainingData {
+    /// Causal LMs: fixed-length token sequences of the training articles, every position a
+    /// target; `per_step` sequences a step.
+    Text { seqs: Vec<Vec<u32>>, per_step: usize },
+    /// Masked LMs: the run's training examples as `collect` made them (each sampled token
+    /// replaced by [MASK] in its sentence, the states read at that position: the positions
+    /// `predict` scores), h_0..h_L [S, n, d] f32 on the training device; `tokens_per_step`
+    /// examples a step.
+    Masked { states: Tensor, n: usize },
+}
+
+impl TrainingData {
+    /// Sequences (causal) or examples (masked) to draw from.
+    fn len(&self) -> usize {
+        match self {
+            TrainingData::Text { seqs, .. } => seqs.len(),
+            TrainingData::Masked { n, .. } => *n,
+        }
+    }
+
+    /// h_0..h_L of step `step`'s batch, each [positions, d].
+    fn step_states(
+        &self,
+        lm: &crate::model::LoadedModel,
+        step: usize,
+        tokens_per_step: usize,
+        seed: u64,
+    ) -> Result<Vec<Tensor>> {
+        match self {
+            TrainingData::Text { seqs, per_step } => {
+                let rows: Vec<Vec<u32>> = batch_indices(seqs.len(), *per_step, step, seed)
+                    .into_iter()
+                    .map(|i| seqs[i].clone())
+                    .collect();
+                let batch = crate::model::Batch::from_sequences(&rows, 0, lm.model.device())?;
+                Ok(crate::model::transformer::hidden_states(lm.model.as_ref(), &batch)?
+                    .into_iter()
+                    .map(|h| h.flatten_to(1))
+                    .collect::<candle_core::Result<Vec<_>>>()?)
+            }
+            TrainingData::Masked { states, n } => {
+                let idx: Vec<u32> = batch_indices(*n, tokens_per_step, step, seed)
+                    .into_iter()
+                    .map(|i| i as u32)
+                    .collect();
+                let idx = Tensor::from_vec(idx, tokens_per_step, states.device())?;
+                Ok((0..states.dim(0)?)
+                    .map(|l| states.get(l)?.index_select(&idx, 0))
+                    .collect::<candle_core::Result<Vec<_>>>()?)
+            }
+        }
+    }
+}
+
+/// A masked LM's training examples, h_0..h_L [S, n, d]: the run's stored training states, or
+/// for a statistics-only run the same examples replayed from its corpus
+/// ([`crate::collect::replay_train`]).
+fn masked_examples(lm: &crate::model::LoadedModel, run: &RunDir, progress: bool) -> Result<Tensor> {
+    let manifest = run.read_manifest()?;
+    let act = match manifest.stats_form() {
+        None => run.read_split(&manifest, "train")?,
+        Some(_) => {
+            let copts: crate::collect::CollectOptions = serde_json::from_value(manifest.options.clone())
+                .map_err(|e| anyhow!("{}: options: {e}", run.manifest().display()))?;
+            let corpus = PathBuf::from(&manifest.corpus.path);
+            crate::collect::replay_train(lm, &corpus, &copts, copts.n_train, 0, progress)?
+        }
+    };
+    let s = act.hidden_states.dim(0)?;
+    if s != lm.model.info().n_layers + 1 {
+        bail!(
+            "{}: training states have {s} layers of states, the model {} layers",
+            run.root.display(),
+            lm.model.info().n_layers
+        );
+    }
+    Ok(act.hidden_states)
+}
+
 /// The sequences of step `step`: positions `step * per_step ..` of an endless stream of seeded
 /// shuffles of `0..n` (pass p shuffled with seed + p).
 fn batch_indices(n: usize, per_step: usize, step: usize, seed: u64) -> Vec<usize> {
@@ -162,6 +262,20 @@ fn batch_indices(n: usize, per_step: usize, step: usize, seed: u64) -> Vec<usize
         out.push(cached.as_ref().expect("just set").1[g % n]);
     }
     out
+}
+
+/// Writes the ids of steps 0..steps (each step's sequences in order) as safetensors `ids`
+/// [steps * per_step, seq_len] int64.
+fn write_step_ids(path: &std::path::Path, seqs: &[Vec<u32>], per_step: usize, steps: usize, seed: u64) -> Result<()> {
+    let seq_len = seqs[0].len();
+    let mut ids = Vec::with_capacity(steps * per_step * seq_len);
+    for step in 0..steps {
+        for i in batch_indices(seqs.len(), per_step, step, seed) {
+            ids.extend(seqs[i].iter().map(|&t| t as i64));
+        }
+    }
+    let t = Tensor::from_vec(ids, (steps * per_step, seq_len), &Device::Cpu)?;
+    crate::data::io::write_safetensors(path, &[("ids".to_string(), t)], None)
 }
 
 /// The starting lens: zeros, or `A_{l->L} - I` (+ intercept) from the run's maps.
@@ -279,18 +393,24 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         n => n,
     };
     let info = lm.model.info().clone();
-    if info.attention != crate::model::AttentionKind::Causal {
-        bail!(
-            "tuned-lens training needs a causal language model ({} attends {:?})",
-            info.arch,
-            info.attention
-        );
+    let masked = info.attention == crate::model::AttentionKind::Bidirectional;
+    if masked && opts.ids_out.is_some() {
+        bail!("--ids-out: a masked LM trains on the collected [MASK] positions, not on token sequences");
     }
     let _lock = run.lock()?;
-    // A step of fewer tokens than --seq-len is one sequence of that many tokens.
-    let seqs = training_sequences(lm, run, opts.seq_len.min(tokens_per_step).max(2))?;
-    let seq_len = seqs[0].len();
-    let per_step = tokens_per_step.div_ceil(seq_len).max(1);
+    let data = if masked {
+        let states = masked_examples(lm, run, opts.progress)?;
+        let n = states.dim(1)?;
+        TrainingData::Masked {
+            states: states.to_device(&device)?,
+            n,
+        }
+    } else {
+        // A step of fewer tokens than --seq-len is one sequence of that many tokens.
+        let seqs = training_sequences(lm, run, opts.seq_len.min(tokens_per_step).max(2))?;
+        let per_step = tokens_per_step.div_ceil(seqs[0].len()).max(1);
+        TrainingData::Text { seqs, per_step }
+    };
     let mut recorded = opts.clone();
     recorded.tokens_per_step = tokens_per_step;
     let options_json = serde_json::to_string(&recorded)?;
@@ -299,28 +419,28 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
     crate::data::io::remove_stale_temps(&run.root);
     remove_stale_lens_dirs(run, opts.init.dir_name());
 
-    let recipe = Recipe::new(opts.steps, opts.lr);
+    let mut recipe = Recipe::new(opts.steps, opts.lr);
+    recipe.chunk = crate::lens::tuned::train::default_chunk(&device);
     let start_lens = initial_lens(lm, run, opts.init)?.to_device(&device)?;
     let (mut trainer, mut losses) = match read_checkpoint(&ckpt, &start_lens, &recipe, &options_json)? {
         Some((t, l)) => (t, l),
         None => (Trainer::new(&start_lens, recipe)?, Vec::new()),
     };
     let resumed_from = trainer.step;
+    if let (Some(path), TrainingData::Text { seqs, per_step }) = (&opts.ids_out, &data) {
+        write_step_ids(path, seqs, *per_step, opts.steps, opts.seed)?;
+    }
+    let mut step_s = Vec::with_capacity(opts.steps - resumed_from);
     let bar = crate::progress::bar(opts.steps as u64, "tuned-lens", opts.progress);
     bar.set_position(trainer.step as u64);
     while trainer.step < opts.steps {
         crate::cancel::check()?;
+        let step_started = Instant::now();
         let step = trainer.step;
-        let rows: Vec<Vec<u32>> = batch_indices(seqs.len(), per_step, step, opts.seed)
-            .into_iter()
-            .map(|i| seqs[i].clone())
-            .collect();
-        let batch = crate::model::Batch::from_sequences(&rows, 0, &device)?;
-        let states = crate::model::transformer::hidden_states(lm.model.as_ref(), &batch)?
-            .into_iter()
-            .map(|h| h.flatten_to(1))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let states = data.step_states(lm, step, tokens_per_step, opts.seed)?;
         let loss = trainer.step(lm.model.as_ref(), &states)?;
+        // The loss's read-back has waited for the device: the step is done.
+        step_s.push(step_started.elapsed().as_secs_f64());
         losses.push(loss);
         bar.set_message(format!("loss {:.3}", loss / info.n_layers as f64));
         bar.inc(1);
@@ -347,9 +467,11 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
         out: out_dir,
         steps: opts.steps,
         tokens_per_step,
-        sequences: seqs.len(),
+        sequences: data.len(),
+        masked,
         losses,
         resumed_from,
+        step_s,
         wall_s: started.elapsed().as_secs_f64(),
     };
     let mut manifest = run.read_manifest()?;
@@ -360,6 +482,7 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
             "options": recorded,
             "final_loss": report.losses.last(),
             "resumed_from": resumed_from,
+            "step_s": report.step_s,
         }),
     );
     run.write_manifest(&manifest)?;

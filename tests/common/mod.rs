@@ -4,6 +4,11 @@
 //! `$JUMPLENS_ASSETS`, else `assets/`, the repository's `assets/`, the user cache). When something
 //! is missing the test is skipped with a message saying so, unless `JUMPLENS_REQUIRE_ASSETS=1`
 //! (set by `scripts/test.sh` and CI), which makes it a failure: a full run skips nothing.
+//!
+//! Also the tiny model folders and word corpora the CLI tests collect from.
+
+// Each test binary that includes this module uses only some of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
@@ -36,4 +41,59 @@ pub fn asset(rel: &str) -> Option<PathBuf> {
         "asset {rel} is missing (looked in {}); run `bash scripts/fetch_assets.sh {name}`",
         looked.join(", ")
     ))
+}
+
+/// A word-level tokenizer as `dir/tokenizer.json`: words `w0`..`w{words-1}` with ids
+/// 0..words-1 (unknown words are `w0`), then `[MASK]` = `words` when `mask` (masked LMs);
+/// whitespace pre-tokenizer, no special tokens added.
+pub fn write_word_tokenizer(dir: &std::path::Path, words: usize, mask: bool) {
+    let mut vocab: Vec<String> = (0..words).map(|i| format!("\"w{i}\": {i}")).collect();
+    if mask {
+        vocab.push(format!("\"[MASK]\": {words}"));
+    }
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+            "pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,
+            "model":{{"type":"WordLevel","vocab":{{{}}},"unk_token":"w0"}}}}"#,
+            vocab.join(",")
+        ),
+    )
+    .unwrap();
+}
+
+/// The tiny fixture `tests/fixtures/tiny/{name}` (`files`, or every file when empty) copied to
+/// `to`, with [`write_word_tokenizer`]'s tokenizer: a model folder the CLI can collect from.
+pub fn tiny_model_with_words(name: &str, files: &[&str], to: &std::path::Path, words: usize, mask: bool) {
+    std::fs::create_dir_all(to).unwrap();
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .join(name);
+    if files.is_empty() {
+        for e in std::fs::read_dir(&src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    } else {
+        for f in files {
+            std::fs::copy(src.join(f), to.join(f)).unwrap();
+        }
+    }
+    write_word_tokenizer(to, words, mask);
+}
+
+/// 200 distinct 7-word sentences over `w1`..`w99`, one a line, written to `path` (the tiny
+/// runs of tests/shards.rs and tests/report_streamed.rs).
+pub fn write_word_corpus(path: &std::path::Path) {
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            (0..6)
+                .map(|j| format!("w{}", 1 + (7 * i + 3 * j + i * j) % 99))
+                .collect::<Vec<_>>()
+                .join(" ")
+                + &format!(" w{}", 1 + i % 97)
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
 }

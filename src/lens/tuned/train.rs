@@ -33,6 +33,18 @@ pub struct Recipe {
     pub chunk: usize,
 }
 
+/// Positions per backward pass on `device`: [`Recipe::new`]'s 128 on the CPU; 4096 on a GPU,
+/// where a [128, d] x [d, V] GEMM is too small to keep the device busy (a step of 32768 tokens
+/// would be 256 x L launches of each kernel), while a 4096-row chunk's f32 [4096, V] buffers stay
+/// at 0.8 GB each for a 49k vocabulary.
+pub fn default_chunk(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        128
+    } else {
+        4096
+    }
+}
+
 impl Recipe {
     pub fn new(horizon: usize, lr_scale: f64) -> Self {
         Self {
@@ -160,6 +172,15 @@ impl Trainer {
     /// (summed over layers, as tuned-lens logs it) before the step; a non-finite loss is an
     /// error and leaves the parameters unchanged.
     pub fn step(&mut self, model: &dyn Transformer, states: &[Tensor]) -> Result<f64> {
+        let (total, grads) = self.loss_and_grads(model, states)?;
+        self.apply(&grads)?;
+        Ok(total)
+    }
+
+    /// The loss of a batch (as [`Trainer::step`]) and its gradient with respect to every
+    /// parameter, in `{i}.weight`, `{i}.bias` order, before clipping and weight decay; the
+    /// parameters are not changed. A non-finite loss is an error.
+    pub fn loss_and_grads(&self, model: &dyn Transformer, states: &[Tensor]) -> Result<(f64, Vec<Tensor>)> {
         let n_layers = self.weights.len();
         if states.len() != n_layers + 1 {
             bail!(
@@ -214,8 +235,7 @@ impl Trainer {
             .zip(&params)
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        self.apply(&grads)?;
-        Ok(total)
+        Ok((total, grads))
     }
 
     /// Clip, weight decay, Nesterov momentum and the parameter update (torch's `SGD.step`
