@@ -168,25 +168,33 @@ impl GramStats {
     /// `X_l^T X_t` [d, d] on the host, float64, row-major; `None` when these statistics do not
     /// hold it.
     pub fn block(&self, l: usize, t: usize) -> Result<Option<Vec<f64>>> {
+        match self.block_tensor(l, t)? {
+            Some(b) => Ok(Some(
+                b.to_device(&Device::Cpu)?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// `X_l^T X_t` [d, d] on the statistics' device (float64, possibly a strided view); `None`
+    /// when these statistics do not hold it.
+    pub fn block_tensor(&self, l: usize, t: usize) -> Result<Option<Tensor>> {
         let (s, d) = (self.n_states, self.d);
         ensure!(l < s && t < s, "block ({l}, {t}) outside {s} states");
-        let host = |t: Tensor| -> Result<Vec<f64>> {
-            Ok(t.to_device(&Device::Cpu)?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f64>()?)
-        };
         match self.pairs {
-            StatsPairs::All => Ok(Some(host(self.gram.narrow(0, l * d, d)?.narrow(1, t * d, d)?)?)),
+            StatsPairs::All => Ok(Some(self.gram.narrow(0, l * d, d)?.narrow(1, t * d, d)?)),
             StatsPairs::ToFinal => {
                 let cross = self.cross.as_ref().expect("to-final statistics hold cross blocks");
                 if l == t && l < s - 1 {
-                    Ok(Some(host(self.gram.get(l)?)?))
+                    Ok(Some(self.gram.get(l)?))
                 } else if t == s - 1 && l < s - 1 {
                     // cross[l] = X_last^T X_l; its transpose is X_l^T X_last.
-                    Ok(Some(host(cross.get(l)?.t()?)?))
+                    Ok(Some(cross.get(l)?.t()?))
                 } else if l == s - 1 && t < s - 1 {
-                    Ok(Some(host(cross.get(t)?)?))
+                    Ok(Some(cross.get(t)?))
                 } else {
                     Ok(None)
                 }

@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
+use candle_core::{DType, Tensor};
 use faer::Mat;
 use rayon::prelude::*;
 
@@ -34,6 +35,17 @@ fn block_mat(v: &[f64], d: usize, centre: Option<(&[f64], &[f64], f64)>) -> Mat<
 /// [`crate::lens::fit::fit_all_pairs`] from statistics: the same maps as a float64 fit of the
 /// activations the statistics were summed from, up to the reordering of float64 sums.
 pub fn fit_from_stats(stats: &GramStats, pairs: &[(usize, usize)], opts: &FitOptions) -> Result<(Maps, FitReport)> {
+    fit_from_stats_with(stats, pairs, opts, !stats.gram.device().is_cpu())
+}
+
+/// [`fit_from_stats`], the products on the statistics' device or on the host (the tests run
+/// the device code on the CPU).
+fn fit_from_stats_with(
+    stats: &GramStats,
+    pairs: &[(usize, usize)],
+    opts: &FitOptions,
+    device_products: bool,
+) -> Result<(Maps, FitReport)> {
     let t0 = Instant::now();
     let (s, d) = (stats.n_states, stats.d);
     let n = stats.n as usize;
@@ -66,7 +78,10 @@ pub fn fit_from_stats(stats: &GramStats, pairs: &[(usize, usize)], opts: &FitOpt
     };
     let t_stats = t0.elapsed().as_secs_f64();
 
-    // The blocks to the host (float64): each source's diagonal block, each pair's cross block.
+    // The blocks to the host (float64): each source's diagonal block, and each pair's cross
+    // block when the products run on the host (statistics on the CPU); on a GPU the cross
+    // blocks stay there and only the inverses travel ([`products_on_device`]).
+    let on_host = !device_products;
     let mut sources = Vec::with_capacity(plan.sources.len());
     for (l, targets) in &plan.sources {
         let g = block_mat(&stats.block(*l, *l)?.expect("diagonal block"), d, centre(*l, *l));
@@ -77,10 +92,11 @@ pub fn fit_from_stats(stats: &GramStats, pairs: &[(usize, usize)], opts: &FitOpt
         let mut cross = Vec::with_capacity(targets.len());
         for &t in targets {
             // C = X_t^T X_l [target coordinates, source coordinates].
-            cross.push((
-                t,
-                block_mat(&stats.block(t, *l)?.expect("pair block"), d, centre(t, *l)),
-            ));
+            let c = match on_host {
+                true => Some(block_mat(&stats.block(t, *l)?.expect("pair block"), d, centre(t, *l))),
+                false => None,
+            };
+            cross.push((t, c));
         }
         sources.push((*l, g, cross));
     }
@@ -102,21 +118,25 @@ pub fn fit_from_stats(stats: &GramStats, pairs: &[(usize, usize)], opts: &FitOpt
     for (l, p, cross, (diag, warning)) in &solved {
         layers.push(diag.clone());
         warnings.extend(warning.clone());
-        products.extend(cross.iter().map(|(t, c)| (*l, p, *t, c)));
+        products.extend(cross.iter().map(|(t, c)| (*l, p, *t, c.as_ref())));
     }
-    // One parallel loop over every pair (each product is a sequential GEMM): with to-final pairs
-    // every source has one target, and a loop per source ran the 32 products of an 8B-shaped
-    // model one core at a time (the fit took 144 s on the H200 machine's 16 cores).
-    let mut maps: Vec<PairMap> = products
-        .into_par_iter()
-        .map_init(
-            || (Mat::<f64>::zeros(d, d), vec![0f64; d * d]),
-            |scratch, (l, p, t, c)| -> Result<PairMap> {
-                let a = product(c.as_ref(), p.as_ref(), scratch);
-                pair_map(l, t, a, d, &means)
-            },
-        )
-        .collect::<Result<_>>()?;
+    let mut maps: Vec<PairMap> = if on_host {
+        // One parallel loop over every pair (each product is a sequential GEMM): with to-final
+        // pairs every source has one target, and a loop per source ran the 32 products of an
+        // 8B-shaped model one core at a time (the fit took 144 s on the H200 machine's 16 cores).
+        products
+            .into_par_iter()
+            .map_init(
+                || (Mat::<f64>::zeros(d, d), vec![0f64; d * d]),
+                |scratch, (l, p, t, c)| -> Result<PairMap> {
+                    let a = product(c.expect("host cross block").as_ref(), p.as_ref(), scratch);
+                    pair_map(l, t, a, d, &means)
+                },
+            )
+            .collect::<Result<_>>()?
+    } else {
+        products_on_device(stats, &products, &means)?
+    };
     maps.sort_by_key(|p| (p.source, p.target));
     let t_end = t0.elapsed().as_secs_f64();
     let gram_blocks = plan.sources.len() + pairs.len();
@@ -142,6 +162,45 @@ pub fn fit_from_stats(stats: &GramStats, pairs: &[(usize, usize)], opts: &FitOpt
         },
     };
     Ok((Maps::new(d, maps), report))
+}
+
+/// One pair's product: (source l, the source's inverse P, target t, the host cross block C when
+/// the products run on the host).
+type Product<'a> = (usize, &'a Mat<f64>, usize, Option<&'a Mat<f64>>);
+
+/// The maps `A = C P` with each pair's cross block `C = X_t^T X_l` (centred by `n m_t m_l^T`
+/// with an intercept) where the statistics are, and the source's float64 inverse `P` brought
+/// there: one float64 GEMM per pair on the device instead of 137 GFLOP on the host at d = 4096.
+fn products_on_device(stats: &GramStats, products: &[Product<'_>], means: &[Option<Vec<f64>>]) -> Result<Vec<PairMap>> {
+    let (d, n) = (stats.d, stats.n as f64);
+    let dev = stats.gram.device();
+    let mut maps = Vec::with_capacity(products.len());
+    let mut uploaded: Option<(usize, Tensor)> = None;
+    for &(l, p, t, _) in products {
+        let p_dev = match &uploaded {
+            Some((src, p_dev)) if *src == l => p_dev.clone(),
+            _ => {
+                let rows: Vec<f64> = (0..d * d).map(|k| p[(k / d, k % d)]).collect();
+                let p_dev = Tensor::from_vec(rows, (d, d), dev)?;
+                uploaded = Some((l, p_dev.clone()));
+                p_dev
+            }
+        };
+        let mut c = stats.block_tensor(t, l)?.expect("pair block");
+        if let (Some(mt), Some(ml)) = (&means[t], &means[l]) {
+            let mt = Tensor::from_slice(mt, (d, 1), dev)?;
+            let ml = Tensor::from_slice(ml, (1, d), dev)?;
+            c = (c - (mt.matmul(&ml)? * n)?)?;
+        }
+        let a = c
+            .contiguous()?
+            .matmul(&p_dev)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        maps.push(pair_map(l, t, a, d, means)?);
+    }
+    Ok(maps)
 }
 
 /// The largest diagonal entry of the Gram blocks of the sources of `pairs` (what
@@ -221,11 +280,16 @@ mod tests {
                         ..FitOptions::default()
                     };
                     let (want, _) = fit_all_pairs(&h, &pairs, &opts).unwrap();
-                    let (got, report) = fit_from_stats(&stats, &pairs, &opts).unwrap();
-                    assert_eq!(got.pairs.len(), pairs.len());
-                    assert_eq!(report.n, n);
-                    if let Err(e) = maps_agree(&got, &want, 1e-9) {
-                        panic!("{kind:?} intercept {intercept} ridge {ridge}: {e}");
+                    // The products on the host and as device tensor ops (what a GPU runs).
+                    for device_products in [false, true] {
+                        let (got, report) = fit_from_stats_with(&stats, &pairs, &opts, device_products).unwrap();
+                        assert_eq!(got.pairs.len(), pairs.len());
+                        assert_eq!(report.n, n);
+                        if let Err(e) = maps_agree(&got, &want, 1e-9) {
+                            panic!(
+                                "{kind:?} intercept {intercept} ridge {ridge} device products {device_products}: {e}"
+                            );
+                        }
                     }
                 }
             }
