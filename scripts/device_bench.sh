@@ -334,8 +334,12 @@ for section in $SECTIONS; do
     # states that the fit then reads back (55 s of a 207 s study); the sums are formed on the GPU.
     timed "study8b collect 9000+3000 (stats-only, to-final)" "$BIN" --device cuda --dtype bf16 collect "$M8" --corpus "$W/wiki.json" \
       --out "$R" --train 9000 --val 3000 --stats-only --pairs to-final --quiet
+    # The tables (and raw.tgz) after every stage: a call cut off by its time limit still brings
+    # back the stage times it reached.
+    tables
     for stage in fit r2 predict early-exit; do
       timed "study8b $stage" "$BIN" --device cuda --dtype bf16 $stage "$R" >"$R_OUT/study8b-$stage.txt"
+      tables
     done
     # Sub-modules last (they fit the short jumps alternation needs and replay their training sample).
     timed "study8b submodules" timeout 240 "$BIN" --device cuda --dtype bf16 submodules "$R" >"$R_OUT/study8b-submodules.txt"
