@@ -124,8 +124,10 @@ def train_tuned_lens(
     seq_len: int = 128,
     model: Union[Model, _Path, None] = None,
     progress: bool = True,
+    ids_out: Optional[_Path] = None,
 ) -> Dict[str, Any]:
-    """`jumplens tuned-lens`: trains RUN/tuned/ (init="mat": RUN/tuned-mat/); returns the report."""
+    """`jumplens tuned-lens`: trains RUN/tuned/ (init="mat": RUN/tuned-mat/); returns the report.
+    ids_out: write every step's token ids there first (as `--ids-out`)."""
     ...
 
 def early_exit(

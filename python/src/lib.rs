@@ -846,10 +846,11 @@ fn predict<'py>(
 /// Trains a tuned lens on the run's training articles with tuned-lens 0.2.0's recipe, as
 /// `jumplens tuned-lens`: writes `RUN/tuned/` (`init="mat"`: `RUN/tuned-mat/`, started from
 /// the fitted maps, W = A - I) in tuned-lens's format, which `predict` then scores as `tuned` /
-/// `mat+kl`. `tokens_per_step=0` is the device default (32 on the CPU). Returns the training
-/// report (losses per step, wall time, the folder written).
+/// `mat+kl`. `tokens_per_step=0` is the device default (32 on the CPU). `ids_out`: write every
+/// step's token ids there first (`--ids-out`, for a reference run on the same batches). Returns
+/// the training report (losses per step, wall time, the folder written).
 #[pyfunction]
-#[pyo3(signature = (run, steps = 250, tokens_per_step = 0, lr = 1.0, init = "identity", seed = 0, seq_len = 128, model = None, progress = true))]
+#[pyo3(signature = (run, steps = 250, tokens_per_step = 0, lr = 1.0, init = "identity", seed = 0, seq_len = 128, model = None, progress = true, ids_out = None))]
 #[allow(clippy::too_many_arguments)]
 fn train_tuned_lens<'py>(
     py: Python<'py>,
@@ -862,6 +863,7 @@ fn train_tuned_lens<'py>(
     seq_len: usize,
     model: Option<&Bound<'py, PyAny>>,
     progress: bool,
+    ids_out: Option<PathBuf>,
 ) -> PyResult<Bound<'py, PyAny>> {
     use jumplens::pipeline::tuned::{run_tuned, TunedInit, TunedOptions};
     let init = match init {
@@ -882,6 +884,7 @@ fn train_tuned_lens<'py>(
         init,
         seed,
         seq_len,
+        ids_out,
         progress,
         ..Default::default()
     };

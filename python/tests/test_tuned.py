@@ -26,17 +26,20 @@ def test_training_equals_the_cli_and_predict_scores_it(tiny_run, cli):
     copy = tmp / "run_cli"
     shutil.copytree(run.path, copy)
     args = dict(steps=3, tokens_per_step=16, seq_len=8, seed=1)
-    r = jumplens.train_tuned_lens(run, progress=False, **args)
+    r = jumplens.train_tuned_lens(run, progress=False, ids_out=tmp / "ids_py.safetensors", **args)
     assert len(r["losses"]) == 3 and r["tokens_per_step"] == 16
     assert all(x > 0 for x in r["losses"])
     subprocess.run(
         [str(cli), "tuned-lens", str(copy), "--steps", "3", "--tokens-per-step", "16", "--seq-len", "8",
-         "--seed", "1", "-q"],
+         "--seed", "1", "--ids-out", str(tmp / "ids_cli.safetensors"), "-q"],
         check=True,
         capture_output=True,
     )
     for f in ["params.pt", "lens.safetensors", "config.json"]:
         assert (run.path / "tuned" / f).read_bytes() == (copy / "tuned" / f).read_bytes(), f
+    # The token ids of every step, as the CLI writes them (3 steps x 2 sequences of 8).
+    ids_py = (tmp / "ids_py.safetensors").read_bytes()
+    assert len(ids_py) > 3 * 2 * 8 * 8 and ids_py == (tmp / "ids_cli.safetensors").read_bytes()
     r_mat = jumplens.train_tuned_lens(run, init="mat", progress=False, **args)
     assert r_mat["out"].endswith("tuned-mat")
     p = jumplens.predict(run, progress=False)
