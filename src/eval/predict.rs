@@ -293,6 +293,33 @@ struct CpuReference {
     gold: Vec<Option<u32>>,
 }
 
+impl CpuReference {
+    /// From the model's logits [rows, V], their log-softmax and softmax, and the rows' gold tokens.
+    fn new(logits: &Tensor, logp: &Tensor, p: &Tensor, gold: &[Option<u32>]) -> Result<Self> {
+        let vocab = logits.dim(D::Minus1)?;
+        let p_rows: Vec<f32> = p.flatten_all()?.to_vec1()?;
+        let logp_rows: Vec<f32> = logp.flatten_all()?.to_vec1()?;
+        let neg_entropy = p_rows
+            .chunks(vocab)
+            .zip(logp_rows.chunks(vocab))
+            .map(|(p, lp)| {
+                p.iter()
+                    .zip(lp)
+                    .map(|(&a, &b)| if a > 0.0 { a as f64 * b as f64 } else { 0.0 })
+                    .sum()
+            })
+            .collect();
+        Ok(Self {
+            vocab,
+            logits: logits.flatten_all()?.to_vec1()?,
+            logp: logp_rows,
+            p: p_rows,
+            neg_entropy,
+            gold: gold.to_vec(),
+        })
+    }
+}
+
 impl Reference {
     /// From final states h_L [rows, d] and the rows' gold tokens.
     pub(crate) fn new(model: &dyn Transformer, h_last: &Tensor, gold: &[Option<u32>]) -> Result<Self> {
@@ -305,30 +332,9 @@ impl Reference {
         let rows = gold.len();
         let gold_ids: Vec<u32> = gold.iter().map(|g| g.unwrap_or(0)).collect();
         let mask: Vec<f32> = gold.iter().map(|g| f32::from(g.is_some() as u8)).collect();
-        let cpu = if device.is_cpu() {
-            let vocab = logits.dim(D::Minus1)?;
-            let p_rows: Vec<f32> = p.flatten_all()?.to_vec1()?;
-            let logp_rows: Vec<f32> = logp.flatten_all()?.to_vec1()?;
-            let neg_entropy = p_rows
-                .chunks(vocab)
-                .zip(logp_rows.chunks(vocab))
-                .map(|(p, lp)| {
-                    p.iter()
-                        .zip(lp)
-                        .map(|(&a, &b)| if a > 0.0 { a as f64 * b as f64 } else { 0.0 })
-                        .sum()
-                })
-                .collect();
-            Some(CpuReference {
-                vocab,
-                logits: logits.flatten_all()?.to_vec1()?,
-                logp: logp_rows,
-                p: p_rows,
-                neg_entropy,
-                gold: gold.to_vec(),
-            })
-        } else {
-            None
+        let cpu = match device.is_cpu() {
+            true => Some(CpuReference::new(&logits, &logp, &p, gold)?),
+            false => None,
         };
         Ok(Self {
             logits,
@@ -476,21 +482,7 @@ mod tests {
         let gold_t = Tensor::from_vec(gold_ids, (rows, 1), &dev).unwrap();
         let mask_t = Tensor::from_vec(mask, rows, &dev).unwrap();
         let slow = score(&lens_logits, &model_logits, &logp, &p, &gold_t, &mask_t).unwrap();
-        let p_rows: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
-        let lp_rows: Vec<f32> = logp.flatten_all().unwrap().to_vec1().unwrap();
-        let neg_entropy = p_rows
-            .chunks(v)
-            .zip(lp_rows.chunks(v))
-            .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum())
-            .collect();
-        let r = CpuReference {
-            vocab: v,
-            logits: model_logits.flatten_all().unwrap().to_vec1().unwrap(),
-            logp: lp_rows,
-            p: p_rows,
-            neg_entropy,
-            gold,
-        };
+        let r = CpuReference::new(&model_logits, &logp, &p, &gold).unwrap();
         let fast = score_rows(&lens_logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &r);
         assert_eq!(fast.rank, slow.rank);
         assert_eq!(fast.top1, slow.top1);

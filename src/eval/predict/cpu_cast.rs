@@ -356,29 +356,16 @@ mod tests {
         let model_logits =
             (u.matmul(&w.t().unwrap()).unwrap() + Tensor::randn(0f32, 2.0, (rows, v), &dev).unwrap()).unwrap();
         let logp = candle_nn::ops::log_softmax(&model_logits, D::Minus1).unwrap();
-        let p_rows: Vec<f32> = logp.exp().unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let lp_rows: Vec<f32> = logp.flatten_all().unwrap().to_vec1().unwrap();
-        let neg_entropy = p_rows
-            .chunks(v)
-            .zip(lp_rows.chunks(v))
-            .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum())
-            .collect();
-        let r = CpuReference {
-            vocab: v,
-            logits: model_logits.flatten_all().unwrap().to_vec1().unwrap(),
-            logp: lp_rows,
-            p: p_rows,
-            neg_entropy,
-            gold: vec![
-                Some(0),
-                None,
-                Some((v - 1) as u32),
-                Some(CHUNK as u32),
-                Some(5),
-                None,
-                Some(300),
-            ],
-        };
+        let gold = [
+            Some(0),
+            None,
+            Some((v - 1) as u32),
+            Some(CHUNK as u32),
+            Some(5),
+            None,
+            Some(300),
+        ];
+        let r = CpuReference::new(&model_logits, &logp, &logp.exp().unwrap(), &gold).unwrap();
         let us: Vec<f32> = u.flatten_all().unwrap().to_vec1().unwrap();
         let ws: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
         // The logits in float64, rounded once: the reference the GEMM's rounding is judged by.
