@@ -20,6 +20,7 @@ use candle_core::Device;
 use serde_json::Value;
 
 mod common;
+use common::read_json;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jumplens"))
@@ -87,34 +88,10 @@ fn report(model: &str, corpus: &str, out: &Path) -> String {
     ok(&a)
 }
 
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// Every number of two JSON values within `rel` (relative, floor 1), timings skipped.
+/// Every number of two JSON values within `rel` (relative, floor 1), timings skipped, every
+/// other leaf equal.
 fn json_agree(a: &Value, b: &Value, rel: f64, at: &str) {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            for (k, v) in x {
-                if k.contains("wall") || k.ends_with("_s") {
-                    continue;
-                }
-                let w = y.get(k).unwrap_or_else(|| panic!("{at}.{k} missing"));
-                json_agree(v, w, rel, &format!("{at}.{k}"));
-            }
-        }
-        (Value::Array(x), Value::Array(y)) => {
-            assert_eq!(x.len(), y.len(), "{at}: lengths");
-            for (i, (v, w)) in x.iter().zip(y).enumerate() {
-                json_agree(v, w, rel, &format!("{at}[{i}]"));
-            }
-        }
-        (Value::Number(x), Value::Number(y)) => {
-            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-            assert!((x - y).abs() <= rel * x.abs().max(y.abs()).max(1.0), "{at}: {x} vs {y}");
-        }
-        (x, y) => assert_eq!(x, y, "{at}"),
-    }
+    common::json_agree(a, b, rel, at, &|k| k.contains("wall") || k.ends_with("_s"), true);
 }
 
 fn submodules_record(run: &Path) -> Value {

@@ -10,6 +10,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
+use common::read_json;
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_jumplens"))
@@ -122,32 +123,8 @@ fn maps_agree(a: &Path, b: &Path, rel: f64) {
 /// Every number of two JSON reports within `rel` (relative, with an absolute floor of `rel`),
 /// skipping timings and paths.
 fn json_agree(a: &Value, b: &Value, rel: f64, at: &str) {
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            for (k, v) in x {
-                if k.contains("wall") || k.contains("seconds") || k.ends_with("_s") || k == "path" || k == "run" {
-                    continue;
-                }
-                let w = y.get(k).unwrap_or_else(|| panic!("{at}.{k} missing"));
-                json_agree(v, w, rel, &format!("{at}.{k}"));
-            }
-        }
-        (Value::Array(x), Value::Array(y)) => {
-            assert_eq!(x.len(), y.len(), "{at}: lengths");
-            for (i, (v, w)) in x.iter().zip(y).enumerate() {
-                json_agree(v, w, rel, &format!("{at}[{i}]"));
-            }
-        }
-        (Value::Number(x), Value::Number(y)) => {
-            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-            assert!((x - y).abs() <= rel * x.abs().max(y.abs()).max(1.0), "{at}: {x} vs {y}");
-        }
-        _ => {}
-    }
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    let skip = |k: &str| k.contains("wall") || k.contains("seconds") || k.ends_with("_s") || k == "path" || k == "run";
+    common::json_agree(a, b, rel, at, &skip, false);
 }
 
 #[test]

@@ -97,3 +97,45 @@ pub fn write_word_corpus(path: &std::path::Path) {
         .collect();
     std::fs::write(path, lines.join("\n")).unwrap();
 }
+
+/// A JSON file, parsed (a failure names the file).
+pub fn read_json(p: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Every number of two JSON values within `rel` (relative, floor 1), in the same structure; keys
+/// for which `skip` holds are left out (timings, paths); other leaves must be equal when
+/// `leaves_equal`, else they are not compared. `at` names the place in failure messages.
+pub fn json_agree(
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+    rel: f64,
+    at: &str,
+    skip: &dyn Fn(&str) -> bool,
+    leaves_equal: bool,
+) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            for (k, v) in x {
+                if skip(k) {
+                    continue;
+                }
+                let w = y.get(k).unwrap_or_else(|| panic!("{at}.{k} missing"));
+                json_agree(v, w, rel, &format!("{at}.{k}"), skip, leaves_equal);
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}: lengths");
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                json_agree(v, w, rel, &format!("{at}[{i}]"), skip, leaves_equal);
+            }
+        }
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= rel * x.abs().max(y.abs()).max(1.0), "{at}: {x} vs {y}");
+        }
+        (x, y) if leaves_equal => assert_eq!(x, y, "{at}"),
+        _ => {}
+    }
+}
