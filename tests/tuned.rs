@@ -270,52 +270,57 @@ fn training_steps_equal_tuned_lens_package() {
     let init = TunedLens::from_state_dict(config.clone(), state("init"), "init").unwrap();
     let want = TunedLens::from_state_dict(config, state("final"), "final").unwrap();
     let horizon = t["num_steps"].to_vec1::<i64>().unwrap()[0] as usize;
-    let mut recipe = Recipe::new(horizon, 1.0);
-    recipe.chunk = 5; // several chunks per batch: the gradient sums must not depend on it
-    let mut trainer = Trainer::new(&init, recipe).unwrap();
-    let ids = t["input_ids"].to_vec3::<i64>().unwrap();
-    let want_losses = t["losses"].to_vec1::<f64>().unwrap();
-    for (step, batch) in ids.iter().enumerate() {
-        let seqs: Vec<Vec<u32>> = batch.iter().map(|r| r.iter().map(|&x| x as u32).collect()).collect();
-        let b = jumplens::model::batch::Batch::from_sequences(&seqs, 0, &Device::Cpu).unwrap();
-        let states: Vec<Tensor> = jumplens::model::transformer::hidden_states(lm.model.as_ref(), &b)
-            .unwrap()
-            .into_iter()
-            .map(|h| h.flatten_to(1).unwrap())
-            .collect();
-        let loss = trainer.step(lm.model.as_ref(), &states).unwrap();
-        let rel = ((loss - want_losses[step]) / want_losses[step]).abs();
-        println!(
-            "step {step}: loss {loss:.6} (tuned-lens {:.6}), rel {rel:.1e}",
-            want_losses[step]
-        );
-        assert!(
-            rel < REL_TOL as f64,
-            "step {step}: loss {loss} vs {}",
-            want_losses[step]
-        );
+    for rows_per_pass in [1, 1024] {
+        println!("rows per pass {rows_per_pass}");
+        let mut recipe = Recipe::new(horizon, 1.0);
+        recipe.chunk = 5; // several chunks per batch: the gradient sums must not depend on it
+                          // One layer per readout GEMM, and every layer's rows stacked into one: the same steps.
+        recipe.rows_per_pass = rows_per_pass;
+        let mut trainer = Trainer::new(&init, recipe).unwrap();
+        let ids = t["input_ids"].to_vec3::<i64>().unwrap();
+        let want_losses = t["losses"].to_vec1::<f64>().unwrap();
+        for (step, batch) in ids.iter().enumerate() {
+            let seqs: Vec<Vec<u32>> = batch.iter().map(|r| r.iter().map(|&x| x as u32).collect()).collect();
+            let b = jumplens::model::batch::Batch::from_sequences(&seqs, 0, &Device::Cpu).unwrap();
+            let states: Vec<Tensor> = jumplens::model::transformer::hidden_states(lm.model.as_ref(), &b)
+                .unwrap()
+                .into_iter()
+                .map(|h| h.flatten_to(1).unwrap())
+                .collect();
+            let loss = trainer.step(lm.model.as_ref(), &states).unwrap();
+            let rel = ((loss - want_losses[step]) / want_losses[step]).abs();
+            println!(
+                "step {step}: loss {loss:.6} (tuned-lens {:.6}), rel {rel:.1e}",
+                want_losses[step]
+            );
+            assert!(
+                rel < REL_TOL as f64,
+                "step {step}: loss {loss} vs {}",
+                want_losses[step]
+            );
+        }
+        let got = trainer.lens().unwrap();
+        let mut worst = 0f32;
+        let mut moved = 0f32;
+        for ((k, g), ((_, w), (_, i))) in got
+            .state_dict()
+            .iter()
+            .zip(want.state_dict().iter().zip(init.state_dict().iter()))
+        {
+            let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let i = i.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = w.iter().map(|x| x.abs()).fold(0f32, f32::max);
+            let diff = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            moved = moved.max(w.iter().zip(&i).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
+            println!("{k}: max |diff| {diff:.2e} (max |param| {scale:.3})");
+            worst = worst.max(diff / scale);
+        }
+        println!("parameters: worst max|diff| / max|param| {worst:.2e}; moved by up to {moved:.3e}");
+        assert!(worst < REL_TOL, "parameters differ by {worst} (relative)");
+        // The steps moved the parameters far more than the tolerance (else the test proves nothing).
+        assert!(moved > 1e-2, "moved only {moved}");
     }
-    let got = trainer.lens().unwrap();
-    let mut worst = 0f32;
-    let mut moved = 0f32;
-    for ((k, g), ((_, w), (_, i))) in got
-        .state_dict()
-        .iter()
-        .zip(want.state_dict().iter().zip(init.state_dict().iter()))
-    {
-        let g = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let w = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let i = i.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let scale = w.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        let diff = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        moved = moved.max(w.iter().zip(&i).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max));
-        println!("{k}: max |diff| {diff:.2e} (max |param| {scale:.3})");
-        worst = worst.max(diff / scale);
-    }
-    println!("parameters: worst max|diff| / max|param| {worst:.2e}; moved by up to {moved:.3e}");
-    assert!(worst < REL_TOL, "parameters differ by {worst} (relative)");
-    // The steps moved the parameters far more than the tolerance (else the test proves nothing).
-    assert!(moved > 1e-2, "moved only {moved}");
 }
 
 /// The paper's published-matrix form (tests/fixtures/paper_maps, made by

@@ -421,6 +421,7 @@ pub fn run_tuned(lm: &crate::model::LoadedModel, run: &RunDir, opts: &TunedOptio
 
     let mut recipe = Recipe::new(opts.steps, opts.lr);
     recipe.chunk = crate::lens::tuned::train::default_chunk(&device);
+    recipe.rows_per_pass = crate::lens::tuned::train::default_rows_per_pass(&device);
     let start_lens = initial_lens(lm, run, opts.init)?.to_device(&device)?;
     let (mut trainer, mut losses) = match read_checkpoint(&ckpt, &start_lens, &recipe, &options_json)? {
         Some((t, l)) => (t, l),

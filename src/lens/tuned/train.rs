@@ -31,6 +31,12 @@ pub struct Recipe {
     /// keeps a SmolLM2 chunk's [128, 49152] f32 buffers under glibc's 32 MB mmap threshold, so
     /// they are reused rather than mapped and faulted in anew for every layer).
     pub chunk: usize,
+    /// Rows per readout GEMM: the chunk's positions of several layers are stacked into one
+    /// [layers x positions, d] x [d, V] product (and one gradient product back), so that a small
+    /// step does not read the whole unembedding twice per layer. At 32 positions per step one
+    /// layer's [32, 576] x [576, 49152] product is bound by reading (and packing) the 113 MB
+    /// matrix; 30 layers stacked into 960 rows are bound by arithmetic.
+    pub rows_per_pass: usize,
 }
 
 /// Positions per backward pass on `device`: [`Recipe::new`]'s 128 on the CPU; 4096 on a GPU,
@@ -45,6 +51,18 @@ pub fn default_chunk(device: &candle_core::Device) -> usize {
     }
 }
 
+/// Stacked rows per readout GEMM on `device` ([`Recipe::rows_per_pass`]): 1024 on the CPU (a
+/// default 32-token step of a 30-layer model is one pass; the two [1024, V] f32 buffers of a 49k
+/// vocabulary are 0.2 GB each); on a GPU the chunk's 4096, so a full chunk is one layer per pass
+/// as before and only small steps stack layers.
+pub fn default_rows_per_pass(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        1024
+    } else {
+        4096
+    }
+}
+
 impl Recipe {
     pub fn new(horizon: usize, lr_scale: f64) -> Self {
         Self {
@@ -54,6 +72,7 @@ impl Recipe {
             weight_decay: 1e-3,
             max_grad_norm: 1.0,
             chunk: 128,
+            rows_per_pass: 1024,
         }
     }
 
@@ -202,13 +221,20 @@ impl Trainer {
             let last = states[n_layers].detach().narrow(0, start, len)?;
             // The model's own final distribution: once per chunk, no graph.
             let target = Target::new(&model.readout(&last)?.to_dtype(DType::F32)?)?;
-            for (l, h) in states[..n_layers].iter().enumerate() {
-                let h = h.detach().narrow(0, start, len)?;
-                // Tracked: the lens and the final norm. The unembedding runs untracked (its fast
-                // path) and its gradient comes from `unembed_vjp`: d KL / d logits = (q - p) / n.
-                let u = model.final_norm(&lens.cast(l, &h)?)?;
+            let per_pass = (self.recipe.rows_per_pass / len).clamp(1, n_layers);
+            let layers: Vec<usize> = (0..n_layers).collect();
+            for group in layers.chunks(per_pass) {
+                // Tracked: the lens and the final norm, each layer's rows stacked. The unembedding
+                // runs untracked (its fast path) and its gradient comes from `unembed_vjp`:
+                // d KL / d logits = (q - p) / n. Each layer's translator reaches only its own rows,
+                // so its gradient is the one a pass of that layer alone gives.
+                let u = group
+                    .iter()
+                    .map(|&l| model.final_norm(&lens.cast(l, &states[l].detach().narrow(0, start, len)?)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let u = Tensor::cat(&u, 0)?;
                 let logits = model.unembed(&u.detach())?.to_dtype(DType::F32)?;
-                // sum_pos KL / n: this chunk's share of the mean over all n positions.
+                // sum_pos KL / n: this chunk's share of the mean over all n positions, per layer.
                 let (kl, g_logits) = target.kl_and_grad(&logits, n)?;
                 total += kl;
                 let g_u = model.unembed_vjp(&u.detach(), &g_logits)?;
@@ -333,14 +359,17 @@ impl Target {
         })
     }
 
-    /// For the lens's `logits` [rows, V] of the same positions: `sum_rows KL(p || q) / n` and its
-    /// gradient with respect to the logits, `(q - p) / n` [rows, V] f32, q = softmax(logits).
+    /// For the lens's `logits` [k * rows, V] of the same positions (k layers stacked, each the
+    /// target's rows in order): `sum_rows KL(p || q) / n` and its gradient with respect to the
+    /// logits, `(q - p) / n` [k * rows, V] f32, q = softmax(logits).
     /// On the CPU one fused pass per row (one exp per element, no [rows, V] temporaries besides
     /// the gradient): KL = sum p log p - sum p z + lse(z) sum p.
     fn kl_and_grad(&self, logits: &Tensor, n: usize) -> Result<(f64, Tensor)> {
         let inv_n = 1.0 / n as f64;
         match self {
             Target::Device { log_p, p } => {
+                let k = stacked(logits.dims2()?.0, p.dims2()?.0)?;
+                let (log_p, p) = (&log_p.repeat((k, 1))?, &p.repeat((k, 1))?);
                 let logq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
                 let kl = (p * (log_p - &logq)?)?.sum_all()?.affine(inv_n, 0.0)?;
                 let g = ((logq.exp()? - p)? * inv_n)?;
@@ -354,21 +383,22 @@ impl Target {
             } => {
                 use rayon::prelude::*;
                 let vocab = *vocab;
-                let rows = logits.dims2()?.0;
-                if rows * vocab != p.len() {
-                    bail!(
-                        "lens logits [{rows}, {}] for a target of {} values",
-                        logits.dims2()?.1,
-                        p.len()
-                    );
+                let (rows, width) = logits.dims2()?;
+                if width != vocab {
+                    bail!("lens logits [{rows}, {width}] for a target of vocabulary {vocab}");
                 }
+                let k = stacked(rows, sum_p.len())?;
                 let mut g = vec![0f32; rows * vocab];
                 let mut kl_rows = vec![0f64; rows];
+                // Row r of the stack is target row r mod the target's rows.
+                let targets = || (0..k).flat_map(|_| p.chunks(vocab).zip(sum_p.iter().zip(sum_p_log_p.iter())));
+                let targets: Vec<_> = targets().collect();
                 crate::host::with_f32_slice(logits, |z| {
                     g.par_chunks_mut(vocab)
                         .zip(z.par_chunks(vocab))
-                        .zip(p.par_chunks(vocab))
-                        .zip(kl_rows.par_iter_mut().zip(sum_p.par_iter().zip(sum_p_log_p)))
+                        .zip(kl_rows.par_iter_mut())
+                        .zip(targets.par_iter())
+                        .map(|(((g, z), kl), &(p, (sp, splp)))| (((g, z), p), (kl, (sp, splp))))
                         .for_each(|(((g, z), p), (kl, (&sp, &splp)))| {
                             let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                             let (mut s, mut pz) = (0f64, 0f64);
@@ -393,6 +423,14 @@ impl Target {
             }
         }
     }
+}
+
+/// How many copies of a target of `target_rows` rows a stack of `rows` lens rows holds.
+fn stacked(rows: usize, target_rows: usize) -> Result<usize> {
+    if target_rows == 0 || !rows.is_multiple_of(target_rows) || rows == 0 {
+        bail!("lens logits of {rows} rows for a target of {target_rows} rows");
+    }
+    Ok(rows / target_rows)
 }
 
 /// log sum exp of a row (f32, shifted by its maximum).
