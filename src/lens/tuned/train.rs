@@ -285,7 +285,10 @@ impl Trainer {
         let params: Vec<Var> = self.params().into_iter().cloned().collect();
         let mut new_bufs = Vec::with_capacity(params.len());
         for (i, (v, g)) in params.iter().zip(grads).enumerate() {
-            let p = v.as_tensor();
+            // Detached: ops on a Var are recorded, and a momentum buffer built from the tracked
+            // parameter would chain every step's graph (and its tensors) to the next: memory
+            // grew by the lens's size per step (24 GB at step ~200 of SmolLM2).
+            let p = v.as_tensor().detach();
             let g = (g.affine(coef, 0.0)? + p.affine(r.weight_decay, 0.0)?)?;
             let buf = match &self.momentum {
                 Some(m) => (m[i].affine(r.momentum, 0.0)? + &g)?,
