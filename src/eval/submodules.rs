@@ -13,6 +13,7 @@
 //! given number of executed blocks.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -24,7 +25,7 @@ use crate::eval::predict::{check_gold, gold_tokens, Acc, LensMetrics, Reference}
 use crate::lens::fit::{fit_all_pairs, FitOptions};
 use crate::lens::maps::Maps;
 use crate::model::placement::move_to;
-use crate::model::{self, AttentionKind, Hooks, LinearReplacement, LoadedModel, SubModule};
+use crate::model::{self, AttentionKind, Hooks, LinearReplacement, LoadedModel, SubModule, Transformer};
 
 /// Options of `jumplens submodules`.
 #[derive(Debug, Clone)]
@@ -84,12 +85,32 @@ impl Hooks for SubRecorder<'_> {
     }
 }
 
+/// Wall seconds per part of the stage, summed over batches.
+#[derive(Default)]
+struct Parts(BTreeMap<String, f64>);
+
+impl Parts {
+    fn add(&mut self, part: &str, since: Instant) {
+        *self.0.entry(part.to_string()).or_default() += since.elapsed().as_secs_f64();
+    }
+}
+
 /// Fits a map from every sub-module's input to its output on the training examples.
 pub fn fit_submodules(
     lm: &LoadedModel,
     train: &Activations,
     opts: &SubmoduleOptions,
 ) -> Result<BTreeMap<(usize, SubModule), Tensor>> {
+    fit_submodules_timed(lm, train, opts, &mut Parts::default())
+}
+
+fn fit_submodules_timed(
+    lm: &LoadedModel,
+    train: &Activations,
+    opts: &SubmoduleOptions,
+    parts: &mut Parts,
+) -> Result<BTreeMap<(usize, SubModule), Tensor>> {
+    let started = Instant::now();
     let info = lm.model.info();
     let d = info.d_model;
     let causal = info.attention == AttentionKind::Causal;
@@ -107,6 +128,8 @@ pub fn fit_submodules(
         bar.inc(ub.batch.batch_size() as u64);
     }
     bar.finish_and_clear();
+    parts.add("fit: training forward with recording", started);
+    let started = Instant::now();
     let mut maps = BTreeMap::new();
     for ((layer, sub), (x, y)) in rows {
         let n = x.len() / d;
@@ -118,6 +141,7 @@ pub fn fit_submodules(
         let a = fitted.require(0, 1)?.a.clone();
         maps.insert((layer, sub), a.to_device(lm.model.block_device(layer))?);
     }
+    parts.add("fit: sub-module maps", started);
     Ok(maps)
 }
 
@@ -146,6 +170,10 @@ pub struct SubmoduleReport {
     /// Cells whose KL or cross-entropy is not a number because the replaced network's logits
     /// overflowed f32 (the replacement diverged): written as null in the JSON, named here.
     pub diverged: Vec<String>,
+    /// Wall seconds of each part of [`experiments`] (not in the JSON; the runner records them in
+    /// the manifest as `parts_s`).
+    #[serde(skip)]
+    pub parts_s: BTreeMap<String, f64>,
 }
 
 impl SubmoduleReport {
@@ -198,7 +226,7 @@ pub struct AlternationReport {
 }
 
 /// A schedule: a path 0 -> L of steps, each one block (l -> l+1, run) or a jump (l -> l').
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Step {
     Run(usize),
     Jump(usize, usize),
@@ -315,6 +343,95 @@ fn eval_batches(lm: &LoadedModel, val: &Activations, n_eval: usize, batch_tokens
     Ok(out)
 }
 
+/// How many elements of a stacked state ([rows, d]) the variants' runs put into one block call
+/// on the CPU: runs from several start layers share each block's GEMMs (more rows per weight
+/// packing, fewer calls) up to this size. A GPU runs one start layer at a time (its batches are
+/// already large, and its memory is what bounds them).
+const STACK_ELEMENTS_CPU: usize = 1 << 22;
+
+/// `batch` repeated `k` times along the batch dimension (the context of `k` stacked runs).
+fn repeated_batch(batch: &model::Batch, k: usize) -> Result<model::Batch> {
+    let ids = vec![&batch.input_ids; k];
+    Ok(model::Batch {
+        input_ids: Tensor::cat(&ids, 0)?,
+        lengths: batch.lengths.repeat(k),
+        token_type_ids: match &batch.token_type_ids {
+            Some(t) => Some(Tensor::cat(&vec![t; k], 0)?),
+            None => None,
+        },
+    })
+}
+
+/// The read rows [rows, d] after blocks l..L with `hooks`' replacements, for every start layer
+/// l = 0..=L (index l; l = L is the exact h_L). Each run starts from the kept exact state h_l
+/// (blocks 0..l are never re-run), and the runs of several start layers go through each block
+/// together, stacked along the batch dimension (every run uses the same weights and maps in
+/// block j >= l). `position_wise`: every attention is replaced, so only the read rows run, as
+/// one-token sequences.
+fn runs_from_every_layer(
+    model: &dyn Transformer,
+    ub: &UnitBatch,
+    states: &[Tensor],
+    hooks: &mut LinearReplacement,
+    position_wise: bool,
+) -> Result<Vec<Tensor>> {
+    let n_layers = model.info().n_layers;
+    let start = |l: usize| -> Result<Tensor> {
+        Ok(if position_wise {
+            ub.rows(&states[l])?.unsqueeze(1)?
+        } else {
+            states[l].clone()
+        })
+    };
+    let per_call = if model.device().is_cpu() {
+        (STACK_ELEMENTS_CPU / start(0)?.elem_count().max(1)).max(1)
+    } else {
+        1
+    };
+    let batch_rows = ub.batch.batch_size();
+    let mut contexts: HashMap<usize, model::BatchContext> = HashMap::new();
+    let mut out = vec![None; n_layers + 1];
+    out[n_layers] = Some(ub.rows(&states[n_layers])?);
+    for first in (0..n_layers).step_by(per_call) {
+        let last = (first + per_call).min(n_layers);
+        let mut stacked: Option<Tensor> = None;
+        let mut members = 0;
+        for layer in first..n_layers {
+            if layer < last {
+                let x = start(layer)?;
+                stacked = Some(match stacked {
+                    None => x,
+                    Some(s) => Tensor::cat(&[&s, &move_to(&x, s.device())?], 0)?,
+                });
+                members += 1;
+            }
+            let h = stacked.take().expect("a run starts at `first`");
+            let ctx = if position_wise || members == 1 {
+                contexts.entry(1).or_insert(model.context(&ub.batch)?)
+            } else {
+                match contexts.entry(members) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(model.context(&repeated_batch(&ub.batch, members)?)?)
+                    }
+                }
+            };
+            stacked = Some(model.block(layer, &h, ctx, hooks)?);
+        }
+        let h = stacked.expect("runs from `first`");
+        let run_rows = if position_wise { ub.examples.len() } else { batch_rows };
+        for (i, slot) in out[first..last].iter_mut().enumerate() {
+            let part = h.narrow(0, i * run_rows, run_rows)?;
+            *slot = Some(if position_wise {
+                part.squeeze(1)?
+            } else {
+                ub.rows(&part)?
+            });
+        }
+    }
+    Ok(out.into_iter().map(|t| t.expect("every start layer ran")).collect())
+}
+
 /// The sub-module replacements and the alternation schedules, on the model: sub-module maps
 /// fitted on `train`, scored on `val` against the full model; `maps` are the run's layer maps
 /// (on the model's device) and `r2` their mat r^2 table ([L + 1][L + 1], from `r2.json`).
@@ -328,9 +445,12 @@ pub fn experiments(
 ) -> Result<(SubmoduleReport, AlternationReport)> {
     let n_layers = lm.model.info().n_layers;
     check_r2_shape(r2, n_layers)?;
-    let sub_maps = fit_submodules(lm, train, opts)?;
+    let mut parts = Parts::default();
+    let sub_maps = fit_submodules_timed(lm, train, opts, &mut parts)?;
+    let started = Instant::now();
     let batches = eval_batches(lm, val, opts.n_eval, opts.batch_tokens)?;
     let n_eval: usize = batches.iter().map(|b| b.gold.len()).sum();
+    parts.add("eval: exact forward and reference", started);
 
     // Sub-module replacement from every l, for each variant; mat and id on the same examples.
     let block_subs = lm.model.sub_modules();
@@ -345,33 +465,30 @@ pub fn experiments(
         opts.progress,
     );
     for b in &batches {
-        let ctx = lm.model.context(&b.ub.batch)?;
         // Every variant's (and mat's, id's) read rows from each l, scored together afterwards:
         // on the CPU one pass over the unembedding scores all layers (`Reference::score_layers`).
         let mut outs: BTreeMap<&str, Vec<Tensor>> = BTreeMap::new();
-        for l in 0..=n_layers {
-            for name in names {
-                let mut hooks = LinearReplacement::default();
-                for block in l..n_layers {
-                    for sub in variant_subs(name, block_subs) {
-                        if let Some(a) = sub_maps.get(&(block, sub)) {
-                            hooks.maps.insert((block, sub), a.clone());
-                        }
+        for name in names {
+            let started = Instant::now();
+            let mut hooks = LinearReplacement::default();
+            for block in 0..n_layers {
+                for sub in variant_subs(name, block_subs) {
+                    if let Some(a) = sub_maps.get(&(block, sub)) {
+                        hooks.maps.insert((block, sub), a.clone());
                     }
                 }
-                // With every attention from l on replaced by a map, nothing moves between
-                // positions: only the read rows need to run (as sequences of one token).
-                let position_wise = (l..n_layers).all(|block| hooks.maps.contains_key(&(block, SubModule::Attn)));
-                let rows = if position_wise {
-                    let x = b.ub.rows(&b.states[l])?.unsqueeze(1)?;
-                    model::run_blocks(lm.model.as_ref(), &x, &ctx, l, n_layers, &mut hooks)?.squeeze(1)?
-                } else {
-                    let h = model::run_blocks(lm.model.as_ref(), &b.states[l], &ctx, l, n_layers, &mut hooks)?;
-                    b.ub.rows(&h)?
-                };
-                outs.entry(name).or_default().push(rows);
-                bar.inc(1);
             }
+            // With every attention replaced by a map, nothing moves between positions: only the
+            // read rows need to run (as sequences of one token). A run from l replaces blocks
+            // l.. only, so this holds from l on when it holds for every block.
+            let position_wise = (0..n_layers).all(|block| hooks.maps.contains_key(&(block, SubModule::Attn)));
+            let rows = runs_from_every_layer(lm.model.as_ref(), &b.ub, &b.states, &mut hooks, position_wise)?;
+            outs.insert(name, rows);
+            bar.inc((n_layers + 1) as u64);
+            parts.add(&format!("variant {name}: runs from every layer"), started);
+        }
+        let started = Instant::now();
+        for l in 0..=n_layers {
             let rows = move_to(&b.ub.rows(&b.states[l])?, lm.model.head_device())?;
             let mat = if l == n_layers {
                 rows.clone()
@@ -381,6 +498,8 @@ pub fn experiments(
             outs.entry("mat").or_default().push(mat);
             outs.entry("id").or_default().push(rows);
         }
+        parts.add("mat and id casts", started);
+        let started = Instant::now();
         for (name, rows) in outs {
             let cells = b
                 .reference
@@ -389,6 +508,7 @@ pub fn experiments(
                 cell_acc.add(cell, &b.gold);
             }
         }
+        parts.add("scoring (5 lenses x every layer)", started);
     }
     bar.finish_and_clear();
     let mut variants = BTreeMap::new();
@@ -397,6 +517,39 @@ pub fn experiments(
         cells.iter().for_each(|a| a.push_to(&mut m));
         variants.insert(name, m);
     }
+
+    // Alternation.
+    let started = Instant::now();
+    let schedules = periodic_schedules(n_layers);
+    let mut r2_sched = Vec::new();
+    let stride = n_layers.div_ceil(10).max(1);
+    for k in (0..n_layers).step_by(stride) {
+        if let Some((steps, _)) = r2_informed_schedule(r2, n_layers, k) {
+            r2_sched.push((format!("r2-informed, {k} blocks"), steps));
+        }
+    }
+    let all: Vec<&(String, Vec<Step>)> = schedules.iter().chain(&r2_sched).collect();
+    let steps: Vec<&[Step]> = all.iter().map(|(_, s)| s.as_slice()).collect();
+    let scored = eval_schedules(lm, &batches, maps, &steps)?;
+    let result = |(name, steps): &(String, Vec<Step>), m: &LensMetrics| {
+        let js = jumps(steps);
+        let prod = js
+            .iter()
+            .map(|&(l, l2)| r2[l][l2].unwrap_or(f64::NAN).max(0.0))
+            .product();
+        ScheduleResult {
+            name: name.clone(),
+            executed_blocks: executed(steps),
+            jumps: js,
+            r2_product: prod,
+            p_at_1: m.p_at_1[0],
+            surprisal: m.surprisal[0],
+        }
+    };
+    let mut results = all.iter().zip(&scored).map(|(s, m)| result(s, m));
+    let periodic: Vec<ScheduleResult> = results.by_ref().take(schedules.len()).collect();
+    let r2_informed: Vec<ScheduleResult> = results.collect();
+    parts.add("alternation schedules", started);
     let sub_report = SubmoduleReport {
         layers: n_layers,
         n_eval,
@@ -406,60 +559,8 @@ pub fn experiments(
             .into(),
         variants,
         diverged: Vec::new(),
+        parts_s: parts.0,
     };
-
-    // Alternation.
-    let schedules = periodic_schedules(n_layers);
-    let mut r2_sched = Vec::new();
-    let stride = n_layers.div_ceil(10).max(1);
-    for k in (0..n_layers).step_by(stride) {
-        if let Some((steps, _)) = r2_informed_schedule(r2, n_layers, k) {
-            r2_sched.push((format!("r2-informed, {k} blocks"), steps));
-        }
-    }
-    let eval_schedule = |name: &str, steps: &[Step]| -> Result<ScheduleResult> {
-        let mut a = Acc::default();
-        for b in &batches {
-            let ctx = lm.model.context(&b.ub.batch)?;
-            let mut h = b.states[0].clone();
-            for s in steps {
-                h = match s {
-                    Step::Run(l) => lm.model.block(*l, &h, &ctx, &mut model::NoHooks)?,
-                    Step::Jump(l, l2) => {
-                        let m = maps.get(*l, *l2).ok_or_else(|| {
-                            anyhow::anyhow!("{}: no map {l} -> {l2} (fit with --pairs all)", maps.name())
-                        })?;
-                        jump_all_positions(&h, &m.a)?
-                    }
-                };
-            }
-            let logits = lm.model.readout(&b.ub.rows(&h)?)?;
-            a.add(&b.reference.score(&logits)?, &b.gold);
-        }
-        let mut m = LensMetrics::default();
-        a.push_to(&mut m);
-        let js = jumps(steps);
-        let prod = js
-            .iter()
-            .map(|&(l, l2)| r2[l][l2].unwrap_or(f64::NAN).max(0.0))
-            .product();
-        Ok(ScheduleResult {
-            name: name.into(),
-            executed_blocks: executed(steps),
-            jumps: js,
-            r2_product: prod,
-            p_at_1: m.p_at_1[0],
-            surprisal: m.surprisal[0],
-        })
-    };
-    let periodic = schedules
-        .iter()
-        .map(|(n, s)| eval_schedule(n, s))
-        .collect::<Result<Vec<_>>>()?;
-    let r2_informed = r2_sched
-        .iter()
-        .map(|(n, s)| eval_schedule(n, s))
-        .collect::<Result<Vec<_>>>()?;
     let single_jump = (0..n_layers)
         .map(|k| {
             let mat = &sub_report.variants["mat"];
@@ -481,6 +582,91 @@ pub fn experiments(
         single_jump,
     };
     Ok((sub_report, alt))
+}
+
+/// Scores every schedule on the evaluation batches (one metrics row each, in `schedules`'
+/// order).
+fn eval_schedules(
+    lm: &LoadedModel,
+    batches: &[EvalBatch],
+    maps: &Maps,
+    schedules: &[&[Step]],
+) -> Result<Vec<LensMetrics>> {
+    let mut acc = vec![Acc::default(); schedules.len()];
+    for b in batches {
+        schedule_final_states(
+            lm.model.as_ref(),
+            &b.ub.batch,
+            &b.states,
+            maps,
+            schedules,
+            &mut |i, h| {
+                let logits = lm.model.readout(&b.ub.rows(h)?)?;
+                acc[i].add(&b.reference.score(&logits)?, &b.gold);
+                Ok(())
+            },
+        )?;
+    }
+    Ok(acc
+        .iter()
+        .map(|a| {
+            let mut m = LensMetrics::default();
+            a.push_to(&mut m);
+            m
+        })
+        .collect())
+}
+
+/// Runs every schedule on one batch whose exact states are `states` and calls `visit(i, h)`
+/// with schedule i's final state (in sorted order of the schedules, each once). Schedules share
+/// work: a leading run of exact blocks 0..a starts from the kept exact h_a, and each schedule
+/// continues from the state after the steps it shares with the previous one in sorted order
+/// (one path of states is kept).
+fn schedule_final_states(
+    model: &dyn Transformer,
+    batch: &model::Batch,
+    states: &[Tensor],
+    maps: &Maps,
+    schedules: &[&[Step]],
+    visit: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+) -> Result<()> {
+    let mut order: Vec<usize> = (0..schedules.len()).collect();
+    order.sort_by(|&i, &j| schedules[i].cmp(schedules[j]));
+    let ctx = model.context(batch)?;
+    // path[k] = the state after the first k + 1 steps of the previous schedule.
+    let mut path: Vec<Tensor> = Vec::new();
+    let mut prev: &[Step] = &[];
+    for &i in &order {
+        let steps = schedules[i];
+        let shared = steps.iter().zip(prev).take_while(|(a, b)| a == b).count();
+        path.truncate(shared);
+        // How many leading steps are exact blocks (Run(0), Run(1), ...).
+        let exact = steps
+            .iter()
+            .enumerate()
+            .take_while(|(k, s)| **s == Step::Run(*k))
+            .count();
+        for (k, s) in steps.iter().enumerate().skip(shared) {
+            let h = if k < exact {
+                states[k + 1].clone()
+            } else {
+                let h = path.last().unwrap_or(&states[0]);
+                match s {
+                    Step::Run(l) => model.block(*l, h, &ctx, &mut model::NoHooks)?,
+                    Step::Jump(l, l2) => {
+                        let m = maps.get(*l, *l2).ok_or_else(|| {
+                            anyhow::anyhow!("{}: no map {l} -> {l2} (fit with --pairs all)", maps.name())
+                        })?;
+                        jump_all_positions(h, &m.a)?
+                    }
+                }
+            };
+            path.push(h);
+        }
+        visit(i, path.last().unwrap_or(&states[0]))?;
+        prev = steps;
+    }
+    Ok(())
 }
 
 /// The periodic schedules the alternation experiment runs, named: every `a` with short jumps
@@ -543,6 +729,7 @@ mod tests {
                 .into_iter()
                 .collect(),
             diverged: Vec::new(),
+            parts_s: BTreeMap::new(),
         };
         assert_eq!(r.mark_diverged(), ["norms layer 0: kl, ce"]);
         let json = serde_json::to_value(&r).unwrap();
@@ -592,6 +779,121 @@ mod tests {
             .unwrap();
         assert!(diff < 1e-5, "position-wise rows differ by {diff}");
         assert!(n_layers >= 2, "the test should run several replaced blocks");
+    }
+
+    /// Runs from every start layer, stacked along the batch dimension and started from the kept
+    /// exact states, give the read rows of one `run_blocks` per start layer (the unshared way),
+    /// for full sequences (norms replaced) and position-wise runs (attention replaced).
+    #[test]
+    fn stacked_runs_from_every_layer_match_one_run_per_layer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
+        let lm = model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+        let model = lm.model.as_ref();
+        let (d, n_layers) = (model.info().d_model, model.info().n_layers);
+        let batch = model::Batch::from_sequences(&[vec![5, 9, 2, 7], vec![3, 4]], 0, &Device::Cpu).unwrap();
+        // Read rows (0, 3) and (1, 1) of the [2, 4] batch.
+        let ub = UnitBatch {
+            batch: batch.clone(),
+            gather: Tensor::new(&[3u32, 5], &Device::Cpu).unwrap(),
+            examples: vec![0, 1],
+        };
+        let states = model::hidden_states(model, &batch).unwrap();
+        let ctx = model.context(&batch).unwrap();
+        for (subs, position_wise) in [
+            (vec![SubModule::Ln1, SubModule::Ln2], false),
+            (vec![SubModule::Attn], true),
+        ] {
+            let mut hooks = LinearReplacement::default();
+            for block in 0..n_layers {
+                for &sub in &subs {
+                    let a = Tensor::randn(0f32, 0.2, (d, d), &Device::Cpu).unwrap();
+                    hooks.maps.insert((block, sub), a);
+                }
+            }
+            let stacked = runs_from_every_layer(model, &ub, &states, &mut hooks, position_wise).unwrap();
+            assert_eq!(stacked.len(), n_layers + 1);
+            for (l, rows) in stacked.iter().enumerate() {
+                let one = model::run_blocks(model, &states[l], &ctx, l, n_layers, &mut hooks).unwrap();
+                let diff: f32 = (ub.rows(&one).unwrap() - rows)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(diff < 1e-5, "{subs:?} from layer {l}: rows differ by {diff}");
+            }
+        }
+    }
+
+    /// The schedules' shared prefixes (exact leading blocks, steps shared with the previous
+    /// schedule in sorted order) give each schedule the final state of running it from h_0.
+    #[test]
+    fn shared_schedule_prefixes_give_each_schedules_own_state() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
+        let lm = model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+        let model = lm.model.as_ref();
+        let (d, n) = (model.info().d_model, model.info().n_layers);
+        assert!(n >= 2, "the schedules need two blocks");
+        let batch = model::Batch::from_sequences(&[vec![5, 9, 2, 7], vec![3, 4]], 0, &Device::Cpu).unwrap();
+        let states = model::hidden_states(model, &batch).unwrap();
+        let ctx = model.context(&batch).unwrap();
+        let pairs: Vec<crate::lens::maps::PairMap> = [(0, 1), (1, 2), (0, 2), (1, n)]
+            .into_iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .map(|(l, l2)| crate::lens::maps::PairMap {
+                source: l,
+                target: l2,
+                a: Tensor::randn(0f32, 0.2, (d, d), &Device::Cpu).unwrap(),
+                intercept: None,
+            })
+            .collect();
+        let maps = Maps::new(d, pairs);
+        let mut schedules: Vec<Vec<Step>> = vec![
+            vec![Step::Run(0), Step::Jump(1, n)],
+            vec![Step::Jump(0, 1), Step::Jump(1, 2)],
+            vec![Step::Jump(0, 2)],
+            vec![Step::Jump(0, 1), Step::Jump(1, n)],
+            vec![Step::Run(0), Step::Jump(1, 2)],
+        ];
+        for s in &mut schedules {
+            let mut l = match s.last().unwrap() {
+                Step::Run(l) => l + 1,
+                Step::Jump(_, l2) => *l2,
+            };
+            while l < n {
+                s.push(Step::Run(l));
+                l += 1;
+            }
+        }
+        let refs: Vec<&[Step]> = schedules.iter().map(Vec::as_slice).collect();
+        let mut got: Vec<Option<Tensor>> = vec![None; schedules.len()];
+        schedule_final_states(model, &batch, &states, &maps, &refs, &mut |i, h| {
+            assert!(got[i].is_none(), "schedule {i} visited twice");
+            got[i] = Some(h.clone());
+            Ok(())
+        })
+        .unwrap();
+        for (i, steps) in schedules.iter().enumerate() {
+            let mut h = states[0].clone();
+            for s in steps {
+                h = match s {
+                    Step::Run(l) => model.block(*l, &h, &ctx, &mut model::NoHooks).unwrap(),
+                    Step::Jump(l, l2) => jump_all_positions(&h, &maps.get(*l, *l2).unwrap().a).unwrap(),
+                };
+            }
+            let diff: f32 = (got[i].as_ref().expect("visited") - h)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(diff, 0.0, "schedule {i} ({steps:?})");
+        }
     }
 
     #[test]

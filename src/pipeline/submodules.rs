@@ -80,7 +80,7 @@ pub fn run_submodules(
         "submodules",
         serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_eval": sub_report.n_eval,
             "n_train": opts.n_train.min(train.len()), "train_replayed": replayed,
-            "jump_maps_fitted": fitted_here}),
+            "jump_maps_fitted": fitted_here, "parts_s": &sub_report.parts_s}),
     );
     run.write_manifest(&manifest)?;
     Ok((sub_report, alt))
