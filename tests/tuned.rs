@@ -302,7 +302,10 @@ fn training_steps_equal_tuned_lens_package() {
         // The momentum buffers are plain tensors: a recorded graph there would chain every
         // step's tensors to the next (memory grew by the lens's size per step).
         let momentum = trainer.momentum().expect("momentum after the steps");
-        assert!(momentum.iter().all(|m| !m.track_op()), "a momentum buffer records its graph");
+        assert!(
+            momentum.iter().all(|m| !m.track_op()),
+            "a momentum buffer records its graph"
+        );
         let got = trainer.lens().unwrap();
         let mut worst = 0f32;
         let mut moved = 0f32;
