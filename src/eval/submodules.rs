@@ -406,15 +406,15 @@ fn runs_from_every_layer(
                 members += 1;
             }
             let h = stacked.take().expect("a run starts at `first`");
-            let ctx = if position_wise || members == 1 {
-                contexts.entry(1).or_insert(model.context(&ub.batch)?)
-            } else {
-                match contexts.entry(members) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(model.context(&repeated_batch(&ub.batch, members)?)?)
-                    }
-                }
+            // One context per stack height, built once (position-wise runs use the batch's own).
+            let copies = if position_wise { 1 } else { members };
+            let ctx = match contexts.entry(copies) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(if copies == 1 {
+                    model.context(&ub.batch)?
+                } else {
+                    model.context(&repeated_batch(&ub.batch, copies)?)?
+                }),
             };
             stacked = Some(model.block(layer, &h, ctx, hooks)?);
         }
@@ -739,12 +739,20 @@ mod tests {
 
     use super::*;
 
+    fn tiny_llama() -> LoadedModel {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
+        model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    }
+
     /// The shortcut of `experiments`: with every attention from l on replaced by a map, running
     /// only the read rows as one-token sequences gives the rows of the full run.
     #[test]
     fn replaced_attention_runs_position_wise() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
-        let lm = model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+        let lm = tiny_llama();
         let (d, n_layers) = (lm.model.info().d_model, lm.model.info().n_layers);
         let batch = model::Batch::from_sequences(&[vec![5, 9, 2, 7], vec![3, 4]], 0, &Device::Cpu).unwrap();
         let ctx = lm.model.context(&batch).unwrap();
@@ -769,14 +777,7 @@ mod tests {
             .unwrap()
             .squeeze(1)
             .unwrap();
-        let diff: f32 = (pick(&full) - short)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = max_abs_diff(&pick(&full), &short);
         assert!(diff < 1e-5, "position-wise rows differ by {diff}");
         assert!(n_layers >= 2, "the test should run several replaced blocks");
     }
@@ -786,8 +787,7 @@ mod tests {
     /// for full sequences (norms replaced) and position-wise runs (attention replaced).
     #[test]
     fn stacked_runs_from_every_layer_match_one_run_per_layer() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
-        let lm = model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+        let lm = tiny_llama();
         let model = lm.model.as_ref();
         let (d, n_layers) = (model.info().d_model, model.info().n_layers);
         let batch = model::Batch::from_sequences(&[vec![5, 9, 2, 7], vec![3, 4]], 0, &Device::Cpu).unwrap();
@@ -814,14 +814,7 @@ mod tests {
             assert_eq!(stacked.len(), n_layers + 1);
             for (l, rows) in stacked.iter().enumerate() {
                 let one = model::run_blocks(model, &states[l], &ctx, l, n_layers, &mut hooks).unwrap();
-                let diff: f32 = (ub.rows(&one).unwrap() - rows)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let diff = max_abs_diff(&ub.rows(&one).unwrap(), rows);
                 assert!(diff < 1e-5, "{subs:?} from layer {l}: rows differ by {diff}");
             }
         }
@@ -831,8 +824,7 @@ mod tests {
     /// schedule in sorted order) give each schedule the final state of running it from h_0.
     #[test]
     fn shared_schedule_prefixes_give_each_schedules_own_state() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/llama");
-        let lm = model::load_model(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+        let lm = tiny_llama();
         let model = lm.model.as_ref();
         let (d, n) = (model.info().d_model, model.info().n_layers);
         assert!(n >= 2, "the schedules need two blocks");
@@ -884,14 +876,7 @@ mod tests {
                     Step::Jump(l, l2) => jump_all_positions(&h, &maps.get(*l, *l2).unwrap().a).unwrap(),
                 };
             }
-            let diff: f32 = (got[i].as_ref().expect("visited") - h)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let diff = max_abs_diff(got[i].as_ref().expect("visited"), &h);
             assert_eq!(diff, 0.0, "schedule {i} ({steps:?})");
         }
     }
