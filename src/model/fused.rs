@@ -3,7 +3,9 @@
 //! where they are wanted, a masked softmax in one pass instead of five candle kernels, two of them
 //! over a materialised [B, 1, T, T] mask broadcast with strided indexing), RMSNorm (four kernels
 //! in candle), the gated MLP's SiLU product (two), LayerNorm (four with its casts) and a linear
-//! layer's bias with its activation (a strided broadcast add and a pass of its own).
+//! layer's bias with its activation (a strided broadcast add and a pass of its own); and the tuned
+//! lens's training loss (KL and its gradient over [rows, vocabulary] logits, two kernels instead
+//! of about ten of candle's passes).
 //!
 //! Measured on the H200 with the Llama-3-8B shape cut to 4 blocks at 16 x 512 tokens (Nsight
 //! Compute, `scripts/device_bench.sh profile`), before this module: 59 ms per forward, of which the
@@ -223,6 +225,61 @@ RMS(rms_norm_bf16_f32, bf16, float)
 RMS(rms_norm_f16_f16, f16, f16)
 RMS(rms_norm_f16_f32, f16, float)
 RMS(rms_norm_f32_f32, float, float)
+
+// ---- The tuned lens's loss (src/lens/tuned/train.rs) ----
+// For row r of lens logits z [R, V] and row r % r0 of the target's log-probabilities lp [r0, V]
+// (several layers' rows stacked against one target): with p = exp(lp),
+// KL(p || softmax(z)) = sum p (lp - z) + lse(z) sum p. kl_row_stats writes (KL, lse(z)) per row
+// (f64) from one read of z and lp: per thread an online maximum and sum of exp, combined across
+// the block; kl_grad then writes the gradient (softmax(z) - p) * inv_n. candle's ops take about
+// ten passes over the [R, V] buffers for the same (log_softmax alone is five).
+__device__ __forceinline__ double block_sum_d(double v, double* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < warps ? shared[lane] : 0.0;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+extern "C" __global__ void kl_row_stats(const float* z, const float* lp, double* stats, int v, int r0) {
+  __shared__ float shared[32];
+  __shared__ double shared_d[32];
+  usize row = blockIdx.x;
+  const float* zr = z + row * (usize)v;
+  const float* lr = lp + (row % (usize)r0) * (usize)v;
+  float m = NEG_INF, s = 0.0f;
+  double a = 0.0, sp = 0.0;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    float x = zr[j];
+    if (x > m) { s = s * expf(m - x) + 1.0f; m = x; } else { s += expf(x - m); }
+    float l = lr[j];
+    double p = (double)expf(l);
+    a += p * ((double)l - (double)x);
+    sp += p;
+  }
+  const float mm = block_reduce(m, true, shared);
+  const double total = block_sum_d(m == NEG_INF ? 0.0 : (double)s * (double)expf(m - mm), shared_d);
+  a = block_sum_d(a, shared_d);
+  sp = block_sum_d(sp, shared_d);
+  if (threadIdx.x == 0) {
+    const double lse = (double)mm + log(total);
+    stats[2 * row] = a + lse * sp;
+    stats[2 * row + 1] = lse;
+  }
+}
+
+extern "C" __global__ void kl_grad(const float* z, const float* lp, const double* stats, float* g, int v, int r0,
+                                   float inv_n) {
+  usize row = blockIdx.x;
+  const float* zr = z + row * (usize)v;
+  const float* lr = lp + (row % (usize)r0) * (usize)v;
+  float* gr = g + row * (usize)v;
+  const float lse = (float)stats[2 * row + 1];
+  for (int j = threadIdx.x; j < v; j += blockDim.x) gr[j] = (expf(zr[j] - lse) - expf(lr[j])) * inv_n;
+}
 "#;
 
     /// The tensor-core kernels (mma.sync with bf16 needs PTX for compute_80 or newer), compiled
@@ -1025,6 +1082,119 @@ FLASH(flash_attention_f16_128, f16, 128)
         Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }
 
+    /// Per row of lens logits z [R, V] against target log-probabilities lp [r0, V] (row r % r0):
+    /// (KL(p || softmax(z)), lse(z)) as f64 [R, 2].
+    pub struct KlRowStats;
+
+    impl candle_core::CustomOp2 for KlRowStats {
+        fn name(&self) -> &'static str {
+            "jumplens-kl-row-stats"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the fused KL runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, z: &CudaStorage, zl: &Layout, lp: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
+            let dev = z.device().clone();
+            let (rows, v, r0) = kl_shapes(zl, ll)?;
+            let (CudaStorageSlice::F32(z), CudaStorageSlice::F32(lp)) = (&z.slice, &lp.slice) else {
+                candle_core::bail!("fused KL: logits and log-probabilities must be f32");
+            };
+            let (z, lp) = (contiguous(z, zl)?, contiguous(lp, ll)?);
+            let func = dev.get_or_load_custom_func("kl_row_stats", MODULE, ptx()?)?;
+            // SAFETY: the kernel writes both entries of every row.
+            let dst = unsafe { dev.alloc::<f64>(rows * 2)? };
+            let (vi, r0i) = (v as i32, r0 as i32);
+            let mut bld = func.builder();
+            bld.arg(&z).arg(&lp).arg(&dst).arg(&vi).arg(&r0i);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { bld.launch(row_config(rows, 1024)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), Shape::from((rows, 2))))
+        }
+    }
+
+    /// The gradient (softmax(z) - exp(lp)) * inv_n [R, V] f32, with the row statistics of
+    /// [`KlRowStats`].
+    pub struct KlGrad {
+        pub inv_n: f32,
+    }
+
+    impl candle_core::CustomOp3 for KlGrad {
+        fn name(&self) -> &'static str {
+            "jumplens-kl-grad"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("the fused KL gradient runs on CUDA only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            z: &CudaStorage,
+            zl: &Layout,
+            lp: &CudaStorage,
+            ll: &Layout,
+            st: &CudaStorage,
+            sl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let dev = z.device().clone();
+            let (rows, v, r0) = kl_shapes(zl, ll)?;
+            if sl.shape().dims() != [rows, 2] {
+                candle_core::bail!("fused KL gradient: row statistics {:?} for {rows} rows", sl.shape());
+            }
+            let (CudaStorageSlice::F32(z), CudaStorageSlice::F32(lp), CudaStorageSlice::F64(st)) =
+                (&z.slice, &lp.slice, &st.slice)
+            else {
+                candle_core::bail!("fused KL gradient: f32 logits and log-probabilities, f64 row statistics");
+            };
+            let (z, lp, st) = (contiguous(z, zl)?, contiguous(lp, ll)?, contiguous(st, sl)?);
+            let func = dev.get_or_load_custom_func("kl_grad", MODULE, ptx()?)?;
+            // SAFETY: the kernel writes every element.
+            let dst = unsafe { dev.alloc::<f32>(rows * v)? };
+            let (vi, r0i) = (v as i32, r0 as i32);
+            let mut bld = func.builder();
+            bld.arg(&z).arg(&lp).arg(&st).arg(&dst).arg(&vi).arg(&r0i).arg(&self.inv_n);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { bld.launch(row_config(rows, 256)) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), zl.shape().clone()))
+        }
+    }
+
+    /// (rows, vocabulary, target rows) of lens logits [R, V] against a target [r0, V], R a
+    /// multiple of r0.
+    fn kl_shapes(zl: &Layout, ll: &Layout) -> Result<(usize, usize, usize)> {
+        let (rows, v) = zl.shape().dims2()?;
+        let (r0, vt) = ll.shape().dims2()?;
+        if v != vt || r0 == 0 || !rows.is_multiple_of(r0) || v > i32::MAX as usize {
+            candle_core::bail!("fused KL: logits [{rows}, {v}] for a target of [{r0}, {vt}]");
+        }
+        Ok((rows, v, r0))
+    }
+
+    /// One block of `threads` per row.
+    fn row_config(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     pub fn is_cuda(t: &Tensor) -> bool {
         t.device().is_cuda()
     }
@@ -1138,6 +1308,29 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, round_first: bool) -> cand
         }
     }
     let _ = (x, scale, eps, round_first);
+    Ok(None)
+}
+
+/// The tuned lens's loss and its gradient for lens logits [R, V] (f32, on a CUDA device) against
+/// a target's log-probabilities [r0, V] (f32; row r of the logits is scored against target row
+/// r % r0): `(sum over rows of KL(p || softmax(logits)) as an f64 scalar tensor,
+/// (softmax(logits) - p) * inv_n)`, two kernels instead of candle's ~ten passes; `None` elsewhere.
+pub fn kl_and_grad(
+    logits: &Tensor,
+    log_p: &Tensor,
+    inv_n: f64,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::DType;
+        if cuda::is_cuda(logits) && logits.dtype() == DType::F32 && log_p.dtype() == DType::F32 {
+            let (z, lp) = (logits.contiguous()?, log_p.contiguous()?);
+            let stats = z.apply_op2_no_bwd(&lp, &cuda::KlRowStats)?;
+            let grad = z.apply_op3_no_bwd(&lp, &stats, &cuda::KlGrad { inv_n: inv_n as f32 })?;
+            return Ok(Some((stats.narrow(1, 0, 1)?.sum_all()?, grad)));
+        }
+    }
+    let _ = (logits, log_p, inv_n);
     Ok(None)
 }
 
