@@ -231,7 +231,7 @@ RMS(rms_norm_f32_f32, float, float)
 // (several layers' rows stacked against one target): with p = exp(lp),
 // KL(p || softmax(z)) = sum p (lp - z) + lse(z) sum p. kl_row_stats writes (KL, lse(z)) per row
 // (f64) from one read of z and lp: per thread an online maximum and sum of exp, combined across
-// the block; kl_grad then writes the gradient (softmax(z) - p) * inv_n. candle's ops take about
+// the block; kl_grad then writes the gradient (softmax(z) - p) * inv_n. z in f32, bf16 or f16. candle's ops take about
 // ten passes over the [R, V] buffers for the same (log_softmax alone is five).
 __device__ __forceinline__ double block_sum_d(double v, double* shared) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -244,16 +244,17 @@ __device__ __forceinline__ double block_sum_d(double v, double* shared) {
   return v;
 }
 
-extern "C" __global__ void kl_row_stats(const float* z, const float* lp, double* stats, int v, int r0) {
+template <class T>
+__device__ void kl_row_stats(const T* z, const float* lp, double* stats, int v, int r0) {
   __shared__ float shared[32];
   __shared__ double shared_d[32];
   usize row = blockIdx.x;
-  const float* zr = z + row * (usize)v;
+  const T* zr = z + row * (usize)v;
   const float* lr = lp + (row % (usize)r0) * (usize)v;
   float m = NEG_INF, s = 0.0f;
   double a = 0.0, sp = 0.0;
   for (int j = threadIdx.x; j < v; j += blockDim.x) {
-    float x = zr[j];
+    float x = to_f(zr[j]);
     if (x > m) { s = s * expf(m - x) + 1.0f; m = x; } else { s += expf(x - m); }
     float l = lr[j];
     double p = (double)expf(l);
@@ -271,15 +272,25 @@ extern "C" __global__ void kl_row_stats(const float* z, const float* lp, double*
   }
 }
 
-extern "C" __global__ void kl_grad(const float* z, const float* lp, const double* stats, float* g, int v, int r0,
-                                   float inv_n) {
+// The gradient in z's dtype: computed in f32 and rounded once, as a cast of the f32 gradient.
+template <class T>
+__device__ void kl_grad(const T* z, const float* lp, const double* stats, T* g, int v, int r0, float inv_n) {
   usize row = blockIdx.x;
-  const float* zr = z + row * (usize)v;
+  const T* zr = z + row * (usize)v;
   const float* lr = lp + (row % (usize)r0) * (usize)v;
-  float* gr = g + row * (usize)v;
+  T* gr = g + row * (usize)v;
   const float lse = (float)stats[2 * row + 1];
-  for (int j = threadIdx.x; j < v; j += blockDim.x) gr[j] = (expf(zr[j] - lse) - expf(lr[j])) * inv_n;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) gr[j] = from_f<T>((expf(to_f(zr[j]) - lse) - expf(lr[j])) * inv_n);
 }
+
+#define KL(SUFFIX, T) \
+  extern "C" __global__ void kl_row_stats_##SUFFIX(const T* z, const float* lp, double* stats, int v, int r0) { \
+    kl_row_stats<T>(z, lp, stats, v, r0); } \
+  extern "C" __global__ void kl_grad_##SUFFIX(const T* z, const float* lp, const double* stats, T* g, int v, int r0, \
+                                              float inv_n) { kl_grad<T>(z, lp, stats, g, v, r0, inv_n); }
+KL(f32, float)
+KL(bf16, bf16)
+KL(f16, f16)
 "#;
 
     /// The tensor-core kernels (mma.sync with bf16 needs PTX for compute_80 or newer), compiled
@@ -1101,21 +1112,32 @@ FLASH(flash_attention_f16_128, f16, 128)
             candle_core::bail!("the fused KL runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, z: &CudaStorage, zl: &Layout, lp: &CudaStorage, ll: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            z: &CudaStorage,
+            zl: &Layout,
+            lp: &CudaStorage,
+            ll: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let dev = z.device().clone();
             let (rows, v, r0) = kl_shapes(zl, ll)?;
-            let (CudaStorageSlice::F32(z), CudaStorageSlice::F32(lp)) = (&z.slice, &lp.slice) else {
-                candle_core::bail!("fused KL: logits and log-probabilities must be f32");
+            let CudaStorageSlice::F32(lp) = &lp.slice else {
+                candle_core::bail!("fused KL: the target's log-probabilities must be f32");
             };
-            let (z, lp) = (contiguous(z, zl)?, contiguous(lp, ll)?);
-            let func = dev.get_or_load_custom_func("kl_row_stats", MODULE, ptx()?)?;
-            // SAFETY: the kernel writes both entries of every row.
-            let dst = unsafe { dev.alloc::<f64>(rows * 2)? };
-            let (vi, r0i) = (v as i32, r0 as i32);
-            let mut bld = func.builder();
-            bld.arg(&z).arg(&lp).arg(&dst).arg(&vi).arg(&r0i);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { bld.launch(row_config(rows, 1024)) }.w()?;
+            let lp = contiguous(lp, ll)?;
+            let dims = [v as i32, r0 as i32];
+            let dst = match &z.slice {
+                CudaStorageSlice::F32(s) => {
+                    kl_stats_launch(&dev, "kl_row_stats_f32", contiguous(s, zl)?, &lp, rows, dims)?
+                }
+                CudaStorageSlice::BF16(s) => {
+                    kl_stats_launch(&dev, "kl_row_stats_bf16", contiguous(s, zl)?, &lp, rows, dims)?
+                }
+                CudaStorageSlice::F16(s) => {
+                    kl_stats_launch(&dev, "kl_row_stats_f16", contiguous(s, zl)?, &lp, rows, dims)?
+                }
+                _ => candle_core::bail!("fused KL: unsupported logits dtype {:?}", z.dtype()),
+            };
             Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), Shape::from((rows, 2))))
         }
     }
@@ -1157,22 +1179,66 @@ FLASH(flash_attention_f16_128, f16, 128)
             if sl.shape().dims() != [rows, 2] {
                 candle_core::bail!("fused KL gradient: row statistics {:?} for {rows} rows", sl.shape());
             }
-            let (CudaStorageSlice::F32(z), CudaStorageSlice::F32(lp), CudaStorageSlice::F64(st)) =
-                (&z.slice, &lp.slice, &st.slice)
-            else {
-                candle_core::bail!("fused KL gradient: f32 logits and log-probabilities, f64 row statistics");
+            let (CudaStorageSlice::F32(lp), CudaStorageSlice::F64(st)) = (&lp.slice, &st.slice) else {
+                candle_core::bail!("fused KL gradient: f32 log-probabilities and f64 row statistics");
             };
-            let (z, lp, st) = (contiguous(z, zl)?, contiguous(lp, ll)?, contiguous(st, sl)?);
-            let func = dev.get_or_load_custom_func("kl_grad", MODULE, ptx()?)?;
-            // SAFETY: the kernel writes every element.
-            let dst = unsafe { dev.alloc::<f32>(rows * v)? };
-            let (vi, r0i) = (v as i32, r0 as i32);
-            let mut bld = func.builder();
-            bld.arg(&z).arg(&lp).arg(&st).arg(&dst).arg(&vi).arg(&r0i).arg(&self.inv_n);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { bld.launch(row_config(rows, 256)) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(dst, dev.clone()), zl.shape().clone()))
+            let (lp, st) = (contiguous(lp, ll)?, contiguous(st, sl)?);
+            let (dims, inv_n) = ([rows, v, r0], self.inv_n);
+            let out = match &z.slice {
+                CudaStorageSlice::F32(s) => {
+                    kl_grad_launch(&dev, "kl_grad_f32", contiguous(s, zl)?, &lp, &st, dims, inv_n)?
+                }
+                CudaStorageSlice::BF16(s) => {
+                    kl_grad_launch(&dev, "kl_grad_bf16", contiguous(s, zl)?, &lp, &st, dims, inv_n)?
+                }
+                CudaStorageSlice::F16(s) => {
+                    kl_grad_launch(&dev, "kl_grad_f16", contiguous(s, zl)?, &lp, &st, dims, inv_n)?
+                }
+                _ => candle_core::bail!("fused KL gradient: unsupported logits dtype {:?}", z.dtype()),
+            };
+            Ok((out, zl.shape().clone()))
         }
+    }
+
+    /// One launch of `kl_row_stats_*` on logits z [rows, v] against lp [r0, v] (`dims`: v, r0).
+    fn kl_stats_launch<T: DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        z: CudaView<T>,
+        lp: &CudaView<f32>,
+        rows: usize,
+        dims: [i32; 2],
+    ) -> Result<CudaSlice<f64>> {
+        let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+        // SAFETY: the kernel writes both entries of every row.
+        let dst = unsafe { dev.alloc::<f64>(rows * 2)? };
+        let mut bld = func.builder();
+        bld.arg(&z).arg(lp).arg(&dst).arg(&dims[0]).arg(&dims[1]);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { bld.launch(row_config(rows, 1024)) }.w()?;
+        Ok(dst)
+    }
+
+    /// One launch of `kl_grad_*`: the gradient [rows, v] in z's dtype (`dims`: rows, v, r0).
+    fn kl_grad_launch<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        z: CudaView<T>,
+        lp: &CudaView<f32>,
+        stats: &CudaView<f64>,
+        dims: [usize; 3],
+        inv_n: f32,
+    ) -> Result<CudaStorage> {
+        let [rows, v, r0] = dims;
+        let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
+        // SAFETY: the kernel writes every element.
+        let dst = unsafe { dev.alloc::<T>(rows * v)? };
+        let (vi, r0i) = (v as i32, r0 as i32);
+        let mut bld = func.builder();
+        bld.arg(&z).arg(lp).arg(stats).arg(&dst).arg(&vi).arg(&r0i).arg(&inv_n);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { bld.launch(row_config(rows, 256)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
     }
 
     /// (rows, vocabulary, target rows) of lens logits [R, V] against a target [r0, V], R a
@@ -1311,19 +1377,29 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, round_first: bool) -> cand
     Ok(None)
 }
 
-/// The tuned lens's loss and its gradient for lens logits [R, V] (f32, on a CUDA device) against
+/// Whether [`kl_and_grad`] runs for `logits`: on a CUDA device, in f32, bf16 or f16.
+pub fn kl_fused(logits: &Tensor) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::is_cuda(logits) && cuda::half_or_f32(logits.dtype())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = logits;
+        false
+    }
+}
+
+/// The tuned lens's loss and its gradient for lens logits [R, V] (f32, bf16 or f16 on a CUDA
+/// device; read as f32, the gradient rounded once to their dtype) against
 /// a target's log-probabilities [r0, V] (f32; row r of the logits is scored against target row
 /// r % r0): `(sum over rows of KL(p || softmax(logits)) as an f64 scalar tensor,
 /// (softmax(logits) - p) * inv_n)`, two kernels instead of candle's ~ten passes; `None` elsewhere.
-pub fn kl_and_grad(
-    logits: &Tensor,
-    log_p: &Tensor,
-    inv_n: f64,
-) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+pub fn kl_and_grad(logits: &Tensor, log_p: &Tensor, inv_n: f64) -> candle_core::Result<Option<(Tensor, Tensor)>> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::DType;
-        if cuda::is_cuda(logits) && logits.dtype() == DType::F32 && log_p.dtype() == DType::F32 {
+        if kl_fused(logits) && log_p.dtype() == DType::F32 {
             let (z, lp) = (logits.contiguous()?, log_p.contiguous()?);
             let stats = z.apply_op2_no_bwd(&lp, &cuda::KlRowStats)?;
             let grad = z.apply_op3_no_bwd(&lp, &stats, &cuda::KlGrad { inv_n: inv_n as f32 })?;

@@ -94,6 +94,15 @@ pub trait Transformer: Send + Sync {
     /// Logits from a final-normed state: the LM head, or BERT's MLM head.
     fn unembed(&self, h: &Tensor) -> Result<Tensor>;
 
+    /// [`Transformer::unembed`] with the logits left in the unembedding's compute dtype where
+    /// that is exactly what `unembed` then casts to f32 (lens training on a GPU reads bf16 logits
+    /// in its fused loss kernel and hands back a gradient in the same dtype, which
+    /// [`Transformer::unembed_vjp`] must then take without rounding it again). The default is
+    /// `unembed` itself.
+    fn unembed_native(&self, h: &Tensor) -> Result<Tensor> {
+        self.unembed(h)
+    }
+
     /// The vector-Jacobian product of [`Transformer::unembed`] at `u`: `g` [n, V] (a gradient
     /// with respect to the logits) carried back to u [n, d]. Lens training uses it so that the
     /// backward pass never forms the gradient of the (constant) unembedding matrix, which candle's

@@ -233,7 +233,14 @@ impl Trainer {
                     .map(|&l| model.final_norm(&lens.cast(l, &states[l].detach().narrow(0, start, len)?)?))
                     .collect::<Result<Vec<_>>>()?;
                 let u = Tensor::cat(&u, 0)?;
-                let logits = model.unembed(&u.detach())?.to_dtype(DType::F32)?;
+                // In the unembedding's dtype where the fused loss reads it (no [rows, V] casts
+                // either way: the gradient comes back in that dtype for `unembed_vjp`'s GEMM).
+                let logits = model.unembed_native(&u.detach())?;
+                let logits = if crate::model::fused::kl_fused(&logits) {
+                    logits
+                } else {
+                    logits.to_dtype(DType::F32)?
+                };
                 // sum_pos KL / n: this chunk's share of the mean over all n positions, per layer.
                 let (kl, g_logits) = target.kl_and_grad(&logits, n)?;
                 total += kl;

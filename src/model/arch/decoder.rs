@@ -715,17 +715,26 @@ impl Transformer for Decoder {
         Ok(layers::f32(layers::softcap(&logits, self.final_softcap)?)?)
     }
 
+    fn unembed_native(&self, h: &Tensor) -> Result<Tensor> {
+        // With a soft-cap the gradient takes the cap's derivative in f32: that path keeps f32 logits.
+        match self.final_softcap {
+            Some(_) => self.unembed(h),
+            None => Ok(self.lm_head.forward(&placement::move_to(h, self.head_device())?)?),
+        }
+    }
+
     fn unembed_vjp(&self, u: &Tensor, g: &Tensor) -> Result<Tensor> {
-        // logits = cap(u W^T): d u = (g * cap'(u W^T)) W, with cap(x) = c tanh(x / c).
+        // logits = cap(u W^T): d u = (g * cap'(u W^T)) W, with cap(x) = c tanh(x / c). Without a
+        // cap, g goes to W's dtype directly (one rounding, none if it is already there).
         let w = &self.lm_head.weight;
-        let g = layers::f32(g.clone())?;
         let g = match self.final_softcap {
             Some(c) => {
+                let g = layers::f32(g.clone())?;
                 let raw = layers::f32(self.lm_head.forward(&u.detach())?)?;
                 let t = (raw / c)?.tanh()?;
                 (g * t.sqr()?.affine(-1.0, 1.0)?)?
             }
-            None => g,
+            None => g.clone(),
         };
         let g = layers::to_dtype(&g, w.dtype())?;
         Ok(layers::f32(g.matmul(w)?)?)
