@@ -408,10 +408,11 @@ pub fn collect_stream(
     }
     let info = lm.model.info().clone();
     let (format, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
-    let model_record = ModelRecord {
+    let mut model_record = ModelRecord {
         // Absolute, so that later stages run from another folder find the model.
         path: absolute(&lm.path),
-        sha256: crate::data::io::sha256_path(&lm.path)?,
+        // Hashed once the run folder exists (below), into its sha256 cache.
+        sha256: String::new(),
         arch: info.arch.clone(),
         n_layers: info.n_layers,
         d_model: info.d_model,
@@ -456,6 +457,9 @@ pub fn collect_stream(
         }
     }
     let _lock = run.lock()?;
+    // Into the run's cache, which the later stages' model check reads: an 8B model's 16 GB are
+    // hashed once per run instead of again by the first stage that checks it (~8 s each).
+    model_record.sha256 = crate::data::io::sha256_path_cached(&lm.path, &run.sha256_cache())?;
     for dir in [run.root.clone(), run.root.join("activations"), run.parts_dir()] {
         crate::data::io::remove_stale_temps(&dir);
     }
@@ -868,15 +872,15 @@ fn write_stats_split(
         .map(|j| j.positions.len())
         .sum();
     let mut saved = start.checked_sub(1);
-    let mut checkpoint = Checkpointing::new();
+    let mut checkpoint = Checkpointing::new(kind.bytes(s, d));
     for (p, chunk) in chunks.iter().enumerate().skip(start) {
         let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
         let us = units(chunk, causal, mask_id)?;
         let states = run_part(lm, &us, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
             .map_err(|e| anyhow::anyhow!("train: {e} (examples from {offset})"))?;
-        let mut part = GramStats::zeros(kind, s, d, device)?;
-        part.accumulate(&states.to_device(device)?)?;
-        total.add(&part)?;
+        // Straight into the running sums (0 + M + total was the same sum as M + total, through
+        // a fresh zeroed copy of the sums, 8.6 GB at d = 4096, and a third one for the add).
+        total.accumulate(&states.to_device(device)?)?;
         offset += n;
         // The last part's sums go straight to the output below.
         if p + 1 == chunks.len() || !checkpoint.due() {
@@ -911,18 +915,25 @@ fn write_stats_split(
 /// each part.
 const CHECKPOINT_COST: f64 = 0.1;
 
+/// The write rate a first statistics checkpoint is expected to have (bytes per second), before
+/// one was timed: 1 GB/s, a local SSD's order of magnitude.
+const CHECKPOINT_EXPECTED_BYTES_PER_S: f64 = 1e9;
+
 /// When to write the running statistics: a checkpoint is due once the work since the last one
-/// is at least 1 / [`CHECKPOINT_COST`] times what the last write took (the first is due at once).
+/// is at least 1 / [`CHECKPOINT_COST`] times what the last write took. Before the first write
+/// its cost is estimated from the size at [`CHECKPOINT_EXPECTED_BYTES_PER_S`]: small sums are
+/// still written after the first part, while 8.6 GB (to-final at d = 4096) wait for ~86 s of
+/// work instead of costing a write (and a GPU-to-host copy) right after the first part.
 struct Checkpointing {
     since: Instant,
     last_write_s: f64,
 }
 
 impl Checkpointing {
-    fn new() -> Self {
+    fn new(bytes: u64) -> Self {
         Self {
             since: Instant::now(),
-            last_write_s: 0.0,
+            last_write_s: bytes as f64 / CHECKPOINT_EXPECTED_BYTES_PER_S,
         }
     }
 
