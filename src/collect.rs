@@ -16,7 +16,7 @@
 //! (the same sentences, positions and batches), so that `jumplens merge` of the N shards is the
 //! single run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -323,6 +323,19 @@ pub struct SplitSummary {
     pub examples: usize,
     pub skipped_too_long: usize,
     pub wall_s: f64,
+    /// Wall seconds of the split's phases (see [`Phases`]); empty when it was already collected.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases_s: Phases,
+}
+
+/// Wall seconds per phase of a split's collection, summed over its parts, for the manifest
+/// (`counts.<split>.phases_s`): `forward` (the model over the batches and the sampled rows to
+/// the host), `statistics` (adding a part to the float64 sums, waited for), `checkpoints` /
+/// `write_parts` (resumable files), `write` (the split's file).
+pub type Phases = BTreeMap<String, f64>;
+
+fn add_phase(phases: &mut Phases, name: &str, since: Instant) {
+    *phases.entry(name.to_string()).or_default() += since.elapsed().as_secs_f64();
 }
 
 /// Sentences per resumable part (the default of [`StreamOptions::part_sentences`]).
@@ -508,7 +521,7 @@ pub fn collect_stream(
             first_part: parts.start,
             part_len,
         };
-        let (n_examples, resumed) = match (split, stream.stats) {
+        let (n_examples, resumed, phases_s) = match (split, stream.stats) {
             ("train", Some(kind)) => write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress)?,
             _ => write_split(lm, jobs, causal, run, split, &layout, opts, progress)?,
         };
@@ -518,6 +531,7 @@ pub fn collect_stream(
             examples: n_examples,
             skipped_too_long: too_long,
             wall_s: started.elapsed().as_secs_f64(),
+            phases_s,
         };
         if progress {
             eprintln!("{}", summary.line(split, resumed));
@@ -714,13 +728,14 @@ fn write_split(
     layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
-) -> Result<(usize, bool)> {
+) -> Result<(usize, bool, Phases)> {
     let info = lm.model.info();
     let out_path = run.activations(split);
     let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
     if out_path.exists() {
-        return Ok((n_examples, true));
+        return Ok((n_examples, true, Phases::new()));
     }
+    let mut phases = Phases::new();
     let mask_id = lm.tokenizer()?.mask_id;
     let chunks: Vec<Vec<Unit>> = jobs
         .chunks(layout.part_len)
@@ -741,9 +756,13 @@ fn write_split(
         if part_path.exists() {
             bar.inc(units.len() as u64);
         } else {
+            let t = Instant::now();
             let states = run_part(lm, units, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
                 .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
+            add_phase(&mut phases, "forward", t);
+            let t = Instant::now();
             crate::data::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
+            add_phase(&mut phases, "write_parts", t);
         }
         crate::interrupt::set_message(Some(format!(
             "collect {split}: {} of {} parts are kept in {}; run the same command again to resume from them",
@@ -760,6 +779,7 @@ fn write_split(
         run.parts_dir().display()
     )));
     // Merge the parts into one file [S, N, d] with the per-example metadata.
+    let t_write = Instant::now();
     let mut states = Vec::with_capacity(parts.len());
     for p in &parts {
         let t = crate::data::io::read_safetensors(p)?;
@@ -801,11 +821,12 @@ fn write_split(
         ),
     ]);
     crate::data::io::write_safetensors(&out_path, &tensors, Some(meta))?;
+    add_phase(&mut phases, "write", t_write);
     for p in &parts {
         std::fs::remove_file(p).ok();
     }
     std::fs::remove_dir(run.parts_dir()).ok();
-    Ok((n_examples, false))
+    Ok((n_examples, false, phases))
 }
 
 /// The cumulative statistics file after part `p` of the training split.
@@ -831,14 +852,15 @@ fn write_stats_split(
     layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
-) -> Result<(usize, bool)> {
+) -> Result<(usize, bool, Phases)> {
     let info = lm.model.info();
     let (s, d) = (info.n_layers + 1, info.d_model);
     let out_path = run.train_stats();
     let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
     if out_path.exists() {
-        return Ok((n_examples, true));
+        return Ok((n_examples, true, Phases::new()));
     }
+    let mut phases = Phases::new();
     let device = lm.model.device();
     let mask_id = lm.tokenizer()?.mask_id;
     let chunks: Vec<&[Job]> = jobs.chunks(layout.part_len).collect();
@@ -876,18 +898,26 @@ fn write_stats_split(
     for (p, chunk) in chunks.iter().enumerate().skip(start) {
         let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
         let us = units(chunk, causal, mask_id)?;
+        let t = Instant::now();
         let states = run_part(lm, &us, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
             .map_err(|e| anyhow::anyhow!("train: {e} (examples from {offset})"))?;
+        add_phase(&mut phases, "forward", t);
+        let t = Instant::now();
         // Straight into the running sums (0 + M + total was the same sum as M + total, through
         // a fresh zeroed copy of the sums, 8.6 GB at d = 4096, and a third one for the add).
         total.accumulate(&states.to_device(device)?)?;
+        // Waited for so that the phase holds its own time (not the next part's first copy).
+        device.synchronize()?;
+        add_phase(&mut phases, "statistics", t);
         offset += n;
         // The last part's sums go straight to the output below.
         if p + 1 == chunks.len() || !checkpoint.due() {
             continue;
         }
         let path = stats_part_path(run, layout.first_part + p);
+        let t = Instant::now();
         checkpoint.write(|| total.write(&path))?;
+        add_phase(&mut phases, "checkpoints", t);
         if let Some(old) = saved.replace(p) {
             std::fs::remove_file(stats_part_path(run, layout.first_part + old)).ok();
         }
@@ -901,12 +931,14 @@ fn write_stats_split(
     }
     bar.finish_and_clear();
     ensure_count(total.n, n_examples)?;
+    let t = Instant::now();
     total.write(&out_path)?;
+    add_phase(&mut phases, "write", t);
     if let Some(old) = saved {
         std::fs::remove_file(stats_part_path(run, layout.first_part + old)).ok();
     }
     std::fs::remove_dir(run.parts_dir()).ok();
-    Ok((n_examples, false))
+    Ok((n_examples, false, phases))
 }
 
 /// The most a statistics checkpoint may cost, as a fraction of the work since the one before:

@@ -73,6 +73,7 @@
 
 pub mod cpu;
 pub mod device;
+pub mod few_rows;
 pub mod solve;
 pub mod stats;
 pub mod synthetic;
