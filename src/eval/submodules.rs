@@ -44,7 +44,7 @@ impl Default for SubmoduleOptions {
         Self {
             n_train: 3000,
             n_eval: 300,
-            batch_tokens: 1024,
+            batch_tokens: 0,
             progress: true,
         }
     }
