@@ -336,9 +336,13 @@ for section in $SECTIONS; do
       --out "$R" --train 9000 --val 3000 --stats-only --pairs to-final --quiet
     # The tables (and raw.tgz) after every stage: a call cut off by its time limit still brings
     # back the stage times it reached.
+    # The manifest after every stage: its phase times (counts.*.phases_s of collect, stages.fit.phases_s,
+    # stages.submodules.parts_s) come back even when a later stage is cut off.
+    cp "$R/manifest.json" "$R_OUT/study8b-manifest.json"
     tables
     for stage in fit r2 predict early-exit; do
       timed "study8b $stage" "$BIN" --device cuda --dtype bf16 $stage "$R" >"$R_OUT/study8b-$stage.txt"
+      cp "$R/manifest.json" "$R_OUT/study8b-manifest.json"
       tables
     done
     # Sub-modules last (they fit the short jumps alternation needs and replay their training sample).

@@ -16,7 +16,7 @@
 //! (the same sentences, positions and batches), so that `jumplens merge` of the N shards is the
 //! single run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -323,6 +323,19 @@ pub struct SplitSummary {
     pub examples: usize,
     pub skipped_too_long: usize,
     pub wall_s: f64,
+    /// Wall seconds of the split's phases (see [`Phases`]); empty when it was already collected.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases_s: Phases,
+}
+
+/// Wall seconds per phase of a split's collection, summed over its parts, for the manifest
+/// (`counts.<split>.phases_s`): `forward` (the model over the batches and the sampled rows to
+/// the host), `statistics` (adding a part to the float64 sums, waited for), `checkpoints` /
+/// `write_parts` (resumable files), `write` (the split's file).
+pub type Phases = BTreeMap<String, f64>;
+
+fn add_phase(phases: &mut Phases, name: &str, since: Instant) {
+    *phases.entry(name.to_string()).or_default() += since.elapsed().as_secs_f64();
 }
 
 /// Sentences per resumable part (the default of [`StreamOptions::part_sentences`]).
@@ -408,10 +421,11 @@ pub fn collect_stream(
     }
     let info = lm.model.info().clone();
     let (format, articles) = corpus::read_corpus(corpus_path, &opts.text_field)?;
-    let model_record = ModelRecord {
+    let mut model_record = ModelRecord {
         // Absolute, so that later stages run from another folder find the model.
         path: absolute(&lm.path),
-        sha256: crate::data::io::sha256_path(&lm.path)?,
+        // Hashed once the run folder exists (below), into its sha256 cache.
+        sha256: String::new(),
         arch: info.arch.clone(),
         n_layers: info.n_layers,
         d_model: info.d_model,
@@ -456,6 +470,9 @@ pub fn collect_stream(
         }
     }
     let _lock = run.lock()?;
+    // Into the run's cache, which the later stages' model check reads: an 8B model's 16 GB are
+    // hashed once per run instead of again by the first stage that checks it (~8 s each).
+    model_record.sha256 = crate::data::io::sha256_path_cached(&lm.path, &run.sha256_cache())?;
     for dir in [run.root.clone(), run.root.join("activations"), run.parts_dir()] {
         crate::data::io::remove_stale_temps(&dir);
     }
@@ -504,7 +521,7 @@ pub fn collect_stream(
             first_part: parts.start,
             part_len,
         };
-        let (n_examples, resumed) = match (split, stream.stats) {
+        let (n_examples, resumed, phases_s) = match (split, stream.stats) {
             ("train", Some(kind)) => write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress)?,
             _ => write_split(lm, jobs, causal, run, split, &layout, opts, progress)?,
         };
@@ -514,6 +531,7 @@ pub fn collect_stream(
             examples: n_examples,
             skipped_too_long: too_long,
             wall_s: started.elapsed().as_secs_f64(),
+            phases_s,
         };
         if progress {
             eprintln!("{}", summary.line(split, resumed));
@@ -710,13 +728,14 @@ fn write_split(
     layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
-) -> Result<(usize, bool)> {
+) -> Result<(usize, bool, Phases)> {
     let info = lm.model.info();
     let out_path = run.activations(split);
     let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
     if out_path.exists() {
-        return Ok((n_examples, true));
+        return Ok((n_examples, true, Phases::new()));
     }
+    let mut phases = Phases::new();
     let mask_id = lm.tokenizer()?.mask_id;
     let chunks: Vec<Vec<Unit>> = jobs
         .chunks(layout.part_len)
@@ -737,9 +756,13 @@ fn write_split(
         if part_path.exists() {
             bar.inc(units.len() as u64);
         } else {
+            let t = Instant::now();
             let states = run_part(lm, units, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
                 .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
+            add_phase(&mut phases, "forward", t);
+            let t = Instant::now();
             crate::data::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
+            add_phase(&mut phases, "write_parts", t);
         }
         crate::interrupt::set_message(Some(format!(
             "collect {split}: {} of {} parts are kept in {}; run the same command again to resume from them",
@@ -756,6 +779,7 @@ fn write_split(
         run.parts_dir().display()
     )));
     // Merge the parts into one file [S, N, d] with the per-example metadata.
+    let t_write = Instant::now();
     let mut states = Vec::with_capacity(parts.len());
     for p in &parts {
         let t = crate::data::io::read_safetensors(p)?;
@@ -797,11 +821,12 @@ fn write_split(
         ),
     ]);
     crate::data::io::write_safetensors(&out_path, &tensors, Some(meta))?;
+    add_phase(&mut phases, "write", t_write);
     for p in &parts {
         std::fs::remove_file(p).ok();
     }
     std::fs::remove_dir(run.parts_dir()).ok();
-    Ok((n_examples, false))
+    Ok((n_examples, false, phases))
 }
 
 /// The cumulative statistics file after part `p` of the training split.
@@ -827,14 +852,15 @@ fn write_stats_split(
     layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
-) -> Result<(usize, bool)> {
+) -> Result<(usize, bool, Phases)> {
     let info = lm.model.info();
     let (s, d) = (info.n_layers + 1, info.d_model);
     let out_path = run.train_stats();
     let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
     if out_path.exists() {
-        return Ok((n_examples, true));
+        return Ok((n_examples, true, Phases::new()));
     }
+    let mut phases = Phases::new();
     let device = lm.model.device();
     let mask_id = lm.tokenizer()?.mask_id;
     let chunks: Vec<&[Job]> = jobs.chunks(layout.part_len).collect();
@@ -868,22 +894,30 @@ fn write_stats_split(
         .map(|j| j.positions.len())
         .sum();
     let mut saved = start.checked_sub(1);
-    let mut checkpoint = Checkpointing::new();
+    let mut checkpoint = Checkpointing::new(kind.bytes(s, d));
     for (p, chunk) in chunks.iter().enumerate().skip(start) {
         let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
         let us = units(chunk, causal, mask_id)?;
+        let t = Instant::now();
         let states = run_part(lm, &us, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
             .map_err(|e| anyhow::anyhow!("train: {e} (examples from {offset})"))?;
-        let mut part = GramStats::zeros(kind, s, d, device)?;
-        part.accumulate(&states.to_device(device)?)?;
-        total.add(&part)?;
+        add_phase(&mut phases, "forward", t);
+        let t = Instant::now();
+        // Straight into the running sums (0 + M + total was the same sum as M + total, through
+        // a fresh zeroed copy of the sums, 8.6 GB at d = 4096, and a third one for the add).
+        total.accumulate(&states.to_device(device)?)?;
+        // Waited for so that the phase holds its own time (not the next part's first copy).
+        device.synchronize()?;
+        add_phase(&mut phases, "statistics", t);
         offset += n;
         // The last part's sums go straight to the output below.
         if p + 1 == chunks.len() || !checkpoint.due() {
             continue;
         }
         let path = stats_part_path(run, layout.first_part + p);
+        let t = Instant::now();
         checkpoint.write(|| total.write(&path))?;
+        add_phase(&mut phases, "checkpoints", t);
         if let Some(old) = saved.replace(p) {
             std::fs::remove_file(stats_part_path(run, layout.first_part + old)).ok();
         }
@@ -897,12 +931,14 @@ fn write_stats_split(
     }
     bar.finish_and_clear();
     ensure_count(total.n, n_examples)?;
+    let t = Instant::now();
     total.write(&out_path)?;
+    add_phase(&mut phases, "write", t);
     if let Some(old) = saved {
         std::fs::remove_file(stats_part_path(run, layout.first_part + old)).ok();
     }
     std::fs::remove_dir(run.parts_dir()).ok();
-    Ok((n_examples, false))
+    Ok((n_examples, false, phases))
 }
 
 /// The most a statistics checkpoint may cost, as a fraction of the work since the one before:
@@ -911,18 +947,25 @@ fn write_stats_split(
 /// each part.
 const CHECKPOINT_COST: f64 = 0.1;
 
+/// The write rate a first statistics checkpoint is expected to have (bytes per second), before
+/// one was timed: 1 GB/s, a local SSD's order of magnitude.
+const CHECKPOINT_EXPECTED_BYTES_PER_S: f64 = 1e9;
+
 /// When to write the running statistics: a checkpoint is due once the work since the last one
-/// is at least 1 / [`CHECKPOINT_COST`] times what the last write took (the first is due at once).
+/// is at least 1 / [`CHECKPOINT_COST`] times what the last write took. Before the first write
+/// its cost is estimated from the size at [`CHECKPOINT_EXPECTED_BYTES_PER_S`]: small sums are
+/// still written after the first part, while 8.6 GB (to-final at d = 4096) wait for ~86 s of
+/// work instead of costing a write (and a GPU-to-host copy) right after the first part.
 struct Checkpointing {
     since: Instant,
     last_write_s: f64,
 }
 
 impl Checkpointing {
-    fn new() -> Self {
+    fn new(bytes: u64) -> Self {
         Self {
             since: Instant::now(),
-            last_write_s: 0.0,
+            last_write_s: bytes as f64 / CHECKPOINT_EXPECTED_BYTES_PER_S,
         }
     }
 

@@ -518,7 +518,7 @@ enum Command {
         #[arg(long, default_value_t = 3000, visible_alias = "n-train", value_parser = at_least(1))]
         train: usize,
         /// Padded tokens per forward batch (0 = 1024 on the CPU, 16384 on a GPU).
-        #[arg(long, default_value_t = 1024, value_name = "N")]
+        #[arg(long, default_value_t = 0, value_name = "N")]
         batch_tokens: usize,
         #[command(flatten)]
         common: Common,

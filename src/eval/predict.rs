@@ -171,20 +171,12 @@ pub fn evaluate(
     for start in (0..n).step_by(batch) {
         crate::cancel::check()?;
         let rows = batch.min(n - start);
-        let h_last = val
-            .hidden_states
-            .get(last)?
-            .narrow(0, start, rows)?
-            .to_device(&device)?;
+        let h_last = crate::host::view_to_device(&val.hidden_states.get(last)?.narrow(0, start, rows)?, &device)?;
         let reference = Reference::new(model, &h_last, &gold[start..start + rows])?;
         model_top1[start..start + rows].copy_from_slice(&reference.top1);
         for ((_, lens), (lens_acc, tr)) in lenses.iter().zip(acc.iter_mut().zip(traces.iter_mut())) {
             let cast = |layer: usize| -> Result<Tensor> {
-                let h = val
-                    .hidden_states
-                    .get(layer)?
-                    .narrow(0, start, rows)?
-                    .to_device(&device)?;
+                let h = crate::host::view_to_device(&val.hidden_states.get(layer)?.narrow(0, start, rows)?, &device)?;
                 lens.cast(layer, last, &h)
             };
             let cells = reference

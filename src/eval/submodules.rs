@@ -22,6 +22,7 @@ use serde::Serialize;
 use crate::collect::{unit_batches, units_from_activations, UnitBatch};
 use crate::data::Activations;
 use crate::eval::predict::{check_gold, gold_tokens, Acc, LensMetrics, Reference};
+use crate::lens::fit::few_rows::min_norm_maps;
 use crate::lens::fit::{fit_all_pairs, FitOptions};
 use crate::lens::maps::Maps;
 use crate::model::placement::move_to;
@@ -43,16 +44,18 @@ impl Default for SubmoduleOptions {
         Self {
             n_train: 3000,
             n_eval: 300,
-            batch_tokens: 1024,
+            batch_tokens: 0,
             progress: true,
         }
     }
 }
 
-/// (block, sub) -> (input rows, output rows), flattened [n, d] each.
-type SubRows = HashMap<(usize, SubModule), (Vec<f32>, Vec<f32>)>;
+/// (block, sub) -> (input rows, output rows), [rows, d] f32 per batch, where the block ran.
+type SubRows = HashMap<(usize, SubModule), (Vec<Tensor>, Vec<Tensor>)>;
 
-/// Records every sub-module's input and output at the read positions of a batch.
+/// Records every sub-module's input and output at the read positions of a batch. The rows stay
+/// on the device (on a GPU, 256 copies to the host per batch of an 8B-shaped model each waited
+/// for the forward); they are joined once all batches ran.
 struct SubRecorder<'a> {
     batch: &'a UnitBatch,
     /// Appended batch after batch.
@@ -65,22 +68,10 @@ impl Hooks for SubRecorder<'_> {
     }
     fn sub_module(&mut self, layer: usize, sub: SubModule, input: &Tensor, output: &Tensor) -> Result<()> {
         let entry = self.rows.entry((layer, sub)).or_default();
-        entry.0.extend(
-            self.batch
-                .rows(input)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
-        entry.1.extend(
-            self.batch
-                .rows(output)?
-                .to_dtype(candle_core::DType::F32)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
+        entry.0.push(self.batch.rows(input)?.to_dtype(candle_core::DType::F32)?);
+        entry
+            .1
+            .push(self.batch.rows(output)?.to_dtype(candle_core::DType::F32)?);
         Ok(())
     }
 }
@@ -131,15 +122,25 @@ fn fit_submodules_timed(
     parts.add("fit: training forward with recording", started);
     let started = Instant::now();
     let mut maps = BTreeMap::new();
+    let mut few = Vec::new();
     for ((layer, sub), (x, y)) in rows {
-        let n = x.len() / d;
+        let (x, y) = (Tensor::cat(&x, 0)?, Tensor::cat(&y, 0)?);
+        let n = x.dim(0)?;
+        if n < d {
+            // Fewer examples than coordinates (3,000 at d = 4096): through the examples' Gram,
+            // on the device (see `lens::fit::few_rows`).
+            few.push(((layer, sub), (x, y)));
+            continue;
+        }
         // The fit machinery takes stacked states [2, N, d]: state 0 = input, 1 = output.
-        let mut both = x;
-        both.extend(y);
-        let states = Tensor::from_vec(both, (2, n, d), &Device::Cpu)?;
+        let states = Tensor::stack(&[&x, &y], 0)?.to_device(&Device::Cpu)?;
         let (fitted, _) = fit_all_pairs(&states, &[(0, 1)], &FitOptions::default())?;
         let a = fitted.require(0, 1)?.a.clone();
         maps.insert((layer, sub), a.to_device(lm.model.block_device(layer))?);
+    }
+    let inputs: Vec<(Tensor, Tensor)> = few.iter().map(|(_, xy)| xy.clone()).collect();
+    for ((key, _), a) in few.iter().zip(min_norm_maps(&inputs)?) {
+        maps.insert(*key, move_to(&a, lm.model.block_device(key.0))?);
     }
     parts.add("fit: sub-module maps", started);
     Ok(maps)

@@ -223,6 +223,19 @@ fn joined_counts(inputs: &[Input], split: &str) -> Result<Value> {
     m.insert("examples".into(), (sum("examples") as u64).into());
     m.insert("sentences".into(), (sum("sentences") as u64).into());
     m.insert("wall_s".into(), sum("wall_s").into());
+    // The phase times (`phases_s`) summed over the shards, phase by phase.
+    let mut phases = serde_json::Map::new();
+    for x in inputs {
+        if let Some(Value::Object(p)) = x.manifest.counts[split].get("phases_s") {
+            for (k, v) in p {
+                let e = phases.entry(k.clone()).or_insert_with(|| 0.0.into());
+                *e = (e.as_f64().unwrap_or(0.0) + v.as_f64().unwrap_or(0.0)).into();
+            }
+        }
+    }
+    if !phases.is_empty() {
+        m.insert("phases_s".into(), Value::Object(phases));
+    }
     Ok(out)
 }
 

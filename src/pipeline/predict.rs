@@ -137,7 +137,11 @@ pub fn run_predict(
         0 => 1024,
         b => b,
     };
+    // Phase times for the manifest: reading and checking the inputs (the model's sha256
+    // included), the evaluation, the outputs.
+    let read_s = started.elapsed().as_secs_f64();
     let ev = evaluate(lm.model.as_ref(), &val, &lenses, batch, opts.progress)?;
+    let evaluate_s = started.elapsed().as_secs_f64() - read_s;
     crate::pipeline::integrity::check_finite_metrics("predict", "predict.json", &ev.metrics)?;
     if opts.maps.is_none() {
         write_traces(&run.file("predict_traces.safetensors"), &ev)?;
@@ -173,7 +177,9 @@ pub fn run_predict(
         crate::render::figures::plot_predict(&run.file("predict"), &title, &report.lenses)?;
         manifest.set_stage(
             "predict",
-            serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_val": report.n_val}),
+            serde_json::json!({"wall_s": started.elapsed().as_secs_f64(), "n_val": report.n_val,
+                "phases_s": {"read": read_s, "evaluate": evaluate_s,
+                    "write": started.elapsed().as_secs_f64() - read_s - evaluate_s}}),
         );
         run.write_manifest(&manifest)?;
     }

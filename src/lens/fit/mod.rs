@@ -27,7 +27,8 @@
 //! This file holds the options, the pairs, the report types and the dispatch; [`solve`] the
 //! per-layer factorisation shared by both paths (equilibration, Cholesky / inverse, condition
 //! estimates, scikit-learn's cutoff, ridge); [`cpu`] the Gram accumulation on the CPU;
-//! [`device`] the GPU path; [`synthetic`] the synthetic states of the benchmarks and tests.
+//! [`device`] the GPU path; [`synthetic`] the synthetic states of the benchmarks and tests;
+//! [`few_rows`] single maps from fewer examples than coordinates (through the examples' Gram).
 //!
 //! # Numerics
 //!
@@ -73,6 +74,7 @@
 
 pub mod cpu;
 pub mod device;
+pub mod few_rows;
 pub mod solve;
 pub mod stats;
 pub mod synthetic;
