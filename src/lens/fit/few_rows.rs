@@ -51,7 +51,7 @@ pub fn min_norm_maps(pairs: &[(Tensor, Tensor)]) -> Result<Vec<Tensor>> {
                 );
                 // `n` in `solve_block` only sets the equilibration's scale (powers of two).
                 let d = x.dims2()?.1;
-                let (_, p) = solve_block(k, d, 0.0, None)?.expect("float64 analysis always solves");
+                let (_, p) = solve_block(k, d, 0.0, None)?.map_err(|e| anyhow::anyhow!("fit: {e}"))?;
                 Ok(p)
             })
             .collect::<Result<_>>()?;
