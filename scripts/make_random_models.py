@@ -143,8 +143,16 @@ def main():
         else:
             device = args[1]
         args = args[2:]
+    # Without OUT_DIR, or with an option it does not know (`--help`), say how to call it: taken as
+    # the output folder, `--help` once started writing every shape (48 GB) into ./--help.
+    if not args or args[0].startswith("-") or any(a.startswith("-") for a in args[1:]):
+        sys.exit(__doc__.split("\n\n")[1] if args[:1] in (["-h"], ["--help"]) else
+                 f"usage: make_random_models.py [--dtype f32|bf16|f16] [--device D] OUT_DIR [NAME ...] (got {' '.join(args) or 'nothing'})")
     out = args[0]
     names = args[1:] or list(SHAPES)
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        sys.exit(f"make_random_models.py: unknown shape {', '.join(unknown)} (known: {', '.join(SHAPES)})")
     for name in names:
         t0 = time.time()
         with torch.device("meta"):
