@@ -85,7 +85,7 @@ pub fn peek_with(
     for (name, lens) in &lenses {
         let mut layers = Vec::with_capacity(s);
         for l in 0..s {
-            let h = st.hidden_states.get(l)?.to_device(device)?;
+            let h = crate::host::view_to_device(&st.hidden_states.get(l)?, device)?;
             let probs = candle_nn::ops::softmax(&lm.model.readout(&lens.cast(l, s - 1, &h)?)?, D::Minus1)?;
             layers.push(top5(&probs, |id| visible(&tok.decode_one(id)))?);
         }
