@@ -171,14 +171,15 @@ pub fn evaluate(
     for start in (0..n).step_by(batch) {
         crate::cancel::check()?;
         let rows = batch.min(n - start);
-        let h_last = crate::host::view_to_device(&val.hidden_states.get(last)?.narrow(0, start, rows)?, &device)?;
+        // This batch's rows of state `layer` on the model's device.
+        let states = |layer: usize| -> Result<Tensor> {
+            crate::host::view_to_device(&val.hidden_states.get(layer)?.narrow(0, start, rows)?, &device)
+        };
+        let h_last = states(last)?;
         let reference = Reference::new(model, &h_last, &gold[start..start + rows])?;
         model_top1[start..start + rows].copy_from_slice(&reference.top1);
         for ((_, lens), (lens_acc, tr)) in lenses.iter().zip(acc.iter_mut().zip(traces.iter_mut())) {
-            let cast = |layer: usize| -> Result<Tensor> {
-                let h = crate::host::view_to_device(&val.hidden_states.get(layer)?.narrow(0, start, rows)?, &device)?;
-                lens.cast(layer, last, &h)
-            };
+            let cast = |layer: usize| -> Result<Tensor> { lens.cast(layer, last, &states(layer)?) };
             let cells = reference
                 .score_layers(model, s, &cast)
                 .map_err(|e| crate::device::explain_oom(e, &format!("casting {rows} examples"), "lower --batch"))?;

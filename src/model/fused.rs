@@ -564,11 +564,7 @@ FLASH(flash_attention_f16_128, f16, 128)
                 CudaStorageSlice::U32(v) => contiguous(v, ll)?,
                 _ => candle_core::bail!("fused softmax: lengths must be u32"),
             };
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (threads(s), 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = row_config(rows, threads(s));
             let (heads, tq, sl) = (self.heads as i32, t as i32, s as i32);
             let causal = self.causal as i32;
             let window = self.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
@@ -625,11 +621,7 @@ FLASH(flash_attention_f16_128, f16, 128)
                 candle_core::bail!("fused RMSNorm: scale of {} for rows of {d}", wl.shape().elem_count());
             }
             let rows = xl.shape().elem_count() / d;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (threads(d), 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = row_config(rows, threads(d));
             let di = d as i32;
             let out = match (&x.slice, &w.slice) {
                 (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
@@ -904,11 +896,7 @@ FLASH(flash_attention_f16_128, f16, 128)
                 );
             }
             let rows = xl.shape().elem_count() / d;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (threads(d), 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = row_config(rows, threads(d));
             let out = match (&x.slice, &w.slice, &b.slice) {
                 (CudaStorageSlice::F32(a), CudaStorageSlice::F32(c), CudaStorageSlice::F32(e)) => layer_norm_launch(
                     &dev,
@@ -1252,7 +1240,7 @@ FLASH(flash_attention_f16_128, f16, 128)
         Ok((rows, v, r0))
     }
 
-    /// One block of `threads` per row.
+    /// One block of `threads` per row (the row kernels: softmax, norms, the KL).
     fn row_config(rows: usize, threads: u32) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -1377,19 +1365,6 @@ pub fn rms_norm(x: &Tensor, scale: &Tensor, eps: f64, round_first: bool) -> cand
     Ok(None)
 }
 
-/// Whether [`kl_and_grad`] runs for `logits`: on a CUDA device, in f32, bf16 or f16.
-pub fn kl_fused(logits: &Tensor) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        cuda::is_cuda(logits) && cuda::half_or_f32(logits.dtype())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = logits;
-        false
-    }
-}
-
 /// The tuned lens's loss and its gradient for lens logits [R, V] (f32, bf16 or f16 on a CUDA
 /// device; read as f32, the gradient rounded once to their dtype) against
 /// a target's log-probabilities [r0, V] (f32; row r of the logits is scored against target row
@@ -1399,7 +1374,7 @@ pub fn kl_and_grad(logits: &Tensor, log_p: &Tensor, inv_n: f64) -> candle_core::
     #[cfg(feature = "cuda")]
     {
         use candle_core::DType;
-        if kl_fused(logits) && log_p.dtype() == DType::F32 {
+        if cuda::is_cuda(logits) && cuda::half_or_f32(logits.dtype()) && log_p.dtype() == DType::F32 {
             let (z, lp) = (logits.contiguous()?, log_p.contiguous()?);
             let stats = z.apply_op2_no_bwd(&lp, &cuda::KlRowStats)?;
             let grad = z.apply_op3_no_bwd(&lp, &stats, &cuda::KlGrad { inv_n: inv_n as f32 })?;

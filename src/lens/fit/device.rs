@@ -220,11 +220,7 @@ pub fn fit_all_pairs_on_device(
     for (br, (p, diag, warning)) in block_rows.into_iter().zip(solved) {
         let l = br.source;
         let lc = plan.compact[l];
-        let p = Tensor::from_vec(
-            (0..d * d).map(|x| p[(x / d, x % d)]).collect::<Vec<f64>>(),
-            (d, d),
-            &device,
-        )?;
+        let p = crate::lens::fit::solve::mat_tensor(&p, &device)?;
         let mu_l = means.as_ref().map(|m| m.narrow(0, lc * d, d)).transpose()?;
         for (a0, m, c) in br.runs {
             let a64 = c.matmul(&p)?; // [m d, d] = stacked A_t (out x in)

@@ -56,9 +56,7 @@ pub fn min_norm_maps(pairs: &[(Tensor, Tensor)]) -> Result<Vec<Tensor>> {
             })
             .collect::<Result<_>>()?;
         for ((x, y, _), p) in grams.iter().zip(inverses) {
-            let n = p.nrows();
-            let rows: Vec<f64> = (0..n * n).map(|k| p[(k / n, k % n)]).collect();
-            let p = Tensor::from_vec(rows, (n, n), x.device())?;
+            let p = crate::lens::fit::solve::mat_tensor(&p, x.device())?;
             // A = Y^T (K^+ X): [d_out, n] x [n, d_in].
             let a = y.t()?.matmul(&p.matmul(x)?)?.to_dtype(DType::F32)?;
             out.push(a);

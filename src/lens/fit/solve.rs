@@ -254,6 +254,17 @@ pub(crate) fn pow2_near(rms: f64) -> f64 {
     }
 }
 
+/// A faer matrix as a row-major float64 tensor on `device`: how a solved (pseudo-)inverse
+/// reaches the device its products run on.
+pub(crate) fn mat_tensor(m: &Mat<f64>, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+    let (r, c) = (m.nrows(), m.ncols());
+    candle_core::Tensor::from_vec(
+        (0..r * c).map(|k| m[(k / c, k % c)]).collect::<Vec<f64>>(),
+        (r, c),
+        device,
+    )
+}
+
 /// Scaled copy of a symmetric block, solved; returns the unscaled (pseudo-)inverse.
 pub(crate) fn solve_block(
     g: &Mat<f64>,

@@ -180,8 +180,7 @@ fn products_on_device(stats: &GramStats, products: &[Product<'_>], means: &[Opti
         let p_dev = match &uploaded {
             Some((src, p_dev)) if *src == l => p_dev.clone(),
             _ => {
-                let rows: Vec<f64> = (0..d * d).map(|k| p[(k / d, k % d)]).collect();
-                let p_dev = Tensor::from_vec(rows, (d, d), dev)?;
+                let p_dev = crate::lens::fit::solve::mat_tensor(p, dev)?;
                 uploaded = Some((l, p_dev.clone()));
                 p_dev
             }

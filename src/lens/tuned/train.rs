@@ -233,14 +233,9 @@ impl Trainer {
                     .map(|&l| model.final_norm(&lens.cast(l, &states[l].detach().narrow(0, start, len)?)?))
                     .collect::<Result<Vec<_>>>()?;
                 let u = Tensor::cat(&u, 0)?;
-                // In the unembedding's dtype where the fused loss reads it (no [rows, V] casts
-                // either way: the gradient comes back in that dtype for `unembed_vjp`'s GEMM).
+                // In the unembedding's dtype: the fused loss reads it as it is and hands the
+                // gradient back in it for `unembed_vjp`'s GEMM (elsewhere the loss casts to f32).
                 let logits = model.unembed_native(&u.detach())?;
-                let logits = if crate::model::fused::kl_fused(&logits) {
-                    logits
-                } else {
-                    logits.to_dtype(DType::F32)?
-                };
                 // sum_pos KL / n: this chunk's share of the mean over all n positions, per layer.
                 let (kl, g_logits) = target.kl_and_grad(&logits, n)?;
                 total += kl;
@@ -378,12 +373,21 @@ impl Target {
     /// shape took 10.7 s on the H200 against the tuned-lens package's 4.0 s).
     fn kl_and_grad(&self, logits: &Tensor, n: usize) -> Result<(f64, Tensor)> {
         let inv_n = 1.0 / n as f64;
+        if let Target::Device { log_p } = self {
+            stacked(logits.dims2()?.0, log_p.dims2()?.0)?;
+            if let Some((kl, g)) = crate::model::fused::kl_and_grad(logits, log_p, inv_n)? {
+                return Ok((kl.to_scalar::<f64>()? * inv_n, g));
+            }
+        }
+        // Without the fused kernels half-precision logits are scored in f32 (wider ones as
+        // they are: the f64 reference of the tests).
+        let logits = &match logits.dtype() {
+            DType::BF16 | DType::F16 => logits.to_dtype(DType::F32)?,
+            _ => logits.clone(),
+        };
         match self {
             Target::Device { log_p } => {
                 let k = stacked(logits.dims2()?.0, log_p.dims2()?.0)?;
-                if let Some((kl, g)) = crate::model::fused::kl_and_grad(logits, log_p, inv_n)? {
-                    return Ok((kl.to_scalar::<f64>()? * inv_n, g));
-                }
                 let log_p = &log_p.repeat((k, 1))?;
                 let p = &log_p.exp()?;
                 let logq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
