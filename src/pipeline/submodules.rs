@@ -15,14 +15,16 @@
 //!   manifest records how many were fitted (`stages.submodules.jump_maps_fitted`).
 
 use anyhow::{anyhow, bail, Result};
+use candle_core::Tensor;
 
 use crate::collect::CollectOptions;
 use crate::data::run::{require, Manifest, RunDir};
 use crate::data::Activations;
 pub use crate::eval::submodules::SubmoduleOptions;
 use crate::eval::submodules::{check_r2_shape, experiments, schedule_pairs, AlternationReport, SubmoduleReport};
+use crate::lens::fit::few_rows::min_norm_maps;
 use crate::lens::fit::{fit_all_pairs, FitOptions};
-use crate::lens::maps::Maps;
+use crate::lens::maps::{Maps, PairMap};
 use crate::lens::r2::r2_all_pairs;
 use crate::model::LoadedModel;
 
@@ -162,12 +164,35 @@ fn with_schedule_maps(
             train.len()
         );
     }
-    let fit = FitOptions {
-        progress,
-        ..FitOptions::default()
-    };
     // On the model's device, as `fit` and `r2` run there (a GPU fits d = 4096 in seconds).
-    let (extra, _) = fit_all_pairs(&train.hidden_states.to_device(device)?, &missing, &fit)?;
+    let states = train.hidden_states.to_device(device)?;
+    let (_, n, d) = states.dims3()?;
+    let extra = if n < d {
+        // Fewer examples than coordinates (3,000 at d = 4096): every d x d Gram is singular, and
+        // `fit_all_pairs` would end each pair in a host eigendecomposition of it (the 22 jumps of
+        // an 8B-shaped model took minutes); the examples' Gram gives the same least-norm maps.
+        let inputs: Vec<(Tensor, Tensor)> = missing
+            .iter()
+            .map(|&(l, l2)| Ok((states.get(l)?, states.get(l2)?)))
+            .collect::<Result<_>>()?;
+        let pairs = missing
+            .iter()
+            .zip(min_norm_maps(&inputs)?)
+            .map(|(&(source, target), a)| PairMap {
+                source,
+                target,
+                a,
+                intercept: None,
+            })
+            .collect();
+        Maps::new(d, pairs)
+    } else {
+        let fit = FitOptions {
+            progress,
+            ..FitOptions::default()
+        };
+        fit_all_pairs(&states, &missing, &fit)?.0
+    };
     let table = r2_all_pairs(&val.hidden_states.to_device(device)?, &extra)?;
     for &(l, l2) in &missing {
         r2[l][l2] = table.mat[l][l2];
