@@ -28,6 +28,8 @@
 #   bf16small only the SmolLM2 and GPT-2 rows of bf16 (BF16_MODELS="gpt2" for one of them)
 #   study8b  the whole study (collect 9,000 + 3,000 Wikipedia sentences with SmolLM2's tokenizer,
 #            fit, r2, predict, early exit, sub-modules) on the 8B-shaped model in bf16
+#   diag8b   the 8B model's load time (one text's hidden states, twice) and forward rates at the
+#            shapes of the study's collect batches (115 x 142, 256 x 30)
 #   report8b `jumplens report` (every stage, 2,000 + 500 sentences) on the 8B shape in bf16
 #   profile  where a forward's time goes: the 8B shape cut to 4 blocks in bf16 at 16 x 512 and
 #            64 x 32, jumplens `bench forward --profile` (time per block part) next to PyTorch's
@@ -346,8 +348,25 @@ for section in $SECTIONS; do
       tables
     done
     # Sub-modules last (they fit the short jumps alternation needs and replay their training sample).
+    # STUDY8B_SUBMODULES=0 stops before them (their time is measured on its own, ~220 s in 2026-12).
+    [ "${STUDY8B_SUBMODULES:-1}" = 0 ] && continue
     timed "study8b submodules" timeout 240 "$BIN" --device cuda --dtype bf16 submodules "$R" >"$R_OUT/study8b-submodules.txt"
     cp "$R/manifest.json" "$R_OUT/study8b-manifest.json"
+    ;;
+  diag8b)
+    # Where the 8B study's collect time goes beyond the forward: one process that only loads the
+    # model and runs one text, and the forward rate at the shapes collect's batches have
+    # (Wikipedia sentences of ~30 tokens, the longest 142: batches of ~115 x 142 and 256 x 30).
+    log "diag8b"
+    M8=$W/models/llama3-8b
+    [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 --device cuda "$W/models" llama3-8b >>"$OUT/log.txt"
+    timed "load + one text (hidden-states)" "$BIN" --device cuda --dtype bf16 hidden-states "$M8" --text "The capital of France is" --out "$W/one.safetensors"
+    timed "load + one text again" "$BIN" --device cuda --dtype bf16 hidden-states "$M8" --text "The capital of France is" --out "$W/one.safetensors"
+    for shape in 115x142 256x30; do
+      b=${shape%x*} t=${shape#*x}
+      "$BIN" --device cuda --dtype bf16 bench forward "$M8" --batch $b --seq $t --iters 5 >"$R_OUT/diag8b-fwd-$shape.json" 2>>"$OUT/log.txt" || log "FAILED diag8b $shape"
+      log "diag8b forward $shape: $(cat "$R_OUT/diag8b-fwd-$shape.json" | tr -d '\n' | cut -c1-300)"
+    done
     ;;
   report8b)
     # Issue 13 item 4: `jumplens report` on the 8B shape finishes every stage on one GPU.

@@ -252,12 +252,17 @@ fn run_part(
     batch_tokens: usize,
     n_examples: usize,
     on_batch: &mut dyn FnMut(usize),
+    phases: &mut Phases,
 ) -> Result<Tensor> {
     let info = lm.model.info();
     let (s, d) = (info.n_layers + 1, info.d_model);
     let mut out = vec![0f32; s * n_examples * d];
-    for ub in unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, lm.model.device())? {
+    let t = Instant::now();
+    let batches = unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, lm.model.device())?;
+    add_phase(phases, "batches", t);
+    for ub in batches {
         crate::cancel::check()?;
+        let t = Instant::now();
         let states = model::hidden_states(lm.model.as_ref(), &ub.batch).map_err(|e| {
             let what = format!(
                 "running a batch of {} x {} tokens",
@@ -266,9 +271,16 @@ fn run_part(
             );
             crate::device::explain_oom(e, &what, "lower --batch-tokens")
         })?;
+        // Waited for so that the model's time is told apart from the copies' below.
+        lm.model.device().synchronize()?;
+        add_phase(phases, "model", t);
+        let t = Instant::now();
         // Only the sampled rows leave the device, all layers of a device in one copy (a split
         // model leaves each state on the device of the block that made it).
         let picked = sampled_rows(lm.model.as_ref(), &ub, &states)?;
+        drop(states);
+        add_phase(phases, "rows to host", t);
+        let t = Instant::now();
         let per_layer = ub.examples.len() * d;
         for (layer, rows) in picked.chunks(per_layer).enumerate() {
             for (r, &e) in ub.examples.iter().enumerate() {
@@ -279,9 +291,89 @@ fn run_part(
                 out[(layer * n_examples + e) * d..(layer * n_examples + e + 1) * d].copy_from_slice(src);
             }
         }
+        add_phase(phases, "host copy", t);
         on_batch(ub.batch.batch_size());
     }
     Ok(Tensor::from_vec(out, (s, n_examples, d), &Device::Cpu)?)
+}
+
+/// Runs the model over `units` (one part) and adds the sampled rows of every state to `total`
+/// batch by batch, on the model's GPU: the rows never travel to the host and back (for an
+/// 8B-shaped model that round trip of 4.9 GB took 19 s of a 40 s training split). The CPU and
+/// a model split across devices take the host path ([`run_part`]), one addition per part.
+fn accumulate_part(
+    lm: &LoadedModel,
+    units: &[Unit],
+    batch_tokens: usize,
+    n_examples: usize,
+    total: &mut GramStats,
+    on_batch: &mut dyn FnMut(usize),
+    phases: &mut Phases,
+) -> Result<()> {
+    let device = lm.model.device();
+    // On the CPU the rows are on the host anyway, and one addition per part (not per batch of
+    // ~34 sentences) keeps the passes over the sums few.
+    if lm.model.placement().is_some() || device.is_cpu() {
+        let states = run_part(lm, units, batch_tokens, n_examples, on_batch, phases)?;
+        let t = Instant::now();
+        total.accumulate(&states.to_device(device)?)?;
+        device.synchronize()?;
+        add_phase(phases, "statistics", t);
+        return Ok(());
+    }
+    let t = Instant::now();
+    let batches = unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, device)?;
+    add_phase(phases, "batches", t);
+    for ub in batches {
+        crate::cancel::check()?;
+        let t = Instant::now();
+        let states = model::hidden_states(lm.model.as_ref(), &ub.batch).map_err(|e| {
+            let what = format!(
+                "running a batch of {} x {} tokens",
+                ub.batch.batch_size(),
+                ub.batch.seq_len()
+            );
+            crate::device::explain_oom(e, &what, "lower --batch-tokens")
+        })?;
+        device.synchronize()?;
+        add_phase(phases, "model", t);
+        let t = Instant::now();
+        let picked = states
+            .iter()
+            .map(|h| ub.rows_with(h, &ub.gather))
+            .collect::<Result<Vec<_>>>()?;
+        drop(states);
+        // Stored as f32 whatever the compute dtype, as the stored form is (the same rows).
+        let rows = crate::model::layers::f32(Tensor::stack(&picked, 0)?)?;
+        // One number to the host: a NaN or infinity anywhere makes the sum of magnitudes one.
+        let magnitude = rows
+            .abs()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !magnitude.is_finite() {
+            let host: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+            let d = rows.dim(2)?;
+            let per_layer = ub.examples.len() * d;
+            for (layer, chunk) in host.chunks(per_layer).enumerate() {
+                if let Some(i) = chunk.iter().position(|x| !x.is_finite()) {
+                    bail!(
+                        "non-finite hidden state (layer {layer}, example {} of this part, coordinate {})",
+                        ub.examples[i / d],
+                        i % d
+                    );
+                }
+            }
+            bail!("the hidden states' magnitudes sum to {magnitude} (overflow)");
+        }
+        add_phase(phases, "rows", t);
+        let t = Instant::now();
+        total.accumulate(&rows)?;
+        device.synchronize()?;
+        add_phase(phases, "statistics", t);
+        on_batch(ub.batch.batch_size());
+    }
+    Ok(())
 }
 
 /// The sampled rows of every state h_0..h_L, as f32 on the host in layer order: each device's
@@ -472,7 +564,7 @@ pub fn collect_stream(
     let _lock = run.lock()?;
     // Into the run's cache, which the later stages' model check reads: an 8B model's 16 GB are
     // hashed once per run instead of again by the first stage that checks it (~8 s each).
-    model_record.sha256 = crate::data::io::sha256_path_cached(&lm.path, &run.sha256_cache())?;
+    let mut model_sha = ModelHash::start(&lm.path, run.sha256_cache());
     for dir in [run.root.clone(), run.root.join("activations"), run.parts_dir()] {
         crate::data::io::remove_stale_temps(&dir);
     }
@@ -484,6 +576,8 @@ pub fn collect_stream(
     let old = run.read_manifest_if_any()?;
     if let Some(old) = old {
         if run.collected_data().is_some() {
+            // Data already there is bound to its model: the hash is needed before anything.
+            model_record.sha256 = model_sha.wait()?;
             if let Some(diff) = collection_difference(&old, &model_record, &corpus_record, &options) {
                 bail!(
                     "{}: this run was collected with {diff}; use the same options or a new --out folder",
@@ -506,11 +600,58 @@ pub fn collect_stream(
     run.write_manifest(&manifest)?;
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed.wrapping_add(1));
     let causal = info.attention == AttentionKind::Causal;
-    for (split, sentences) in [("train", &train), ("val", &val)] {
+    let mut pending: Option<PendingWrite> = None;
+    let splits = collect_splits(
+        lm,
+        run,
+        opts,
+        stream,
+        progress,
+        &train,
+        &val,
+        &tokens,
+        too_long,
+        causal,
+        part_len,
+        &mut rng,
+        &mut manifest,
+        &mut model_sha,
+        &mut pending,
+    );
+    // Even when the validation split failed, the training statistics are finished first.
+    let written = finish_stats_write(pending, &mut manifest);
+    splits?;
+    written?;
+    std::fs::remove_dir(run.parts_dir()).ok();
+    run.write_manifest(&manifest)?;
+    crate::interrupt::set_message(None);
+    Ok(manifest)
+}
+
+/// Both splits of [`collect_stream`], the manifest written after each.
+#[allow(clippy::too_many_arguments)]
+fn collect_splits(
+    lm: &LoadedModel,
+    run: &RunDir,
+    opts: &CollectOptions,
+    stream: &StreamOptions,
+    progress: bool,
+    train: &[SampledSentence],
+    val: &[SampledSentence],
+    tokens: &HashMap<String, Vec<u32>>,
+    too_long: usize,
+    causal: bool,
+    part_len: usize,
+    rng: &mut ChaCha8Rng,
+    manifest: &mut Manifest,
+    model_sha: &mut ModelHash,
+    pending: &mut Option<PendingWrite>,
+) -> Result<()> {
+    for (split, sentences) in [("train", train), ("val", val)] {
         let started = Instant::now();
         // Every job of the whole run is made (the random positions depend on the order), then
         // the shard keeps its parts.
-        let all_jobs = make_jobs(lm, sentences, &tokens, opts.positions, &mut rng)?;
+        let all_jobs = make_jobs(lm, sentences, tokens, opts.positions, rng)?;
         let n_parts = all_jobs.len().div_ceil(part_len);
         let parts = match stream.shard {
             Some(sh) => sh.parts(n_parts)?,
@@ -522,9 +663,16 @@ pub fn collect_stream(
             part_len,
         };
         let (n_examples, resumed, phases_s) = match (split, stream.stats) {
-            ("train", Some(kind)) => write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress)?,
+            ("train", Some(kind)) => {
+                let (n, resumed, phases, writer) =
+                    write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress)?;
+                *pending = writer;
+                (n, resumed, phases)
+            }
             _ => write_split(lm, jobs, causal, run, split, &layout, opts, progress)?,
         };
+        // Hashed while the first split ran; the manifest binds data from here on.
+        manifest.model.sha256 = model_sha.wait()?;
         let summary = SplitSummary {
             requested: if split == "train" { opts.n_train } else { opts.n_val },
             sentences: jobs.len(),
@@ -537,10 +685,38 @@ pub fn collect_stream(
             eprintln!("{}", summary.line(split, resumed));
         }
         manifest.counts.insert(split.into(), serde_json::to_value(&summary)?);
-        run.write_manifest(&manifest)?;
+        run.write_manifest(manifest)?;
     }
-    crate::interrupt::set_message(None);
-    Ok(manifest)
+    Ok(())
+}
+
+/// The model's sha256, hashed by a thread while the collection runs (16 GB of an 8B model took
+/// ~8 s before the first forward); [`ModelHash::wait`] joins it once, then returns the value.
+struct ModelHash {
+    thread: Option<std::thread::JoinHandle<Result<String>>>,
+    value: Option<String>,
+}
+
+impl ModelHash {
+    fn start(model: &Path, cache: std::path::PathBuf) -> Self {
+        let model = model.to_path_buf();
+        Self {
+            thread: Some(std::thread::spawn(move || {
+                crate::data::io::sha256_path_cached(&model, &cache)
+            })),
+            value: None,
+        }
+    }
+
+    fn wait(&mut self) -> Result<String> {
+        if let Some(t) = self.thread.take() {
+            let sha = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("hashing the model failed (the thread panicked)"))??;
+            self.value = Some(sha);
+        }
+        Ok(self.value.clone().unwrap_or_default())
+    }
 }
 
 /// Both splits' sentences as `collect` samples them, and their token ids.
@@ -616,7 +792,14 @@ pub fn replay_train(
     let causal = lm.model.info().attention == AttentionKind::Causal;
     let us = units(&jobs, causal, lm.tokenizer()?.mask_id)?;
     let bar = crate::progress::bar(us.len() as u64, "replay train", progress);
-    let hidden_states = run_part(lm, &us, batch_tokens, n, &mut |rows| bar.inc(rows as u64))?;
+    let hidden_states = run_part(
+        lm,
+        &us,
+        batch_tokens,
+        n,
+        &mut |rows| bar.inc(rows as u64),
+        &mut Phases::new(),
+    )?;
     bar.finish_and_clear();
     let (mut positions, mut tokens, mut offsets) = (Vec::with_capacity(n), Vec::new(), vec![0]);
     for job in &jobs {
@@ -757,8 +940,15 @@ fn write_split(
             bar.inc(units.len() as u64);
         } else {
             let t = Instant::now();
-            let states = run_part(lm, units, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
-                .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
+            let states = run_part(
+                lm,
+                units,
+                opts.batch_tokens,
+                n,
+                &mut |rows| bar.inc(rows as u64),
+                &mut phases,
+            )
+            .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
             add_phase(&mut phases, "forward", t);
             let t = Instant::now();
             crate::data::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
@@ -852,13 +1042,13 @@ fn write_stats_split(
     layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
-) -> Result<(usize, bool, Phases)> {
+) -> Result<(usize, bool, Phases, Option<PendingWrite>)> {
     let info = lm.model.info();
     let (s, d) = (info.n_layers + 1, info.d_model);
     let out_path = run.train_stats();
     let n_examples: usize = jobs.iter().map(|j| j.positions.len()).sum();
     if out_path.exists() {
-        return Ok((n_examples, true, Phases::new()));
+        return Ok((n_examples, true, Phases::new(), None));
     }
     let mut phases = Phases::new();
     let device = lm.model.device();
@@ -899,16 +1089,17 @@ fn write_stats_split(
         let n: usize = chunk.iter().map(|j| j.positions.len()).sum();
         let us = units(chunk, causal, mask_id)?;
         let t = Instant::now();
-        let states = run_part(lm, &us, opts.batch_tokens, n, &mut |rows| bar.inc(rows as u64))
-            .map_err(|e| anyhow::anyhow!("train: {e} (examples from {offset})"))?;
-        add_phase(&mut phases, "forward", t);
-        let t = Instant::now();
-        // Straight into the running sums (0 + M + total was the same sum as M + total, through
-        // a fresh zeroed copy of the sums, 8.6 GB at d = 4096, and a third one for the add).
-        total.accumulate(&states.to_device(device)?)?;
-        // Waited for so that the phase holds its own time (not the next part's first copy).
-        device.synchronize()?;
-        add_phase(&mut phases, "statistics", t);
+        accumulate_part(
+            lm,
+            &us,
+            opts.batch_tokens,
+            n,
+            &mut total,
+            &mut |rows| bar.inc(rows as u64),
+            &mut phases,
+        )
+        .map_err(|e| anyhow::anyhow!("train: {e} (examples from {offset})"))?;
+        add_phase(&mut phases, "forward and statistics", t);
         offset += n;
         // The last part's sums go straight to the output below.
         if p + 1 == chunks.len() || !checkpoint.due() {
@@ -932,13 +1123,45 @@ fn write_stats_split(
     bar.finish_and_clear();
     ensure_count(total.n, n_examples)?;
     let t = Instant::now();
-    total.write(&out_path)?;
-    add_phase(&mut phases, "write", t);
-    if let Some(old) = saved {
-        std::fs::remove_file(stats_part_path(run, layout.first_part + old)).ok();
+    let host = total.to_host()?;
+    drop(total);
+    add_phase(&mut phases, "statistics to host", t);
+    // The file is written by a thread while the validation split runs on the device (8.6 GB at
+    // d = 4096 took 21 s, a fifth of the collection). The checkpoint it replaces is removed only
+    // once the file is in place, so an interruption leaves one of the two.
+    let checkpoint = saved.map(|old| stats_part_path(run, layout.first_part + old));
+    let writer = std::thread::spawn(move || -> Result<f64> {
+        let t = Instant::now();
+        host.write(&out_path)?;
+        if let Some(old) = checkpoint {
+            std::fs::remove_file(old).ok();
+        }
+        Ok(t.elapsed().as_secs_f64())
+    });
+    Ok((n_examples, false, phases, Some(writer)))
+}
+
+/// The training statistics being written in the background: the thread's write seconds.
+type PendingWrite = std::thread::JoinHandle<Result<f64>>;
+
+/// Waits for the training statistics' background write and records its time in the manifest
+/// (`counts.train.phases_s`: `write` in the background, `write waited` after the last split).
+fn finish_stats_write(pending: Option<PendingWrite>, manifest: &mut Manifest) -> Result<()> {
+    let Some(writer) = pending else { return Ok(()) };
+    let t = Instant::now();
+    let write_s = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("collect train: writing the statistics failed (the writer panicked)"))??;
+    let phases = manifest
+        .counts
+        .get_mut("train")
+        .and_then(|c| c.get_mut("phases_s"))
+        .and_then(|p| p.as_object_mut());
+    if let Some(p) = phases {
+        p.insert("write".into(), write_s.into());
+        p.insert("write waited".into(), t.elapsed().as_secs_f64().into());
     }
-    std::fs::remove_dir(run.parts_dir()).ok();
-    Ok((n_examples, false, phases))
+    Ok(())
 }
 
 /// The most a statistics checkpoint may cost, as a fraction of the work since the one before:

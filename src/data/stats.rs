@@ -84,6 +84,19 @@ pub struct GramStats {
     pub cross: Option<Tensor>,
 }
 
+/// [`GramStats`] on the host, ready to be written (see [`GramStats::to_host`]).
+pub struct HostStats {
+    tensors: Vec<(String, Tensor)>,
+    meta: HashMap<String, String>,
+}
+
+impl HostStats {
+    /// Writes the statistics file atomically (the format [`GramStats::read`] reads).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        crate::data::io::write_safetensors(path, &self.tensors, Some(self.meta.clone()))
+    }
+}
+
 impl GramStats {
     /// Zero statistics on `device`.
     pub fn zeros(pairs: StatsPairs, n_states: usize, d: usize, device: &Device) -> Result<Self> {
@@ -220,6 +233,13 @@ impl GramStats {
 
     /// Writes the statistics atomically (tensors moved to the host).
     pub fn write(&self, path: &Path) -> Result<()> {
+        self.to_host()?.write(path)
+    }
+
+    /// The tensors and header of [`GramStats::write`], copied to the host: what a background
+    /// thread writes while the device goes on (`collect` writes the training sums during the
+    /// validation split).
+    pub fn to_host(&self) -> Result<HostStats> {
         let cpu = Device::Cpu;
         let mut tensors = vec![
             ("sums".to_string(), self.sums.to_device(&cpu)?),
@@ -246,7 +266,7 @@ impl GramStats {
                     .to_string(),
             ),
         ]);
-        crate::data::io::write_safetensors(path, &tensors, Some(meta))
+        Ok(HostStats { tensors, meta })
     }
 
     /// Reads statistics written by [`GramStats::write`] onto `device`, checking their shapes.
