@@ -664,15 +664,31 @@ fn collect_splits(
         };
         let (n_examples, resumed, phases_s) = match (split, stream.stats) {
             ("train", Some(kind)) => {
+                let mut bind = Binding {
+                    hash: model_sha,
+                    run,
+                    manifest,
+                };
                 let (n, resumed, phases, writer) =
-                    write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress)?;
+                    write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress, &mut bind)?;
                 *pending = writer;
                 (n, resumed, phases)
             }
-            _ => write_split(lm, jobs, causal, run, split, &layout, opts, progress)?,
+            _ => {
+                let mut bind = Binding {
+                    hash: model_sha,
+                    run,
+                    manifest,
+                };
+                write_split(lm, jobs, causal, run, split, &layout, opts, progress, &mut bind)?
+            }
         };
-        // Hashed while the first split ran; the manifest binds data from here on.
-        manifest.model.sha256 = model_sha.wait()?;
+        Binding {
+            hash: model_sha,
+            run,
+            manifest,
+        }
+        .bind()?;
         let summary = SplitSummary {
             requested: if split == "train" { opts.n_train } else { opts.n_val },
             sentences: jobs.len(),
@@ -695,6 +711,27 @@ fn collect_splits(
 struct ModelHash {
     thread: Option<std::thread::JoinHandle<Result<String>>>,
     value: Option<String>,
+}
+
+/// What a collection's first file waits for: the model's hash in the manifest. A file of
+/// collected data (a part, a checkpoint, a split) binds the run to its model, and a rerun checks
+/// the recorded hash before it resumes from such files, so none is written before the manifest
+/// holds the hash.
+struct Binding<'a> {
+    hash: &'a mut ModelHash,
+    run: &'a RunDir,
+    manifest: &'a mut Manifest,
+}
+
+impl Binding<'_> {
+    /// Waits for the hash and writes the manifest with it, once.
+    fn bind(&mut self) -> Result<()> {
+        if self.manifest.model.sha256.is_empty() {
+            self.manifest.model.sha256 = self.hash.wait()?;
+            self.run.write_manifest(self.manifest)?;
+        }
+        Ok(())
+    }
 }
 
 impl ModelHash {
@@ -911,6 +948,7 @@ fn write_split(
     layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
+    bind: &mut Binding,
 ) -> Result<(usize, bool, Phases)> {
     let info = lm.model.info();
     let out_path = run.activations(split);
@@ -950,6 +988,7 @@ fn write_split(
             )
             .map_err(|e| anyhow::anyhow!("{split}: {e} (examples from {offset})"))?;
             add_phase(&mut phases, "forward", t);
+            bind.bind()?;
             let t = Instant::now();
             crate::data::io::write_safetensors(&part_path, &[("hidden_states".into(), states)], None)?;
             add_phase(&mut phases, "write_parts", t);
@@ -1010,6 +1049,7 @@ fn write_split(
             "hidden_states[l] = h_l at positions[i] of example i; h_L is before the final norm".to_string(),
         ),
     ]);
+    bind.bind()?;
     crate::data::io::write_safetensors(&out_path, &tensors, Some(meta))?;
     add_phase(&mut phases, "write", t_write);
     for p in &parts {
@@ -1042,6 +1082,7 @@ fn write_stats_split(
     layout: &SplitLayout,
     opts: &CollectOptions,
     progress: bool,
+    bind: &mut Binding,
 ) -> Result<(usize, bool, Phases, Option<PendingWrite>)> {
     let info = lm.model.info();
     let (s, d) = (info.n_layers + 1, info.d_model);
@@ -1107,6 +1148,7 @@ fn write_stats_split(
         }
         let path = stats_part_path(run, layout.first_part + p);
         let t = Instant::now();
+        bind.bind()?;
         checkpoint.write(|| total.write(&path))?;
         add_phase(&mut phases, "checkpoints", t);
         if let Some(old) = saved.replace(p) {
@@ -1130,6 +1172,7 @@ fn write_stats_split(
     // d = 4096 took 21 s, a fifth of the collection). The checkpoint it replaces is removed only
     // once the file is in place, so an interruption leaves one of the two.
     let checkpoint = saved.map(|old| stats_part_path(run, layout.first_part + old));
+    bind.bind()?;
     let writer = std::thread::spawn(move || -> Result<f64> {
         let t = Instant::now();
         host.write(&out_path)?;
