@@ -614,8 +614,11 @@ pub fn collect_stream(
         causal,
         part_len,
         &mut rng,
-        &mut manifest,
-        &mut model_sha,
+        &mut Binding {
+            hash: &mut model_sha,
+            run,
+            manifest: &mut manifest,
+        },
         &mut pending,
     );
     // Even when the validation split failed, the training statistics are finished first.
@@ -643,8 +646,7 @@ fn collect_splits(
     causal: bool,
     part_len: usize,
     rng: &mut ChaCha8Rng,
-    manifest: &mut Manifest,
-    model_sha: &mut ModelHash,
+    bind: &mut Binding,
     pending: &mut Option<PendingWrite>,
 ) -> Result<()> {
     for (split, sentences) in [("train", train), ("val", val)] {
@@ -664,31 +666,15 @@ fn collect_splits(
         };
         let (n_examples, resumed, phases_s) = match (split, stream.stats) {
             ("train", Some(kind)) => {
-                let mut bind = Binding {
-                    hash: model_sha,
-                    run,
-                    manifest,
-                };
                 let (n, resumed, phases, writer) =
-                    write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress, &mut bind)?;
+                    write_stats_split(lm, jobs, causal, run, kind, &layout, opts, progress, bind)?;
                 *pending = writer;
                 (n, resumed, phases)
             }
-            _ => {
-                let mut bind = Binding {
-                    hash: model_sha,
-                    run,
-                    manifest,
-                };
-                write_split(lm, jobs, causal, run, split, &layout, opts, progress, &mut bind)?
-            }
+            _ => write_split(lm, jobs, causal, run, split, &layout, opts, progress, bind)?,
         };
-        Binding {
-            hash: model_sha,
-            run,
-            manifest,
-        }
-        .bind()?;
+        // A split found complete (a resume) wrote nothing; its manifest entry binds it too.
+        bind.bind()?;
         let summary = SplitSummary {
             requested: if split == "train" { opts.n_train } else { opts.n_val },
             sentences: jobs.len(),
@@ -700,8 +686,10 @@ fn collect_splits(
         if progress {
             eprintln!("{}", summary.line(split, resumed));
         }
-        manifest.counts.insert(split.into(), serde_json::to_value(&summary)?);
-        run.write_manifest(manifest)?;
+        bind.manifest
+            .counts
+            .insert(split.into(), serde_json::to_value(&summary)?);
+        run.write_manifest(bind.manifest)?;
     }
     Ok(())
 }
