@@ -261,19 +261,7 @@ fn run_part(
     let batches = unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, lm.model.device())?;
     add_phase(phases, "batches", t);
     for ub in batches {
-        crate::cancel::check()?;
-        let t = Instant::now();
-        let states = model::hidden_states(lm.model.as_ref(), &ub.batch).map_err(|e| {
-            let what = format!(
-                "running a batch of {} x {} tokens",
-                ub.batch.batch_size(),
-                ub.batch.seq_len()
-            );
-            crate::device::explain_oom(e, &what, "lower --batch-tokens")
-        })?;
-        // Waited for so that the model's time is told apart from the copies' below.
-        lm.model.device().synchronize()?;
-        add_phase(phases, "model", t);
+        let states = batch_states(lm, &ub, phases)?;
         let t = Instant::now();
         // Only the sampled rows leave the device, all layers of a device in one copy (a split
         // model leaves each state on the device of the block that made it).
@@ -281,20 +269,50 @@ fn run_part(
         drop(states);
         add_phase(phases, "rows to host", t);
         let t = Instant::now();
+        check_finite_rows(&picked, &ub.examples, d)?;
         let per_layer = ub.examples.len() * d;
         for (layer, rows) in picked.chunks(per_layer).enumerate() {
             for (r, &e) in ub.examples.iter().enumerate() {
-                let src = &rows[r * d..(r + 1) * d];
-                if let Some(bad) = src.iter().position(|x| !x.is_finite()) {
-                    bail!("non-finite hidden state (layer {layer}, example {e} of this part, coordinate {bad})");
-                }
-                out[(layer * n_examples + e) * d..(layer * n_examples + e + 1) * d].copy_from_slice(src);
+                out[(layer * n_examples + e) * d..(layer * n_examples + e + 1) * d]
+                    .copy_from_slice(&rows[r * d..(r + 1) * d]);
             }
         }
         add_phase(phases, "host copy", t);
         on_batch(ub.batch.batch_size());
     }
     Ok(Tensor::from_vec(out, (s, n_examples, d), &Device::Cpu)?)
+}
+
+/// The hidden states h_0..h_L of one batch (a cancelled run stops before it), waited for so
+/// that the `model` phase holds the forward's own time, not the copies' after it.
+fn batch_states(lm: &LoadedModel, ub: &UnitBatch, phases: &mut Phases) -> Result<Vec<Tensor>> {
+    crate::cancel::check()?;
+    let t = Instant::now();
+    let states = model::hidden_states(lm.model.as_ref(), &ub.batch).map_err(|e| {
+        let what = format!(
+            "running a batch of {} x {} tokens",
+            ub.batch.batch_size(),
+            ub.batch.seq_len()
+        );
+        crate::device::explain_oom(e, &what, "lower --batch-tokens")
+    })?;
+    lm.model.device().synchronize()?;
+    add_phase(phases, "model", t);
+    Ok(states)
+}
+
+/// Refuses sampled rows with a NaN or infinity, naming the first: `rows` holds, layer after
+/// layer, the rows of `examples` (width `d`).
+fn check_finite_rows(rows: &[f32], examples: &[usize], d: usize) -> Result<()> {
+    if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
+        let (layer, within) = (i / (examples.len() * d), i % (examples.len() * d));
+        bail!(
+            "non-finite hidden state (layer {layer}, example {} of this part, coordinate {})",
+            examples[within / d],
+            within % d
+        );
+    }
+    Ok(())
 }
 
 /// Runs the model over `units` (one part) and adds the sampled rows of every state to `total`
@@ -325,18 +343,7 @@ fn accumulate_part(
     let batches = unit_batches(units, batch_tokens, lm.tokenizer()?.pad_id, device)?;
     add_phase(phases, "batches", t);
     for ub in batches {
-        crate::cancel::check()?;
-        let t = Instant::now();
-        let states = model::hidden_states(lm.model.as_ref(), &ub.batch).map_err(|e| {
-            let what = format!(
-                "running a batch of {} x {} tokens",
-                ub.batch.batch_size(),
-                ub.batch.seq_len()
-            );
-            crate::device::explain_oom(e, &what, "lower --batch-tokens")
-        })?;
-        device.synchronize()?;
-        add_phase(phases, "model", t);
+        let states = batch_states(lm, &ub, phases)?;
         let t = Instant::now();
         let picked = states
             .iter()
@@ -352,18 +359,7 @@ fn accumulate_part(
             .to_dtype(candle_core::DType::F64)?
             .to_scalar::<f64>()?;
         if !magnitude.is_finite() {
-            let host: Vec<f32> = rows.flatten_all()?.to_vec1()?;
-            let d = rows.dim(2)?;
-            let per_layer = ub.examples.len() * d;
-            for (layer, chunk) in host.chunks(per_layer).enumerate() {
-                if let Some(i) = chunk.iter().position(|x| !x.is_finite()) {
-                    bail!(
-                        "non-finite hidden state (layer {layer}, example {} of this part, coordinate {})",
-                        ub.examples[i / d],
-                        i % d
-                    );
-                }
-            }
+            check_finite_rows(&rows.flatten_all()?.to_vec1()?, &ub.examples, rows.dim(2)?)?;
             bail!("the hidden states' magnitudes sum to {magnitude} (overflow)");
         }
         add_phase(phases, "rows", t);
@@ -1242,4 +1238,26 @@ fn ensure_count(summed: u64, expected: usize) -> Result<()> {
         bail!("collect train: the statistics sum {summed} examples, expected {expected} (were the parts mixed?)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_finite_rows;
+
+    /// The first NaN or infinity is named by layer, example (as numbered in the part) and
+    /// coordinate, from rows laid out layer after layer.
+    #[test]
+    fn non_finite_rows_are_named() {
+        let (examples, d) = ([7usize, 3], 4);
+        let mut rows = vec![0f32; 3 * examples.len() * d];
+        assert!(check_finite_rows(&rows, &examples, d).is_ok());
+        // Layer 2, the second row (example 3), coordinate 1; a later one stays unnamed.
+        rows[2 * examples.len() * d + d + 1] = f32::NAN;
+        *rows.last_mut().unwrap() = f32::INFINITY;
+        let err = check_finite_rows(&rows, &examples, d).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "non-finite hidden state (layer 2, example 3 of this part, coordinate 1)"
+        );
+    }
 }
