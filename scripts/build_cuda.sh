@@ -11,7 +11,7 @@
 # 15-25 minutes on 2 cores (candle's kernels are compiled by nvcc).
 #
 # Running the binary on the GPU machine needs the CUDA 13 runtime libraries (cudart, cublas,
-# cublasLt, curand, nvrtc) and the driver on LD_LIBRARY_PATH; scripts/device_env.sh sets that up
+# cublasLt, curand, nvrtc, cusolver with its cusparse and nvJitLink) and the driver on LD_LIBRARY_PATH; scripts/device_env.sh sets that up
 # for a machine with PyTorch's CUDA 13 wheels installed. Use CUDA 13.0, not newer: the driver
 # (580, CUDA 13.0) JIT-compiles candle's PTX and rejects a newer PTX ISA.
 set -euo pipefail
@@ -24,8 +24,11 @@ WHEELS=(
   nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96
   nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14
   nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88
+  nvidia-cusolver==12.0.4.66 nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88
 )
 
+# A tree made before cuSOLVER joined the list is fetched again.
+[ -e "$CU/lib/libcusolver.so" ] || rm -f "$TREE/.complete"
 if [ ! -f "$TREE/.complete" ]; then
   echo "== fetching the CUDA 13.0 toolkit wheels into $TREE"
   mkdir -p "$TREE/wheels"

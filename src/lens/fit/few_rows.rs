@@ -8,8 +8,13 @@
 //! `A = Y^T K^+ X`: with `X = U S V^T`, `K^+ = U S^-2 U^T` over the kept singular values, and
 //! `X^T K^+ = V S^-1 U^T = X^+`, with scikit-learn's cutoff on the same eigenvalues (`K` and
 //! `X^T X` share their non-zero ones). `K` and the products are float64 GEMMs on the inputs'
-//! device; only the `n x n` factorisations ([`super::solve::solve_block`]: equilibration,
-//! Cholesky, the cutoff) run on the host, several at once.
+//! device. On the CPU the `n x n` factorisations ([`super::solve::solve_block`]: equilibration,
+//! Cholesky, the cutoff) run several at once. On a CUDA device the host factorisations were the
+//! sub-module stage's bottleneck (142 s of 224 s for the 8B shape's 128 maps, most of it the
+//! eigendecompositions scikit-learn's cutoff needs), so there `K`'s spectrum comes from cuSOLVER
+//! ([`super::device_linalg`]) and the map is `A = (Y^T W)(W^T X)` with `W = U_k L_k^-1/2` over the
+//! eigenvalues above the cutoff: the same least-norm solution, with nothing but `n` eigenvalues
+//! crossing to the host.
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
@@ -17,11 +22,17 @@ use faer::Mat;
 use rayon::prelude::*;
 
 use crate::lens::fit::solve::solve_block;
+#[cfg(feature = "cuda")]
+use crate::lens::fit::SKLEARN_RCOND;
 
 /// For each `(X [n, d_in], Y [n, d_out])` (any float dtype, on one device each), the map
 /// `A` [d_out, d_in] (f32, on that device) of least norm minimising `||X A^T - Y||`, the
 /// solution `LinearRegression(fit_intercept=False)` gives. Meant for `n < d_in`; valid for any n.
 pub fn min_norm_maps(pairs: &[(Tensor, Tensor)]) -> Result<Vec<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if pairs.iter().all(|(x, _)| x.device().is_cuda()) {
+        return pairs.iter().map(|(x, y)| min_norm_map_cuda(x, y)).collect();
+    }
     let mut out = Vec::with_capacity(pairs.len());
     // The host holds one n x n Gram and its inverse per map of a group: a group per thread.
     let group = rayon::current_num_threads().max(1);
@@ -63,6 +74,41 @@ pub fn min_norm_maps(pairs: &[(Tensor, Tensor)]) -> Result<Vec<Tensor>> {
         }
     }
     Ok(out)
+}
+
+/// One map on a CUDA device: `K = X X^T` and its eigendecomposition on the GPU, the cutoff on
+/// the host (on `n` eigenvalues), the products on the GPU.
+#[cfg(feature = "cuda")]
+fn min_norm_map_cuda(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let (n, d_in) = x.dims2()?;
+    let (ny, d_out) = y.dims2()?;
+    ensure!(ny == n, "fit: {n} input rows but {ny} output rows");
+    let x = x.to_dtype(DType::F64)?;
+    let y = y.to_dtype(DType::F64)?;
+    ensure!(
+        x.sqr()?.sum_all()?.to_scalar::<f64>()?.is_finite(),
+        "fit: the inputs contain non-finite values"
+    );
+    let k = x.matmul(&x.t()?)?;
+    let (lam, u) = crate::lens::fit::device_linalg::sym_eigen(&k).map_err(|e| anyhow::anyhow!("fit: {e}"))?;
+    let lam: Vec<f64> = lam.to_vec1()?;
+    let lmax = lam.iter().copied().fold(0f64, f64::max);
+    // scikit-learn keeps singular values above rcond * the largest: eigenvalues of K above
+    // rcond^2 * the largest (the same cutoff as `solve::pinv_scaled` on the host).
+    let cut = SKLEARN_RCOND * SKLEARN_RCOND * lmax;
+    // Ascending: the kept eigenvalues are a tail.
+    let first = lam.iter().position(|&v| v > cut).unwrap_or(n);
+    let r = n - first;
+    if r == 0 {
+        return Ok(Tensor::zeros((d_out, d_in), DType::F32, x.device())?);
+    }
+    let inv_sqrt: Vec<f64> = lam[first..].iter().map(|v| 1.0 / v.sqrt()).collect();
+    let inv_sqrt = Tensor::from_vec(inv_sqrt, (r, 1), x.device())?;
+    // W^T [r, n]: the kept eigenvectors, each over the square root of its eigenvalue.
+    let wt = u.narrow(0, first, r)?.broadcast_mul(&inv_sqrt)?;
+    let b = wt.matmul(&x)?; // [r, d_in]
+    let c = y.t()?.matmul(&wt.t()?)?; // [d_out, r]
+    Ok(c.matmul(&b)?.to_dtype(DType::F32)?)
 }
 
 #[cfg(test)]

@@ -74,6 +74,7 @@
 
 pub mod cpu;
 pub mod device;
+pub mod device_linalg;
 pub mod few_rows;
 pub mod solve;
 pub mod stats;

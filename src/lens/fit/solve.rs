@@ -3,8 +3,13 @@
 //! estimates, scikit-learn's minimum-norm cutoff ([`SKLEARN_RCOND`]) via the eigendecomposition,
 //! the ridge penalty, and the per-layer outcome (diagnostics and warning). See the numerics
 //! section of [`crate::lens::fit`] for why.
+//!
+//! [`solve_block_tensor`] is the same decision made where the block lives (a GPU: the fit from
+//! statistics), for the common case of a well-conditioned layer; anything else it hands back to
+//! [`solve_block`] on the host.
 
 use anyhow::Result;
+use candle_core::{DType, Tensor};
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, MatRef, Par, Side};
@@ -82,7 +87,7 @@ fn lambda_max(m: MatRef<'_, f64>) -> f64 {
 }
 
 /// Inverse of a symmetric positive definite matrix via Cholesky (None if not PD).
-fn chol_inverse(g: MatRef<'_, f64>) -> Option<Mat<f64>> {
+pub(crate) fn chol_inverse(g: MatRef<'_, f64>) -> Option<Mat<f64>> {
     use faer::linalg::cholesky::llt;
     let d = g.nrows();
     let mut l = g.to_owned();
@@ -238,8 +243,14 @@ fn analyse(gs: &Mat<f64>, scale: &[f64], inv: &[f64], ridge: f64, trust: Option<
 /// column equilibration. Scaling by powers of two commutes exactly with floating-point
 /// rounding, so applying it to the finished Gram equals scaling the data before the GEMM.
 fn scales_from_diag(g: &Mat<f64>, n: usize) -> (Vec<f64>, Vec<f64>) {
-    let scale: Vec<f64> = (0..g.nrows())
-        .map(|i| pow2_near((g[(i, i)].max(0.0) / n as f64).sqrt()))
+    scales_from_diagonal(&(0..g.nrows()).map(|i| g[(i, i)]).collect::<Vec<_>>(), n)
+}
+
+/// [`scales_from_diag`] from the diagonal's values.
+fn scales_from_diagonal(diag: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
+    let scale: Vec<f64> = diag
+        .iter()
+        .map(|&x| pow2_near((x.max(0.0) / n as f64).sqrt()))
         .collect();
     let inv = scale.iter().map(|s| 1.0 / s).collect();
     (scale, inv)
@@ -285,6 +296,132 @@ pub(crate) fn solve_block(
         }
         Analysis::NeedF64(why) => Err(why),
     })
+}
+
+/// The diagonal of a square matrix tensor, on the host.
+pub(crate) fn diagonal(m: &Tensor) -> Result<Vec<f64>> {
+    let d = m.dim(0)?;
+    let at = Tensor::arange_step(0u32, (d * d) as u32, (d + 1) as u32, m.device())?;
+    Ok(m.flatten_all()?
+        .index_select(&at, 0)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?)
+}
+
+/// [`lambda_max`] of a tensor where it lives: the same start vector, iterations and stopping
+/// rule; `diag` is the matrix's diagonal.
+fn lambda_max_tensor(m: &Tensor, diag: &[f64]) -> Result<f64> {
+    let d = m.dim(0)?;
+    let v: Vec<f64> = (0..d)
+        .map(|i| 1.0 + 0.5 * ((i as f64) * 0.618_033_988_7).fract())
+        .collect();
+    let nv = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mut v = Tensor::from_vec(v.iter().map(|x| x / nv).collect::<Vec<_>>(), (d, 1), m.device())?;
+    let mut lam = 0f64;
+    for it in 0..20 {
+        let w = m.matmul(&v)?;
+        // One copy to the host per iteration: the Rayleigh quotient and |w|^2 together.
+        let both = Tensor::stack(&[(&w * &v)?.sum_all()?, w.sqr()?.sum_all()?], 0)?.to_vec1::<f64>()?;
+        let (rq, nw) = (both[0], both[1].sqrt());
+        if nw == 0.0 || !nw.is_finite() {
+            return Ok(if nw.is_finite() { 0.0 } else { f64::INFINITY });
+        }
+        let done = it >= 3 && (rq - lam).abs() <= 1e-3 * rq.abs();
+        lam = rq;
+        if done {
+            break;
+        }
+        v = (w / nw)?;
+    }
+    Ok(lam.max(diag.iter().fold(0f64, |a, &b| a.max(b))))
+}
+
+/// [`chol_inverse`] of a tensor where it lives: cuSOLVER on a GPU, faer on the CPU (where the
+/// tests run this path).
+fn chol_inverse_tensor(m: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if m.device().is_cuda() {
+        return super::device_linalg::sym_inverse_cholesky(m);
+    }
+    let d = m.dim(0)?;
+    let v = m.flatten_all()?.to_vec1::<f64>()?;
+    let g = MatRef::from_row_major_slice(&v, d, d).to_owned();
+    Ok(chol_inverse(g.as_ref())
+        .map(|p| mat_tensor(&p, m.device()))
+        .transpose()?)
+}
+
+/// The condition numbers of a layer [`solve_block_tensor`] solved.
+pub(crate) struct TensorSolved {
+    pub cond: f64,
+    pub cond_unscaled: f64,
+}
+
+/// [`solve_block`] where the symmetric float64 block `g` [d, d] lives, with `diag` its diagonal:
+/// the same equilibration, ridge, power iterations and thresholds, with the Cholesky inverse
+/// on the block's device. Returns the unscaled inverse there when the layer is full rank and
+/// clear of scikit-learn's cutoff (no float32 Gram is involved, so nothing else is checked);
+/// `None` when the Cholesky fails or the unscaled condition comes near the cutoff, for the
+/// caller to run [`solve_block`] on the host, which then decides as for any other layer.
+pub(crate) fn solve_block_tensor(
+    g: &Tensor,
+    diag: &[f64],
+    n: usize,
+    ridge: f64,
+) -> Result<Option<(TensorSolved, Tensor)>> {
+    let d = diag.len();
+    let dev = g.device();
+    let (scale, inv) = scales_from_diagonal(diag, n);
+    let col = |v: &[f64]| Tensor::from_slice(v, (d, 1), dev);
+    let row = |v: &[f64]| Tensor::from_slice(v, (1, d), dev);
+    let sym_scaled = |m: &Tensor, by: &[f64]| -> Result<Tensor> {
+        // Powers of two: exact, as [`scale_sym`].
+        Ok(m.broadcast_mul(&col(by)?)?.broadcast_mul(&row(by)?)?)
+    };
+    let mut gs = sym_scaled(g, &inv)?;
+    let mut gs_diag: Vec<f64> = diag.iter().zip(&inv).map(|(x, i)| x * i * i).collect();
+    if ridge > 0.0 {
+        let add: Vec<f64> = inv.iter().map(|i| ridge * i * i).collect();
+        gs = (gs + Tensor::eye(d, DType::F64, dev)?.broadcast_mul(&row(&add)?)?)?;
+        gs_diag.iter_mut().zip(&add).for_each(|(x, a)| *x += a);
+    }
+    let lam_g = lambda_max_tensor(&gs, &gs_diag)?;
+    let Some(p) = chol_inverse_tensor(&gs)? else {
+        return Ok(None);
+    };
+    let p_diag = diagonal(&p)?;
+    if p_diag.iter().any(|x| !x.is_finite()) {
+        return Ok(None);
+    }
+    let cond = lam_g * lambda_max_tensor(&p, &p_diag)?;
+    let smax = scale.iter().fold(0f64, |a, &b| a.max(b));
+    let smin = scale.iter().fold(f64::INFINITY, |a, &b| a.min(b));
+    let bound = cond * (smax / smin).powi(2);
+    let p_unscaled = sym_scaled(&p, &inv)?;
+    let cond_unscaled = if ridge > 0.0 || bound <= NEAR_CUTOFF_COND {
+        bound
+    } else {
+        let gu_diag: Vec<f64> = gs_diag.iter().zip(&scale).map(|(x, s)| x * s * s).collect();
+        let pu_diag: Vec<f64> = p_diag.iter().zip(&inv).map(|(x, i)| x * i * i).collect();
+        lambda_max_tensor(&sym_scaled(&gs, &scale)?, &gu_diag)? * lambda_max_tensor(&p_unscaled, &pu_diag)?
+    };
+    if ridge > 0.0 || cond_unscaled <= NEAR_CUTOFF_COND {
+        Ok(Some((TensorSolved { cond, cond_unscaled }, p_unscaled)))
+    } else {
+        Ok(None)
+    }
+}
+
+/// The diagnostics of a full-rank layer solved by Cholesky from a float64 Gram (no warning).
+pub(crate) fn full_rank_outcome(l: usize, d: usize, cond: f64, cond_unscaled: f64) -> LayerDiag {
+    LayerDiag {
+        layer: l,
+        rank: d,
+        cond,
+        cond_unscaled,
+        pseudo_inverse: false,
+        recomputed_f64: false,
+    }
 }
 
 /// Diagnostics and warning of one solved source layer (`reason`: why float32 was not trusted).

@@ -2,7 +2,9 @@
 //! `collect --stats-only` or summed by `merge`) instead of stored activations: the Gram blocks
 //! are already summed, so only the per-source factorisation ([`super::solve::solve_block`], the
 //! same as the fit from activations: equilibration, Cholesky, scikit-learn's cutoff, ridge) and
-//! the float64 products `A = C P` ([`super::cpu::product`]) remain.
+//! the float64 products `A = C P` ([`super::cpu::product`]) remain. Statistics on a GPU are
+//! solved there ([`super::solve::solve_block_tensor`], the same decisions with cuSOLVER's
+//! Cholesky inverse) and only the float32 maps come to the host.
 //!
 //! With an intercept the blocks are centred from the sums, `X^T X - n m m^T` (the fit from
 //! activations centres the data first); in float64 that differs from centring first by about
@@ -17,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::data::stats::GramStats;
 use crate::lens::fit::cpu::{pair_map, product};
-use crate::lens::fit::solve::{layer_outcome, solve_block};
+use crate::lens::fit::solve::{diagonal, full_rank_outcome, layer_outcome, solve_block, solve_block_tensor};
 use crate::lens::fit::{model_flops, FitOptions, FitReport, FitStats, GramPrecision, Plan};
 use crate::lens::maps::{Maps, PairMap};
 
@@ -81,68 +83,107 @@ fn fit_from_stats_with(
     };
     let t_stats = t0.elapsed().as_secs_f64();
 
-    // The blocks to the host (float64): each source's diagonal block, and each pair's cross
-    // block when the products run on the host (statistics on the CPU); on a GPU the cross
-    // blocks stay there and only the inverses travel ([`products_on_device`]).
-    let on_host = !device_products;
-    // Only the copies run here, one after another; the conversions to faer matrices run with
-    // the factorisations, in parallel (32 blocks of 4096^2 converted on one core took ~10 s).
-    let mut sources = Vec::with_capacity(plan.sources.len());
-    for (l, targets) in &plan.sources {
-        let g = stats.block(*l, *l)?.expect("diagonal block");
-        let mut cross = Vec::with_capacity(targets.len());
-        for &t in targets {
-            // C = X_t^T X_l [target coordinates, source coordinates].
-            let c = match on_host {
-                true => Some(block_mat(&stats.block(t, *l)?.expect("pair block"), d, centre(t, *l))),
-                false => None,
-            };
-            cross.push((t, c));
-        }
-        sources.push((*l, g, cross));
-    }
-    let t_gram = t0.elapsed().as_secs_f64();
-
-    let solved: Vec<_> = sources
-        .into_par_iter()
-        .map(|(l, g, cross)| -> Result<_> {
-            let g = block_mat(&g, d, centre(l, l));
+    let (mut layers, mut warnings) = (Vec::new(), Vec::new());
+    let (maps, t_gram, t_factor) = if device_products {
+        // On a GPU everything stays there: each source's block is solved in place
+        // ([`solve_block_tensor`]; the rare layer it hands back is solved on the host) and only
+        // the float32 maps travel. Copying the 32 blocks of an 8B-shaped model to the host,
+        // factorising them there and bringing the inverses back took 27 s of a 41 s fit.
+        let t_gram = t0.elapsed().as_secs_f64();
+        let dev = stats.gram.device();
+        let mut inverses = Vec::with_capacity(plan.sources.len());
+        for (l, _) in &plan.sources {
+            let l = *l;
+            let g = centred_block_tensor(stats, l, l, &means)?;
+            let diag = diagonal(&g)?;
             ensure!(
-                (0..d).all(|i| g[(i, i)].is_finite()),
+                diag.iter().all(|x| x.is_finite()),
                 "fit: the statistics of state {l} contain non-finite values"
             );
-            let (solved, p) = solve_block(&g, n, opts.ridge, None)?.expect("float64 analysis always solves");
-            let outcome = layer_outcome(l, d, &solved, None);
-            Ok((l, p, cross, outcome))
-        })
-        .collect::<Result<_>>()?;
-    let t_factor = t0.elapsed().as_secs_f64();
-
-    let mut layers = Vec::new();
-    let mut warnings = Vec::new();
-    let mut products = Vec::new();
-    for (l, p, cross, (diag, warning)) in &solved {
-        layers.push(diag.clone());
-        warnings.extend(warning.clone());
-        products.extend(cross.iter().map(|(t, c)| (*l, p, *t, c.as_ref())));
-    }
-    let mut maps: Vec<PairMap> = if on_host {
+            let p = match solve_block_tensor(&g, &diag, n, opts.ridge)? {
+                Some((solved, p)) => {
+                    layers.push(full_rank_outcome(l, d, solved.cond, solved.cond_unscaled));
+                    p
+                }
+                None => {
+                    let g = block_mat(&stats.block(l, l)?.expect("diagonal block"), d, centre(l, l));
+                    let (solved, p) = solve_block(&g, n, opts.ridge, None)?.expect("float64 analysis always solves");
+                    let (diag, warning) = layer_outcome(l, d, &solved, None);
+                    layers.push(diag);
+                    warnings.extend(warning);
+                    crate::lens::fit::solve::mat_tensor(&p, dev)?
+                }
+            };
+            inverses.push((l, p));
+        }
+        let t_factor = t0.elapsed().as_secs_f64();
+        let mut maps = Vec::with_capacity(pairs.len());
+        for (l, p) in &inverses {
+            for &t in &plan.sources.iter().find(|(s, _)| s == l).expect("planned source").1 {
+                // A = C P, C = X_t^T X_l [target coordinates, source coordinates].
+                let a = centred_block_tensor(stats, t, *l, &means)?
+                    .matmul(p)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                maps.push(pair_map(*l, t, a, d, &means)?);
+            }
+        }
+        (maps, t_gram, t_factor)
+    } else {
+        // The blocks to the host (float64). Only the copies run here, one after another; the
+        // conversions to faer matrices run with the factorisations, in parallel (32 blocks of
+        // 4096^2 converted on one core took ~10 s).
+        let mut sources = Vec::with_capacity(plan.sources.len());
+        for (l, targets) in &plan.sources {
+            let g = stats.block(*l, *l)?.expect("diagonal block");
+            let mut cross = Vec::with_capacity(targets.len());
+            for &t in targets {
+                // C = X_t^T X_l [target coordinates, source coordinates].
+                cross.push((
+                    t,
+                    block_mat(&stats.block(t, *l)?.expect("pair block"), d, centre(t, *l)),
+                ));
+            }
+            sources.push((*l, g, cross));
+        }
+        let t_gram = t0.elapsed().as_secs_f64();
+        let solved: Vec<_> = sources
+            .into_par_iter()
+            .map(|(l, g, cross)| -> Result<_> {
+                let g = block_mat(&g, d, centre(l, l));
+                ensure!(
+                    (0..d).all(|i| g[(i, i)].is_finite()),
+                    "fit: the statistics of state {l} contain non-finite values"
+                );
+                let (solved, p) = solve_block(&g, n, opts.ridge, None)?.expect("float64 analysis always solves");
+                let outcome = layer_outcome(l, d, &solved, None);
+                Ok((l, p, cross, outcome))
+            })
+            .collect::<Result<_>>()?;
+        let t_factor = t0.elapsed().as_secs_f64();
+        let mut products = Vec::new();
+        for (l, p, cross, (diag, warning)) in &solved {
+            layers.push(diag.clone());
+            warnings.extend(warning.clone());
+            products.extend(cross.iter().map(|(t, c)| (*l, p, *t, c)));
+        }
         // One parallel loop over every pair (each product is a sequential GEMM): with to-final
         // pairs every source has one target, and a loop per source ran the 32 products of an
         // 8B-shaped model one core at a time (the fit took 144 s on the H200 machine's 16 cores).
-        products
+        let maps = products
             .into_par_iter()
             .map_init(
                 || (Mat::<f64>::zeros(d, d), vec![0f64; d * d]),
                 |scratch, (l, p, t, c)| -> Result<PairMap> {
-                    let a = product(c.expect("host cross block").as_ref(), p.as_ref(), scratch);
+                    let a = product(c.as_ref(), p.as_ref(), scratch);
                     pair_map(l, t, a, d, &means)
                 },
             )
-            .collect::<Result<_>>()?
-    } else {
-        products_on_device(stats, &products, &means)?
+            .collect::<Result<Vec<_>>>()?;
+        (maps, t_gram, t_factor)
     };
+    let mut maps = maps;
     maps.sort_by_key(|p| (p.source, p.target));
     let t_end = t0.elapsed().as_secs_f64();
     let gram_blocks = plan.sources.len() + pairs.len();
@@ -170,42 +211,20 @@ fn fit_from_stats_with(
     Ok((Maps::new(d, maps), report))
 }
 
-/// One pair's product: (source l, the source's inverse P, target t, the host cross block C when
-/// the products run on the host).
-type Product<'a> = (usize, &'a Mat<f64>, usize, Option<&'a Mat<f64>>);
-
-/// The maps `A = C P` with each pair's cross block `C = X_t^T X_l` (centred by `n m_t m_l^T`
-/// with an intercept) where the statistics are, and the source's float64 inverse `P` brought
-/// there: one float64 GEMM per pair on the device instead of 137 GFLOP on the host at d = 4096.
-fn products_on_device(stats: &GramStats, products: &[Product<'_>], means: &[Option<Vec<f64>>]) -> Result<Vec<PairMap>> {
+/// `X_l^T X_t` [d, d] on the statistics' device, contiguous, centred by `n m_l m_t^T` with an
+/// intercept (float64, as [`block_mat`] on the host).
+fn centred_block_tensor(stats: &GramStats, l: usize, t: usize, means: &[Option<Vec<f64>>]) -> Result<Tensor> {
     let (d, n) = (stats.d, stats.n as f64);
     let dev = stats.gram.device();
-    let mut maps = Vec::with_capacity(products.len());
-    let mut uploaded: Option<(usize, Tensor)> = None;
-    for &(l, p, t, _) in products {
-        let p_dev = match &uploaded {
-            Some((src, p_dev)) if *src == l => p_dev.clone(),
-            _ => {
-                let p_dev = crate::lens::fit::solve::mat_tensor(p, dev)?;
-                uploaded = Some((l, p_dev.clone()));
-                p_dev
-            }
-        };
-        let mut c = stats.block_tensor(t, l)?.expect("pair block");
-        if let (Some(mt), Some(ml)) = (&means[t], &means[l]) {
-            let mt = Tensor::from_slice(mt, (d, 1), dev)?;
-            let ml = Tensor::from_slice(ml, (1, d), dev)?;
-            c = (c - (mt.matmul(&ml)? * n)?)?;
+    let b = stats.block_tensor(l, t)?.expect("planned block").contiguous()?;
+    Ok(match (&means[l], &means[t]) {
+        (Some(ml), Some(mt)) => {
+            let ml = Tensor::from_slice(ml, (d, 1), dev)?;
+            let mt = Tensor::from_slice(mt, (1, d), dev)?;
+            (b - (ml.matmul(&mt)? * n)?)?
         }
-        let a = c
-            .contiguous()?
-            .matmul(&p_dev)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        maps.push(pair_map(l, t, a, d, means)?);
-    }
-    Ok(maps)
+        _ => b,
+    })
 }
 
 /// The largest diagonal entry of the Gram blocks of the sources of `pairs` (what
@@ -258,6 +277,39 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// A rank-deficient source (two equal coordinates) is solved by the host's minimum-norm path
+    /// on either side: the in-place solve hands it back, the well-conditioned layers stay
+    /// where the statistics are, and both give the same maps and the same warning.
+    #[test]
+    fn a_singular_source_takes_the_host_path_from_the_device_solve() {
+        let (s, n, d) = (4, 300, 10);
+        let mut v: Vec<Vec<Vec<f32>>> = synthetic_states(s, n, d, 3).unwrap().to_vec3().unwrap();
+        for row in v[1].iter_mut() {
+            row[0] = row[1];
+        }
+        let flat: Vec<f32> = v.into_iter().flatten().flatten().collect();
+        let h = Tensor::from_vec(flat, (s, n, d), &Device::Cpu).unwrap();
+        let mut stats = GramStats::zeros(StatsPairs::ToFinal, s, d, &Device::Cpu).unwrap();
+        stats.accumulate(&h).unwrap();
+        let opts = FitOptions {
+            precision: GramPrecision::F64,
+            ..FitOptions::default()
+        };
+        let pairs = pairs_to_final(s);
+        let (host, host_report) = fit_from_stats_with(&stats, &pairs, &opts, false).unwrap();
+        let (dev, dev_report) = fit_from_stats_with(&stats, &pairs, &opts, true).unwrap();
+        maps_agree(&dev, &host, 1e-9).unwrap();
+        for report in [&host_report, &dev_report] {
+            let ranks: Vec<usize> = report.layers.iter().map(|l| l.rank).collect();
+            assert_eq!(ranks, vec![d, d - 1, d], "{ranks:?}");
+            assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+            assert!(report.warnings[0].starts_with("layer 1:"), "{:?}", report.warnings);
+        }
+        for (a, b) in host_report.layers.iter().zip(&dev_report.layers) {
+            assert!((a.cond - b.cond).abs() <= 1e-6 * a.cond, "{} vs {}", a.cond, b.cond);
+        }
     }
 
     /// Statistics streamed in batches give the maps of the float64 fit of the stored states:
