@@ -23,6 +23,8 @@ pub mod fused;
 pub mod hooks;
 pub mod layers;
 pub mod load;
+#[cfg(feature = "cuda")]
+pub mod pinned_upload;
 pub mod placement;
 pub mod transformer;
 pub mod weights;

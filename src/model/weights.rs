@@ -4,6 +4,7 @@
 //! Safetensors shards are memory-mapped and each tensor is copied once, already on its device,
 //! then converted to the compute dtype; the mapped pages of a copied tensor are released at once
 //! (`MADV_DONTNEED`), so loading a bf16 checkpoint in bf16 holds one copy of it, never an f32 one.
+//! On one CUDA device the copy goes through pinned staging buffers ([`super::pinned_upload`]).
 //! A model split across devices is placed before anything is copied (from the shapes in the
 //! headers), and each tensor goes straight to the device of its block.
 
@@ -204,6 +205,13 @@ impl Weights {
         };
         let mut tensors = HashMap::new();
         let mut unconvertible = HashMap::new();
+        // One CUDA device: through pinned staging buffers filled by every core (see
+        // `pinned_upload`); elsewhere candle's copy.
+        #[cfg(feature = "cuda")]
+        let mut pinned = match (&placement, device) {
+            (None, Device::Cuda(d)) => Some(super::pinned_upload::PinnedUploader::new(d)?),
+            _ => None,
+        };
         for (path, mmap) in paths.iter().zip(&maps) {
             let st = safetensors::SafeTensors::deserialize(mmap).expect("checked above");
             for (name, view) in st.tensors() {
@@ -211,9 +219,21 @@ impl Weights {
                     unconvertible.insert(name, format!("{:?}", view.dtype()));
                     continue;
                 };
-                let t = Tensor::from_raw_buffer(view.data(), stored, view.shape(), &Device::Cpu)
-                    .and_then(|t| t.to_device(device_of(&name)))
-                    .and_then(|t| if t.dtype() == dtype { Ok(t) } else { t.to_dtype(dtype) })
+                let on_device = || -> Result<Tensor> {
+                    Ok(
+                        Tensor::from_raw_buffer(view.data(), stored, view.shape(), &Device::Cpu)?
+                            .to_device(device_of(&name))?,
+                    )
+                };
+                #[cfg(feature = "cuda")]
+                let t = match pinned.as_mut() {
+                    Some(up) => up.upload(view.data(), stored, view.shape()),
+                    None => on_device(),
+                };
+                #[cfg(not(feature = "cuda"))]
+                let t = on_device();
+                let t = t
+                    .and_then(|t| Ok(if t.dtype() == dtype { t } else { t.to_dtype(dtype)? }))
                     .map_err(|e| anyhow!("{}: tensor {name}: {}", path.display(), one_line(&e)))?;
                 release_pages(mmap, view.data());
                 tensors.insert(name, t);
