@@ -135,7 +135,15 @@ impl Stage {
     pub fn run(self, run: &RunDir, opts: &ReportOptions, lm: &LoadedModel) -> Result<()> {
         match self {
             Stage::Collect => {
-                collect::collect(lm, &opts.corpus, run, &opts.collect_options(), opts.progress)?;
+                let stream = report_stream(lm);
+                if stream.stats.is_some() && opts.progress {
+                    eprintln!(
+                        "      all-pairs maps of this model are too large to fit (fit will fit --pairs \
+                         to-final): collecting the training split as the to-final statistics on the GPU \
+                         (collect --stats-only --pairs to-final) instead of storing its states"
+                    );
+                }
+                collect::collect_stream(lm, &opts.corpus, run, &opts.collect_options(), &stream, opts.progress)?;
             }
             Stage::Fit | Stage::FitAffine => {
                 let fit = FitOptions {
@@ -182,6 +190,25 @@ impl Stage {
             }
         }
         Ok(())
+    }
+}
+
+/// How the report collects for `lm`: on a GPU, a model whose fit `Pairs::Auto` resolves to the
+/// to-final pairs (the all-pairs maps above their size limit, e.g. d = 4096) gets its training
+/// split summed into those pairs' statistics on the device, which is what fit reads, instead of
+/// stored states written and read back (4.9 GB for the 8B shape at 9,000 sentences); sub-modules
+/// replay the training examples they need. Elsewhere the states are stored (on the CPU the
+/// float64 sums of d = 4096 would take more memory than the states).
+pub(crate) fn report_stream(lm: &LoadedModel) -> collect::StreamOptions {
+    let info = lm.model.info();
+    let to_final = Pairs::Auto.resolve(info.n_layers + 1, info.d_model).0 == Pairs::ToFinal;
+    if to_final && lm.model.device().is_cuda() && lm.model.placement().is_none() {
+        collect::StreamOptions {
+            stats: Some(crate::data::stats::StatsPairs::ToFinal),
+            ..Default::default()
+        }
+    } else {
+        collect::StreamOptions::default()
     }
 }
 
