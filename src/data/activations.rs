@@ -83,12 +83,21 @@ fn checked_tokens(path: &Path, positions: Vec<i64>, tokens: Vec<i64>, offsets: V
 /// every stage reading a split (fit on train; r2, predict, early exit on val) would otherwise
 /// turn it into NaN scores silently.
 fn check_finite(path: &Path, hidden_states: &Tensor) -> Result<()> {
+    use rayon::prelude::*;
     let (_, n, d) = hidden_states.dims3()?;
-    let values = hidden_states
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+    let states = hidden_states.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let (storage, layout) = states.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("{}: hidden states not in host memory", path.display())
+    };
+    let values = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + states.elem_count()];
+    // Scanned in parallel without a copy: 1.6 GB for the 8B shape's 3,000 validation examples.
+    const CHUNK: usize = 1 << 16;
+    let bad = values
+        .par_chunks(CHUNK)
+        .position_first(|c| c.iter().any(|x| !x.is_finite()));
+    if let Some(c) = bad {
+        let i = c * CHUNK + values[c * CHUNK..].iter().position(|x| !x.is_finite()).unwrap_or(0);
         let (layer, example, coordinate) = (i / (n * d), (i / d) % n, i % d);
         bail!(
             "{}: non-finite hidden state {} (layer {layer}, example {example}, coordinate {coordinate})",
