@@ -318,7 +318,7 @@ fn collect_up_to_date(run: &RunDir, opts: &ReportOptions, lm: &LoadedModel, coll
     if let Some(o) = options.as_object_mut() {
         o.retain(|k, _| !STREAM_OPTIONS.contains(&k.as_str()));
     }
-    let same_inputs = m.model.sha256 == crate::data::io::sha256_path(&lm.path)?
+    let same_inputs = m.model.sha256 == crate::data::io::sha256_path_cached(&lm.path, &run.sha256_cache())?
         && m.corpus.sha256 == crate::data::io::sha256_path(&opts.corpus)?
         && &options == collect_opts;
     if !same_inputs {

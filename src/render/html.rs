@@ -822,7 +822,8 @@ fn peek_grids(run: &RunDir, m: &Manifest, lm: &LoadedModel) -> Result<String> {
     if info.n_layers != m.model.n_layers || info.d_model != m.model.d_model {
         bail!("the loaded model is not the run's model");
     }
-    let sha = crate::data::io::sha256_path(&lm.path)?;
+    // The run's cache: hashing an 8B model's 16 GB again took ~10 s of the page's time.
+    let sha = crate::data::io::sha256_path_cached(&lm.path, &run.sha256_cache())?;
     if sha != m.model.sha256 {
         bail!("the loaded model's sha256 differs from the run's");
     }
