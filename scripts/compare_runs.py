@@ -71,6 +71,10 @@ TOLERANCES = {
     "r2.json": 1e-4,
     "predict.json": 1e-3,
     "early_exit.json": 1e-3,
+    # Sub-module replacements and alternation scored on 100 examples (scripts/device_bench.sh
+    # agreesub): a top-1 that flips on a near tie moves P@1 by 0.01; KL / cross-entropy are nats.
+    "submodules.json": 2e-2,
+    "alternation.json": 2e-2,
 }
 
 

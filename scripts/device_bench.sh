@@ -30,7 +30,10 @@
 #            fit, r2, predict, early exit, sub-modules) on the 8B-shaped model in bf16
 #   diag8b   the 8B model's load time (one text's hidden states, twice) and forward rates at the
 #            shapes of the study's collect batches (115 x 142, 256 x 30)
-#   report8b `jumplens report` (every stage, 2,000 + 500 sentences) on the 8B shape in bf16
+#   report8b `jumplens report` (every stage in one process, 9,000 + 3,000 sentences, REPORT8B_TRAIN /
+#            REPORT8B_VAL) on the 8B shape in bf16, with each stage's wall time from the manifest
+#   agreesub the least-norm sub-module maps (fewer examples than coordinates) on the GPU (cuSOLVER)
+#            and on the CPU from the same states, the sub-module results compared
 #   profile  where a forward's time goes: the 8B shape cut to 4 blocks in bf16 at 16 x 512 and
 #            64 x 32, jumplens `bench forward --profile` (time per block part) next to PyTorch's
 #            profiler (device time per operator), and the plain forward rates of both
@@ -369,15 +372,51 @@ for section in $SECTIONS; do
     done
     ;;
   report8b)
-    # Issue 13 item 4: `jumplens report` on the 8B shape finishes every stage on one GPU.
+    # Issue 13 item 4 and the whole-study target: `jumplens report` on the 8B shape, every stage
+    # in one process (one model load; on a GPU the report collects the to-final statistics for a
+    # model this size). REPORT8B_TRAIN / REPORT8B_VAL: the sizes (default the paper's 9,000 / 3,000).
     log "report8b"
     M8=$W/models/llama3-8b
     [ -f "$M8/config.json" ] || timed "make llama3-8b bf16" $PY "$ROOT/scripts/make_random_models.py" --dtype bf16 --device cuda "$W/models" llama3-8b >>"$OUT/log.txt"
     "$BIN" inspect "$DATA/smollm2-4blk.gguf" --save-tokenizer "$M8/tokenizer.json" >/dev/null
     rm -rf "$W/report8b"
-    timed "report8b (2000 + 500)" "$BIN" --device cuda --dtype bf16 report "$M8" --corpus "$W/wiki.json" \
-      --out "$W/report8b" --train 2000 --val 500 --quiet >"$R_OUT/report8b.txt" 2>&1
+    n_tr=${REPORT8B_TRAIN:-9000} n_va=${REPORT8B_VAL:-3000}
+    timed "report8b ($n_tr + $n_va)" timeout "${REPORT8B_LIMIT:-900}" "$BIN" --device cuda --dtype bf16 report "$M8" --corpus "$W/wiki.json" \
+      --out "$W/report8b" --train "$n_tr" --val "$n_va" >"$R_OUT/report8b.txt" 2>&1
     cp "$W/report8b/manifest.json" "$R_OUT/report8b-manifest.json" 2>/dev/null
+    tail -30 "$R_OUT/report8b.txt" | tr '\r' '\n' | grep -v '^ *$' | tail -20
+    $PY - "$W/report8b/manifest.json" <<'STAGES' 2>&1 | tee "$R_OUT/report8b-stages.txt"
+import json, sys
+m = json.load(open(sys.argv[1]))
+tot = 0.0
+for name, rec in m.get("stages", {}).items():
+    w = rec.get("wall_s") if isinstance(rec, dict) else None
+    if isinstance(w, (int, float)):
+        tot += w
+        print(f"{name:12s} {w:8.1f} s")
+print(f"{'stages':12s} {tot:8.1f} s")
+STAGES
+    ;;
+  agreesub)
+    # The sub-module maps from fewer examples than coordinates (the least-norm path: on the GPU
+    # the examples' Gram's eigendecomposition by cuSOLVER, on the CPU the host factorisation) on
+    # the same states: the truncated SmolLM2 (d = 576) collected once on the CPU, sub-modules
+    # fitted on 400 examples on each device, submodules.json / alternation.json compared.
+    log "agreesub"
+    M=$DATA/smollm2-4blk.gguf
+    A=$W/agreesub-cpu
+    rm -rf "$A" "$W/agreesub-cuda"
+    timed "agreesub collect (cpu)" "$BIN" --device cpu --dtype f32 collect "$M" --corpus "$W/wiki.json" --out "$A" \
+      --train 600 --val 200 --quiet
+    "$BIN" --device cpu fit "$A" >/dev/null && "$BIN" --device cpu r2 "$A" >/dev/null || log "FAILED agreesub fit/r2"
+    cp -r "$A" "$W/agreesub-cuda"
+    for dev in cpu cuda; do
+      timed "agreesub submodules $dev" "$BIN" --device $dev --dtype f32 submodules "$W/agreesub-$dev" --train 400 --val 100 \
+        >"$R_OUT/agreesub-$dev.txt" 2>&1 || log "FAILED agreesub submodules $dev"
+    done
+    $PY "$ROOT/scripts/compare_runs.py" "$W/agreesub-cuda" "$A" --same-states --json "$R_OUT/agreesub.json" \
+      >"$R_OUT/agreesub.txt" || log "AGREEMENT FAILED: sub-modules (least-norm maps) cpu vs cuda"
+    cat "$R_OUT/agreesub.txt"
     ;;
   profile)
     # PROFILE_MODEL (default llama3-8b-4l) and PROFILE_SHAPES (default "16x512 64x32") pick what.
