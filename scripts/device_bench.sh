@@ -32,6 +32,8 @@
 #            shapes of the study's collect batches (115 x 142, 256 x 30)
 #   report8b `jumplens report` (every stage in one process, 9,000 + 3,000 sentences, REPORT8B_TRAIN /
 #            REPORT8B_VAL) on the 8B shape in bf16, with each stage's wall time from the manifest
+#   agreefit the fit from to-final statistics solved on the GPU (cuSOLVER) and on the CPU from the
+#            same statistics (the truncated SmolLM2), maps and r2 compared
 #   agreesub the least-norm sub-module maps (fewer examples than coordinates) on the GPU (cuSOLVER)
 #            and on the CPU from the same states, the sub-module results compared
 #   profile  where a forward's time goes: the 8B shape cut to 4 blocks in bf16 at 16 x 512 and
@@ -395,7 +397,39 @@ for name, rec in m.get("stages", {}).items():
         tot += w
         print(f"{name:12s} {w:8.1f} s")
 print(f"{'stages':12s} {tot:8.1f} s")
+# Where each stage's time went: its record's timings, and the collect's phases per split.
+def timings(v, at=""):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield from timings(x, f"{at}.{k}" if at else k)
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and ("_s" in at or "seconds" in at or "phases" in at):
+        yield at, v
+for name, rec in m.get("stages", {}).items():
+    print(name, " ".join(f"{k}={v:.1f}" for k, v in timings(rec) if k != "wall_s"))
+for split, c in m.get("counts", {}).items():
+    print("collect", split, " ".join(f"{k}={v:.1f}" for k, v in timings(c)))
 STAGES
+    ;;
+  agreefit)
+    # The fit from statistics solved on the GPU (cuSOLVER Cholesky inverse where the statistics
+    # are, the host's decisions) vs on the CPU (faer) from the same statistics: the truncated
+    # SmolLM2 (d = 576) collected once as to-final statistics on the GPU, fitted and scored with
+    # r2 on each device, maps / r2.json compared.
+    log "agreefit"
+    M=$DATA/smollm2-4blk.gguf
+    A=$W/agreefit-cuda
+    rm -rf "$A" "$W/agreefit-cpu"
+    timed "agreefit collect --stats-only (cuda)" "$BIN" --device cuda --dtype f32 collect "$M" --corpus "$W/wiki.json" \
+      --out "$A" --train 600 --val 200 --stats-only --pairs to-final --quiet
+    cp -r "$A" "$W/agreefit-cpu"
+    for dev in cuda cpu; do
+      { "$BIN" --device $dev fit "$W/agreefit-$dev" --pairs to-final && "$BIN" --device $dev r2 "$W/agreefit-$dev"; } \
+        >"$R_OUT/agreefit-$dev.txt" 2>&1 || log "FAILED agreefit fit/r2 $dev"
+      grep -i "warn\|layer" "$R_OUT/agreefit-$dev.txt" | head -5
+    done
+    $PY "$ROOT/scripts/compare_runs.py" "$A" "$W/agreefit-cpu" --same-states --json "$R_OUT/agreefit.json" \
+      >"$R_OUT/agreefit.txt" || log "AGREEMENT FAILED: the fit from statistics cpu vs cuda"
+    cat "$R_OUT/agreefit.txt"
     ;;
   agreesub)
     # The sub-module maps from fewer examples than coordinates (the least-norm path: on the GPU

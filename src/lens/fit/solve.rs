@@ -5,8 +5,7 @@
 //! section of [`crate::lens::fit`] for why.
 //!
 //! [`solve_block_tensor`] is the same decision made where the block lives (a GPU: the fit from
-//! statistics), for the common case of a well-conditioned layer; anything else it hands back to
-//! [`solve_block`] on the host.
+//! statistics), with the factorisations as tensor operations (cuSOLVER's, [`super::device_linalg`]).
 
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -27,9 +26,10 @@ pub(crate) enum Method {
     PseudoInverse,
 }
 
-pub(crate) struct Solved {
-    /// Inverse (or pseudo-inverse) of the *scaled* Gram block, symmetric [d, d].
-    p: Mat<f64>,
+pub(crate) struct Solved<P = Mat<f64>> {
+    /// Inverse (or pseudo-inverse) of the *scaled* Gram block, symmetric [d, d] (`()` where
+    /// [`solve_block_tensor`] returns the unscaled one apart).
+    p: P,
     rank: usize,
     cond: f64,
     cond_unscaled: f64,
@@ -351,24 +351,54 @@ fn chol_inverse_tensor(m: &Tensor) -> Result<Option<Tensor>> {
         .transpose()?)
 }
 
-/// The condition numbers of a layer [`solve_block_tensor`] solved.
-pub(crate) struct TensorSolved {
-    pub cond: f64,
-    pub cond_unscaled: f64,
+/// [`pinv_scaled`] of a tensor where it lives: the eigendecomposition by cuSOLVER on a GPU, by
+/// faer on the CPU; returns (P in scaled coordinates, rank, exact condition of `gu`).
+fn pinv_scaled_tensor(gu: &Tensor, scale: &[f64]) -> Result<(Tensor, usize, f64)> {
+    let d = scale.len();
+    let dev = gu.device();
+    // Eigenvalues [d] and eigenvectors as rows [d, d], in any order.
+    let (lam, u) = sym_eigen_tensor(gu)?;
+    let lam = lam.to_vec1::<f64>()?;
+    let lmax = lam.iter().fold(0f64, |a, &b| a.max(b));
+    let cut = SKLEARN_RCOND * SKLEARN_RCOND * lmax;
+    let keep: Vec<u32> = (0..d).filter(|&i| lam[i] > cut).map(|i| i as u32).collect();
+    let r = keep.len();
+    let lmin = keep.iter().map(|&i| lam[i as usize]).fold(f64::INFINITY, f64::min);
+    let cond = if r == d { lmax / lmin } else { f64::INFINITY };
+    if r == 0 {
+        return Ok((Tensor::zeros((d, d), DType::F64, dev)?, 0, cond));
+    }
+    // W^T = diag(1/sqrt(lambda_k)) U_k^T S: P_scaled = W W^T, as on the host.
+    let f: Vec<f64> = keep.iter().map(|&i| 1.0 / lam[i as usize].sqrt()).collect();
+    let wt = u
+        .index_select(&Tensor::from_vec(keep, r, dev)?, 0)?
+        .broadcast_mul(&Tensor::from_vec(f, (r, 1), dev)?)?
+        .broadcast_mul(&Tensor::from_slice(scale, (1, d), dev)?)?;
+    Ok((wt.t()?.matmul(&wt)?, r, cond))
 }
 
-/// [`solve_block`] where the symmetric float64 block `g` [d, d] lives, with `diag` its diagonal:
-/// the same equilibration, ridge, power iterations and thresholds, with the Cholesky inverse
-/// on the block's device. Returns the unscaled inverse there when the layer is full rank and
-/// clear of scikit-learn's cutoff (no float32 Gram is involved, so nothing else is checked);
-/// `None` when the Cholesky fails or the unscaled condition comes near the cutoff, for the
-/// caller to run [`solve_block`] on the host, which then decides as for any other layer.
-pub(crate) fn solve_block_tensor(
-    g: &Tensor,
-    diag: &[f64],
-    n: usize,
-    ridge: f64,
-) -> Result<Option<(TensorSolved, Tensor)>> {
+/// Eigenvalues and eigenvectors (as rows) of a symmetric f64 tensor where it lives.
+fn sym_eigen_tensor(m: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if m.device().is_cuda() {
+        return super::device_linalg::sym_eigen(m);
+    }
+    let d = m.dim(0)?;
+    let v = m.flatten_all()?.to_vec1::<f64>()?;
+    let evd = MatRef::from_row_major_slice(&v, d, d)
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
+    let lam = evd.S().column_vector();
+    let lam = Tensor::from_vec((0..d).map(|i| lam[i]).collect::<Vec<_>>(), d, m.device())?;
+    Ok((lam, mat_tensor(&evd.U().transpose().to_owned(), m.device())?))
+}
+
+/// [`solve_block`] of a float64 Gram (no float32 trust limit) where the symmetric block `g`
+/// [d, d] lives, with `diag` its diagonal: the same equilibration, ridge, power iterations,
+/// thresholds and minimum-norm cutoff, with the Cholesky inverse and the eigendecomposition on
+/// the block's device (cuSOLVER on a GPU). Returns the layer's outcome and its unscaled
+/// (pseudo-)inverse there.
+pub(crate) fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64) -> Result<(Solved<()>, Tensor)> {
     let d = diag.len();
     let dev = g.device();
     let (scale, inv) = scales_from_diagonal(diag, n);
@@ -385,47 +415,68 @@ pub(crate) fn solve_block_tensor(
         gs = (gs + Tensor::eye(d, DType::F64, dev)?.broadcast_mul(&row(&add)?)?)?;
         gs_diag.iter_mut().zip(&add).for_each(|(x, a)| *x += a);
     }
+    let gu_diag: Vec<f64> = gs_diag.iter().zip(&scale).map(|(x, s)| x * s * s).collect();
+    let unscaled = || sym_scaled(&gs, &scale);
     let lam_g = lambda_max_tensor(&gs, &gs_diag)?;
-    let Some(p) = chol_inverse_tensor(&gs)? else {
-        return Ok(None);
-    };
-    let p_diag = diagonal(&p)?;
-    if p_diag.iter().any(|x| !x.is_finite()) {
-        return Ok(None);
-    }
-    let cond = lam_g * lambda_max_tensor(&p, &p_diag)?;
-    let smax = scale.iter().fold(0f64, |a, &b| a.max(b));
-    let smin = scale.iter().fold(f64::INFINITY, |a, &b| a.min(b));
-    let bound = cond * (smax / smin).powi(2);
-    let p_unscaled = sym_scaled(&p, &inv)?;
-    let cond_unscaled = if ridge > 0.0 || bound <= NEAR_CUTOFF_COND {
-        bound
-    } else {
-        let gu_diag: Vec<f64> = gs_diag.iter().zip(&scale).map(|(x, s)| x * s * s).collect();
-        let pu_diag: Vec<f64> = p_diag.iter().zip(&inv).map(|(x, i)| x * i * i).collect();
-        lambda_max_tensor(&sym_scaled(&gs, &scale)?, &gu_diag)? * lambda_max_tensor(&p_unscaled, &pu_diag)?
-    };
-    if ridge > 0.0 || cond_unscaled <= NEAR_CUTOFF_COND {
-        Ok(Some((TensorSolved { cond, cond_unscaled }, p_unscaled)))
-    } else {
-        Ok(None)
-    }
-}
-
-/// The diagnostics of a full-rank layer solved by Cholesky from a float64 Gram (no warning).
-pub(crate) fn full_rank_outcome(l: usize, d: usize, cond: f64, cond_unscaled: f64) -> LayerDiag {
-    LayerDiag {
-        layer: l,
-        rank: d,
+    let solved = |p, rank, cond, cond_unscaled, method, note| Solved {
+        p,
+        rank,
         cond,
         cond_unscaled,
-        pseudo_inverse: false,
-        recomputed_f64: false,
-    }
+        method,
+        note,
+    };
+    let chol = match chol_inverse_tensor(&gs)? {
+        Some(p) => {
+            let p_diag = diagonal(&p)?;
+            p_diag.iter().all(|x| x.is_finite()).then_some((p, p_diag))
+        }
+        None => None,
+    };
+    let (outcome, p_scaled) = match chol {
+        Some((p, p_diag)) => {
+            let cond = lam_g * lambda_max_tensor(&p, &p_diag)?;
+            // kappa(S G S) <= kappa(G) (max s / min s)^2: skip the estimate when that is small.
+            let smax = scale.iter().fold(0f64, |a, &b| a.max(b));
+            let smin = scale.iter().fold(f64::INFINITY, |a, &b| a.min(b));
+            let bound = cond * (smax / smin).powi(2);
+            let cond_u = if ridge > 0.0 || bound <= NEAR_CUTOFF_COND {
+                bound
+            } else {
+                let pu_diag: Vec<f64> = p_diag.iter().zip(&inv).map(|(x, i)| x * i * i).collect();
+                lambda_max_tensor(&unscaled()?, &gu_diag)? * lambda_max_tensor(&sym_scaled(&p, &inv)?, &pu_diag)?
+            };
+            if ridge > 0.0 || cond_u <= NEAR_CUTOFF_COND {
+                (solved((), d, cond, cond_u, Method::Cholesky, None), p)
+            } else {
+                let (pp, r, cond_exact) = pinv_scaled_tensor(&unscaled()?, &scale)?;
+                if r == d {
+                    (solved((), d, cond, cond_exact, Method::Cholesky, None), p)
+                } else {
+                    (solved((), r, cond, cond_exact, Method::PseudoInverse, None), pp)
+                }
+            }
+        }
+        None => {
+            let (pp, r, cond_exact) = pinv_scaled_tensor(&unscaled()?, &scale)?;
+            let note = (r == d)
+                .then(|| "Cholesky failed on a numerically full-rank Gram; using the eigendecomposition".to_string());
+            (
+                solved((), r, f64::INFINITY, cond_exact, Method::PseudoInverse, note),
+                pp,
+            )
+        }
+    };
+    Ok((outcome, sym_scaled(&p_scaled, &inv)?))
 }
 
 /// Diagnostics and warning of one solved source layer (`reason`: why float32 was not trusted).
-pub(crate) fn layer_outcome(l: usize, d: usize, solved: &Solved, reason: Option<&str>) -> (LayerDiag, Option<String>) {
+pub(crate) fn layer_outcome<P>(
+    l: usize,
+    d: usize,
+    solved: &Solved<P>,
+    reason: Option<&str>,
+) -> (LayerDiag, Option<String>) {
     let mut msgs = Vec::new();
     if let Some(why) = reason {
         msgs.push(format!("{why}; recomputed this layer in float64"));
