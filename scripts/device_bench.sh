@@ -19,7 +19,7 @@
 #            collect 9,000 + 3,000 sentences, fit all pairs, r2, predict, early exit
 #   forward  forward throughput with all hidden states, jumplens vs PyTorch transformers on the
 #            same GPU and token ids: SmolLM2, GPT-2 small/medium/XL, BERT-large shapes
-#            (random weights), batch 32/256/1024 x 24 tokens
+#            (random weights; FORWARD_MODELS picks), batch 32/256/1024 x 24 tokens
 #   bf16     research scale: a Llama-3-8B-shaped random model made in bf16 on the GPU, forward
 #            with all 33 hidden states at 64 x 32, 16 x 512 and 64 x 512 tokens, jumplens
 #            `--dtype bf16` vs PyTorch bf16 (sdpa) on the same ids, with each process's peak GPU
@@ -294,7 +294,7 @@ for section in $SECTIONS; do
     ;;
   forward)
     log "forward"
-    for m in smollm2 gpt2 gpt2-medium gpt2-xl bert-large; do
+    for m in ${FORWARD_MODELS:-smollm2 gpt2 gpt2-medium gpt2-xl bert-large}; do
       [ -f "$W/models/$m/model.safetensors" ] || $PY "$ROOT/scripts/make_random_models.py" "$W/models" $m >>"$OUT/log.txt"
       for b in 32 256 1024; do
         "$BIN" --device cuda bench forward "$W/models/$m" --batch $b --seq 24 --iters 10 \
@@ -538,6 +538,8 @@ CMP
     done
     # Real text in padded, length-grouped batches (the masks of ragged rows): a bf16 collect of the
     # truncated SmolLM2 with the fused attention vs the materialising path, and vs the CPU in f32.
+    # FUSED_COLLECT=0 skips it.
+    [ "${FUSED_COLLECT:-1}" = 0 ] && continue
     for how in fused materialized; do
       rm -rf "$W/flash-$how"
       JUMPLENS_ATTENTION=$how timed "fused collect bf16 ($how)" "$BIN" --device cuda --dtype bf16 collect "$DATA/smollm2-4blk.gguf" \
