@@ -14,7 +14,9 @@
 #            on the GPU for the truncated SmolLM2 and for BERT, compared number by number; also
 #            the GPU fit of the CPU-collected states (fit alone) and one text's hidden states
 #   fit      all-pairs fit on synthetic states: SmolLM2-shaped (31 x 576, 9,000) and
-#            GPT-2-XL-shaped (49 x 1600, 100,000), float64 sufficient statistics on the GPU
+#            GPT-2-XL-shaped (49 x 1600, 100,000; FIT_CHUNKS="R ..." adds runs with R examples per
+#            Gram chunk), float64 sufficient statistics on the GPU; the 8B shape's to-final fit
+#            (33 x 4096, 100,000); PyTorch's float64 normal equations on the same problems
 #   study    the whole study on a random SmolLM2-shaped model (real tokenizer, Wikipedia):
 #            collect 9,000 + 3,000 sentences, fit all pairs, r2, predict, early exit
 #   forward  forward throughput with all hidden states, jumplens vs PyTorch transformers on the
@@ -277,6 +279,14 @@ for section in $SECTIONS; do
     timed "fit gpt2-xl-shaped" "$BIN" --device cuda bench fit --states 49 --n 100000 --d 1600 >"$R_OUT/fit-gpt2xl.json"
     timed "fit smollm2-shaped (PyTorch)" $PY "$ROOT/scripts/bench_fit_torch.py" 31 9000 576 cuda >"$R_OUT/fitref-smollm2.json"
     timed "fit gpt2-xl-shaped (PyTorch)" $PY "$ROOT/scripts/bench_fit_torch.py" 49 100000 1600 cuda >"$R_OUT/fitref-gpt2xl.json"
+    # FIT_CHUNKS: more chunk sizes (examples per chunk of the Gram) for the GPT-2-XL shape.
+    for c in ${FIT_CHUNKS:-}; do
+      timed "fit gpt2-xl-shaped chunk $c" "$BIN" --device cuda bench fit --states 49 --n 100000 --d 1600 --chunk-rows $c \
+        >"$R_OUT/fit-gpt2xl-chunk$c.json"
+    done
+    # The 8B shape's to-final fit (33 states x 4096, N = 100,000: 65 Gram blocks) from states.
+    timed "fit 8b-shaped to-final" "$BIN" --device cuda bench fit --states 33 --n 100000 --d 4096 --pairs to-final >"$R_OUT/fit-8b.json"
+    timed "fit 8b-shaped to-final (PyTorch)" $PY "$ROOT/scripts/bench_fit_torch.py" 33 100000 4096 cuda to-final >"$R_OUT/fitref-8b.json"
     cat "$R_OUT"/fit-*.json "$R_OUT"/fitref-*.json
     ;;
   study)

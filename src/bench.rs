@@ -142,6 +142,8 @@ pub struct FitTiming {
     pub seconds_gram: f64,
     pub seconds_factor: f64,
     pub seconds_products: f64,
+    /// Examples per chunk of the Gram accumulation.
+    pub chunk_rows: usize,
     /// Model flops (see [`crate::lens::fit::FitStats::model_flops`]) per second, in TFLOP/s.
     pub tflops: f64,
     /// Mean training r^2 of the jumps to the last state (a sanity check that the maps fit).
@@ -154,15 +156,24 @@ pub struct FitTiming {
 
 /// All-pairs fit on synthetic states made on `device`, after a small warm-up fit (library
 /// loading and kernel compilation stay out of the timing).
-pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Result<FitTiming> {
-    let opts = crate::lens::fit::FitOptions::default();
+pub fn fit_synthetic(
+    device: &Device,
+    n_states: usize,
+    n: usize,
+    d: usize,
+    pairs: &[(usize, usize)],
+    chunk_rows: usize,
+) -> Result<FitTiming> {
+    let opts = crate::lens::fit::FitOptions {
+        chunk_rows,
+        ..Default::default()
+    };
     let warm = crate::lens::fit::synthetic::synthetic_states_on(device, 3, 512, d.min(64), 1)?;
     crate::lens::fit::fit_all_pairs(&warm, &crate::lens::fit::pairs_all(3), &opts)?;
     let h = crate::lens::fit::synthetic::synthetic_states_on(device, n_states, n, d, 0)?;
     device.synchronize()?;
-    let pairs = crate::lens::fit::pairs_all(n_states);
     let t0 = Instant::now();
-    let (maps, report) = crate::lens::fit::fit_all_pairs(&h, &pairs, &opts)?;
+    let (maps, report) = crate::lens::fit::fit_all_pairs(&h, pairs, &opts)?;
     device.synchronize()?;
     let seconds = t0.elapsed().as_secs_f64();
     // Training r^2 of l -> last on the first 4,096 examples.
@@ -180,7 +191,15 @@ pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Re
     let r2 = crate::lens::r2::r2_all_pairs(&sub, &few)?;
     let vals: Vec<f64> = (0..n_states - 1).filter_map(|l| r2.mat[l][n_states - 1]).collect();
     Ok(FitTiming {
-        what: format!("all-pairs fit on {}", if device.is_cpu() { "cpu" } else { "gpu" }),
+        what: format!(
+            "{} fit on {}",
+            if pairs.len() == n_states - 1 {
+                "to-final"
+            } else {
+                "all-pairs"
+            },
+            if device.is_cpu() { "cpu" } else { "gpu" }
+        ),
         states: n_states,
         n,
         d,
@@ -189,6 +208,7 @@ pub fn fit_synthetic(device: &Device, n_states: usize, n: usize, d: usize) -> Re
         seconds_gram: report.stats.seconds_gram,
         seconds_factor: report.stats.seconds_factor,
         seconds_products: report.stats.seconds_products,
+        chunk_rows: report.stats.chunk_rows,
         tflops: report.stats.model_flops / seconds / 1e12,
         train_r2_to_last: vals.iter().sum::<f64>() / vals.len() as f64,
         layers_pseudo_inverse: report.layers.iter().filter(|l| l.pseudo_inverse).count(),

@@ -600,7 +600,8 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         jumplens bench forward assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --batch 32 --seq 24\n  \
         jumplens bench collect MODEL --activations runs/smollm2-wiki/activations/val.safetensors\n  \
-        jumplens --device cuda bench fit --states 31 --n 9000 --d 576\n\n\
+        jumplens --device cuda bench fit --states 31 --n 9000 --d 576\n  \
+        jumplens --device cuda bench fit --states 33 --n 100000 --d 4096 --pairs to-final\n\n\
         Prints one JSON line.")]
     Bench {
         /// What to time.
@@ -617,6 +618,12 @@ enum Command {
         /// fit: width of the states.
         #[arg(long, default_value_t = 576, value_parser = at_least(1))]
         d: usize,
+        /// fit: which pairs (auto: all unless their maps would exceed 4 GiB).
+        #[arg(long, value_enum, default_value_t = PairsArg::All)]
+        pairs: PairsArg,
+        /// fit: examples per chunk of the GPU's Gram accumulation (0: about 4 GiB of float64).
+        #[arg(long, default_value_t = 0)]
+        chunk_rows: usize,
         /// forward: sequences per batch of random inputs.
         #[arg(long, default_value_t = 32, value_parser = at_least(1))]
         batch: usize,
@@ -1100,9 +1107,15 @@ fn run(cli: Cli) -> Result<()> {
             states,
             n,
             d,
+            pairs,
+            chunk_rows,
         } => {
             if what == BenchWhat::Fit {
-                let t = crate::bench::fit_synthetic(&device, states, n, d)?;
+                let pairs = match Pairs::from(pairs).resolve(states, d).0 {
+                    Pairs::ToFinal => crate::lens::fit::pairs_to_final(states),
+                    _ => crate::lens::fit::pairs_all(states),
+                };
+                let t = crate::bench::fit_synthetic(&device, states, n, d, &pairs, chunk_rows)?;
                 println!("{}", serde_json::to_string(&t)?);
                 return Ok(());
             }
