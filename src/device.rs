@@ -62,6 +62,17 @@ pub fn explain_oom(err: anyhow::Error, what: &str, remedy: &str) -> anyhow::Erro
     }
 }
 
+/// Free memory of a CUDA device in bytes (`None` on the CPU or when the driver does not say):
+/// what sizes the working buffers of the GPU fit.
+pub fn free_memory(device: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Ok(dev) = device.as_cuda_device() {
+        return dev.cuda_stream().context().mem_get_info().ok().map(|(free, _)| free);
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,16 +11,17 @@
 //! `Z^T` [K d, rows] (one row per coordinate), so any run of consecutive states is a
 //! contiguous band of rows. Two passes over the examples:
 //!
-//! 1. the diagonal block `X_l^T X_l` of every source (a few percent of the flops). These go to
-//!    the host and are factorised there exactly as on the CPU path (column equilibration,
-//!    condition estimates, scikit-learn's minimum-norm cutoff, ridge) in a thread, while
-//! 2. the device accumulates the cross blocks `X_t^T X_l`, one GEMM per source and run of
-//!    consecutive targets. Converting each chunk to float64 twice is memory-bound device work,
-//!    small beside the GEMMs; it lets the host's factorisations (eigendecompositions on
-//!    ill-conditioned layers) overlap the bulk of the Gram.
+//! 1. the diagonal block `X_l^T X_l` of every source (a few percent of the flops), each solved
+//!    where it is ([`super::solve::solve_block_tensor`]: the host path's column equilibration,
+//!    condition estimates, scikit-learn's minimum-norm cutoff and ridge, with cuSOLVER's
+//!    Cholesky inverse and eigendecomposition on a GPU); then
+//! 2. the cross blocks `X_t^T X_l`, one GEMM per source and run of consecutive targets.
+//!    Converting each chunk to float64 twice is memory-bound device work, small beside the GEMMs.
 //!
-//! The float64 inverse `P` of each source then goes back for one GEMM `A = C P` over all its
-//! targets. The maps stay on the device as float32 (views of one buffer per source layer).
+//! Each source's float64 inverse `P`, already on the device, then gives one GEMM `A = C P` over
+//! all its targets. The maps stay on the device as float32 (views of one buffer per source
+//! layer). The chunks are as large as the free device memory allows, up to 16 GiB: the GEMMs'
+//! rate grew with their inner dimension (see [`CHUNK_BYTES_MAX`]).
 //!
 //! The same code runs on any candle device; the tests run it on the CPU against
 //! [`crate::lens::fit::fit_all_pairs`].
@@ -33,15 +34,29 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
-use faer::Mat;
-use rayon::prelude::*;
 
-use crate::lens::fit::solve::{layer_outcome, solve_block};
+use crate::lens::fit::solve::{diagonal, layer_outcome, solve_block_tensor};
 use crate::lens::fit::{checked_inputs, model_flops, FitOptions, FitReport, FitStats, GramPrecision, LayerDiag, Plan};
 use crate::lens::maps::{Maps, PairMap};
 
-/// Bytes of one float64 chunk `Z^T` [K d, rows] (the rows per chunk follow from it).
+/// Bytes of one float64 chunk `Z^T` [K d, rows] (the rows per chunk follow from it) where the
+/// device's free memory is not known.
 const CHUNK_BYTES: usize = 4 << 30;
+
+/// The largest chunk taken when the free memory allows it: on the H200 the GPT-2-XL-shaped
+/// Gram (49 x 1600, N = 100,000) ran at 33 TFLOP/s with 4 GiB chunks and 46 TFLOP/s with
+/// 25,000-row (15.7 GB) ones (`scripts/device_bench.sh fit`, FIT_CHUNKS).
+const CHUNK_BYTES_MAX: usize = 16 << 30;
+
+/// Bytes for one chunk on `device`: what is free after the accumulators (`acc_bytes`) and the
+/// largest GEMM result (`tmp_bytes`), over 2.5 (a chunk's per-state parts and their
+/// concatenation are alive together, plus slack), at most [`CHUNK_BYTES_MAX`].
+fn chunk_bytes(device: &Device, acc_bytes: usize, tmp_bytes: usize) -> usize {
+    match crate::device::free_memory(device) {
+        Some(free) => (free.saturating_sub(acc_bytes + tmp_bytes) * 2 / 5).clamp(1 << 28, CHUNK_BYTES_MAX),
+        None => CHUNK_BYTES,
+    }
+}
 
 /// Waits for the device's queued work, so that wall-clock timings mean something.
 fn sync(device: &Device) -> Result<()> {
@@ -63,7 +78,7 @@ fn runs(idx: &[usize]) -> Vec<(usize, usize)> {
 
 /// One source layer's solve: the unscaled (pseudo-)inverse of `X_l^T X_l`, its diagnostics
 /// and warning.
-type Solution = (Mat<f64>, LayerDiag, Option<String>);
+type Solution = (Tensor, LayerDiag, Option<String>);
 
 /// One source layer's accumulated Gram blocks: `X_c^T X_l` for the compact states `c` of each
 /// run, stacked [run_len d, d], float64 on the device.
@@ -90,7 +105,10 @@ pub fn fit_all_pairs_on_device(
     let rows = if opts.chunk_rows > 0 {
         opts.chunk_rows
     } else {
-        CHUNK_BYTES / (kd * 8)
+        // The accumulators of both passes: every source's diagonal block, every pair's block.
+        let acc = (plan.sources.len() + pairs.len()) * d * d * 8;
+        let widest = plan.sources.iter().map(|(_, ts)| ts.len()).max().unwrap_or(1);
+        chunk_bytes(&device, acc, widest * d * d * 8) / (kd * 8)
     }
     .clamp(1, n);
     // `Z^T` of examples start..start+len, centred by `means` ([K d, 1] float64) if given.
@@ -140,40 +158,32 @@ pub fn fit_all_pairs_on_device(
             gram_flops += 2.0 * (d * d * len) as f64;
         }
     }
-    let diags: Vec<Mat<f64>> = diag_acc
-        .iter()
-        .map(|acc| {
-            let g = acc.to_device(&Device::Cpu)?.to_vec2::<f64>()?;
-            Ok(Mat::from_fn(d, d, |i, j| 0.5 * (g[i][j] + g[j][i])))
-        })
-        .collect::<Result<_>>()?;
-    drop(diag_acc);
     let t_diag = t0.elapsed().as_secs_f64();
 
-    // The host factorises the diagonal blocks (float64, exactly as on the CPU path: this is
-    // where scikit-learn's rank decision is made, an eigendecomposition for ill-conditioned
-    // layers) while the device accumulates pass 2, the cross blocks `X_t^T X_l` of every pair,
-    // one GEMM per source and run of consecutive targets.
+    // Each diagonal block is solved where it is ([`solve_block_tensor`]: the host path's
+    // equilibration, condition estimates, scikit-learn's minimum-norm cutoff and ridge, with
+    // cuSOLVER's factorisations on a GPU). Factorising on the host and bringing each inverse
+    // back took 8.7 + ~10 s of the 8B shape's 34 s to-final fit.
     let sources = &plan.sources;
-    let factorise = || -> Result<(Vec<Solution>, f64)> {
-        let t = Instant::now();
-        let solved = diags
-            .par_iter()
-            .zip(sources.par_iter())
-            .map(|(g, (l, _))| {
-                let l = *l;
-                ensure!(
-                    (0..d).all(|i| g[(i, i)].is_finite()),
-                    "fit: state {l} contains non-finite values"
-                );
-                let (sol, p) =
-                    solve_block(g, n, opts.ridge, None)?.map_err(|why| anyhow::anyhow!("fit: layer {l}: {why}"))?;
-                let (diag, warning) = layer_outcome(l, d, &sol, None);
-                Ok((p, diag, warning))
-            })
-            .collect::<Result<_>>()?;
-        Ok((solved, t.elapsed().as_secs_f64()))
-    };
+    let mut solved: Vec<Solution> = Vec::with_capacity(sources.len());
+    for (acc, (l, _)) in diag_acc.iter().zip(sources) {
+        let l = *l;
+        let g = ((acc + acc.t()?)? * 0.5)?;
+        let diag = diagonal(&g)?;
+        ensure!(
+            diag.iter().all(|x| x.is_finite()),
+            "fit: state {l} contains non-finite values"
+        );
+        let (sol, p) = solve_block_tensor(&g, &diag, n, opts.ridge)?;
+        let (diag, warning) = layer_outcome(l, d, &sol, None);
+        solved.push((p, diag, warning));
+    }
+    drop(diag_acc);
+    sync(&device)?;
+    let seconds_factor = t0.elapsed().as_secs_f64() - t_diag;
+
+    // Pass 2: the cross blocks `X_t^T X_l` of every pair, one GEMM per source and run of
+    // consecutive targets.
     let accumulate = || -> Result<(Vec<BlockRow>, f64, f64)> {
         let t = Instant::now();
         let mut flops = 0f64;
@@ -203,13 +213,8 @@ pub fn fit_all_pairs_on_device(
         sync(&device)?;
         Ok((block_rows, flops, t.elapsed().as_secs_f64()))
     };
-    let (factored, accumulated) = std::thread::scope(|scope| {
-        let host = scope.spawn(factorise);
-        let device_side = accumulate();
-        (host.join().expect("factorisation thread panicked"), device_side)
-    });
+    let accumulated = accumulate();
     let (block_rows, cross_flops, seconds_cross) = accumulated?;
-    let (solved, seconds_factor) = factored?;
     gram_flops += cross_flops;
     let t_factor = t0.elapsed().as_secs_f64();
 
@@ -220,7 +225,6 @@ pub fn fit_all_pairs_on_device(
     for (br, (p, diag, warning)) in block_rows.into_iter().zip(solved) {
         let l = br.source;
         let lc = plan.compact[l];
-        let p = crate::lens::fit::solve::mat_tensor(&p, &device)?;
         let mu_l = means.as_ref().map(|m| m.narrow(0, lc * d, d)).transpose()?;
         for (a0, m, c) in br.runs {
             let a64 = c.matmul(&p)?; // [m d, d] = stacked A_t (out x in)
