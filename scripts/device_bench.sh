@@ -5,8 +5,8 @@
 # asset, the Wikipedia summaries). PyTorch + transformers must be installed there (the reference).
 #
 #   scripts/device_bench.sh [SECTION...]      (default: all)
-#   JUMPLENS_FUSED_EPILOGUES=1 scripts/device_bench.sh fused bf16small   (the LayerNorm and bias/activation
-#                                            kernels, opt-in until measured: see src/model/fused.rs)
+#   JUMPLENS_FUSED_EPILOGUES=0 scripts/device_bench.sh fused bf16small   (without the LayerNorm and
+#                                            bias/activation kernels, for an A/B: see src/model/fused.rs)
 #
 # Sections:
 #   jit      first CUDA use on a fresh machine (kernel JIT), then a second one
