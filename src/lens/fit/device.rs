@@ -271,7 +271,6 @@ pub fn fit_all_pairs_on_device(
             chunk_rows: rows,
             gram_blocks: pairs.len() + plan.sources.len(),
             seconds_stats: t_stats,
-            // On the device the factorisations overlap the second Gram pass.
             seconds_gram: t_diag - t_stats + seconds_cross,
             seconds_factor,
             seconds_products: t_end - t_factor,
