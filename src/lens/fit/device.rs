@@ -1,6 +1,6 @@
 //! The all-pairs fit of [`crate::lens::fit`] with the sufficient statistics accumulated on the
-//! device that holds the hidden states (a GPU): what crosses to the host is one `d x d` block
-//! per source layer, never the states.
+//! device that holds the hidden states (a GPU): what crosses to the host is each source block's
+//! diagonal and a few scalars of its factorisation, never the states or the blocks.
 //!
 //! # Why it is built this way
 //!
@@ -9,14 +9,15 @@
 //! TFLOP/s float64 against 39.9 float32 for a 100k x 1600 Gram), so everything is float64 and
 //! no layer is recomputed. Per chunk of examples the needed states are laid out as
 //! `Z^T` [K d, rows] (one row per coordinate), so any run of consecutive states is a
-//! contiguous band of rows. Two passes over the examples:
-//!
-//! 1. the diagonal block `X_l^T X_l` of every source (a few percent of the flops), each solved
-//!    where it is ([`super::solve::solve_block_tensor`]: the host path's column equilibration,
-//!    condition estimates, scikit-learn's minimum-norm cutoff and ridge, with cuSOLVER's
-//!    Cholesky inverse and eigendecomposition on a GPU); then
-//! 2. the cross blocks `X_t^T X_l`, one GEMM per source and run of consecutive targets.
-//!    Converting each chunk to float64 twice is memory-bound device work, small beside the GEMMs.
+//! contiguous band of rows. One pass over the examples accumulates, per chunk, every source's
+//! diagonal block `X_l^T X_l` and its cross blocks `X_t^T X_l` (one GEMM per source and run of
+//! consecutive targets; converting the chunk to float64 is memory-bound device work, small beside
+//! the GEMMs). Then each diagonal block is solved where it is
+//! ([`super::solve::solve_block_tensor`]: the host path's column equilibration, condition
+//! estimates, scikit-learn's minimum-norm cutoff and ridge, with cuSOLVER's Cholesky inverse and
+//! eigendecomposition on a GPU). (Earlier the diagonal blocks were a first pass of their own, so
+//! that the host could factorise them during a second; with the solve on the device that bought
+//! nothing and cost a second conversion of every chunk.)
 //!
 //! Each source's float64 inverse `P`, already on the device, then gives one GEMM `A = C P` over
 //! all its targets. The maps stay on the device as float32 (views of one buffer per source
@@ -142,29 +143,48 @@ pub fn fit_all_pairs_on_device(
     sync(&device)?;
     let t_stats = t0.elapsed().as_secs_f64();
 
-    // Pass 1: the diagonal block of every source (S d^2 N flops, a few percent of the Gram).
+    // One pass over the examples: per chunk, every source's diagonal block `X_l^T X_l` and its
+    // cross blocks `X_t^T X_l`, one GEMM per source and run of consecutive targets (each chunk
+    // is converted to float64 once).
+    let sources = &plan.sources;
     let mut gram_flops = 0f64;
-    let mut diag_acc: Vec<Tensor> = plan
-        .sources
+    let mut diag_acc: Vec<Tensor> = sources
         .iter()
         .map(|_| Tensor::zeros((d, d), DType::F64, &device))
         .collect::<candle_core::Result<_>>()?;
+    let mut block_rows: Vec<BlockRow> = sources
+        .iter()
+        .map(|(l, ts)| {
+            let idx: Vec<usize> = ts.iter().map(|t| plan.compact[*t]).collect();
+            let runs = runs(&idx)
+                .into_iter()
+                .map(|(a, len)| Ok((a, len, Tensor::zeros((len * d, d), DType::F64, &device)?)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(BlockRow { source: *l, runs })
+        })
+        .collect::<Result<_>>()?;
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let zt = chunk(start, len, means.as_ref())?;
-        for ((l, _), acc) in plan.sources.iter().zip(diag_acc.iter_mut()) {
-            let x = zt.narrow(0, plan.compact[*l] * d, d)?;
+        for (br, acc) in block_rows.iter_mut().zip(diag_acc.iter_mut()) {
+            let x = zt.narrow(0, plan.compact[br.source] * d, d)?; // [d, rows]
             *acc = (&*acc + x.matmul(&x.t()?)?)?;
             gram_flops += 2.0 * (d * d * len) as f64;
+            let xl = x.t()?; // [rows, d]
+            for (a, rl, acc) in &mut br.runs {
+                let band = zt.narrow(0, *a * d, *rl * d)?; // [run d, rows]
+                *acc = (&*acc + band.matmul(&xl)?)?;
+                gram_flops += 2.0 * (*rl * d * d * len) as f64;
+            }
         }
     }
-    let t_diag = t0.elapsed().as_secs_f64();
+    sync(&device)?;
+    let t_gram = t0.elapsed().as_secs_f64();
 
     // Each diagonal block is solved where it is ([`solve_block_tensor`]: the host path's
     // equilibration, condition estimates, scikit-learn's minimum-norm cutoff and ridge, with
     // cuSOLVER's factorisations on a GPU). Factorising on the host and bringing each inverse
     // back took 8.7 + ~10 s of the 8B shape's 34 s to-final fit.
-    let sources = &plan.sources;
     let mut solved: Vec<Solution> = Vec::with_capacity(sources.len());
     for (acc, (l, _)) in diag_acc.iter().zip(sources) {
         let l = *l;
@@ -180,43 +200,8 @@ pub fn fit_all_pairs_on_device(
     }
     drop(diag_acc);
     sync(&device)?;
-    let seconds_factor = t0.elapsed().as_secs_f64() - t_diag;
-
-    // Pass 2: the cross blocks `X_t^T X_l` of every pair, one GEMM per source and run of
-    // consecutive targets.
-    let accumulate = || -> Result<(Vec<BlockRow>, f64, f64)> {
-        let t = Instant::now();
-        let mut flops = 0f64;
-        let mut block_rows: Vec<BlockRow> = sources
-            .iter()
-            .map(|(l, ts)| {
-                let idx: Vec<usize> = ts.iter().map(|t| plan.compact[*t]).collect();
-                let runs = runs(&idx)
-                    .into_iter()
-                    .map(|(a, len)| Ok((a, len, Tensor::zeros((len * d, d), DType::F64, &device)?)))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(BlockRow { source: *l, runs })
-            })
-            .collect::<Result<_>>()?;
-        for start in (0..n).step_by(rows) {
-            let len = rows.min(n - start);
-            let zt = chunk(start, len, means.as_ref())?;
-            for br in &mut block_rows {
-                let xl = zt.narrow(0, plan.compact[br.source] * d, d)?.t()?; // [rows, d]
-                for (a, rl, acc) in &mut br.runs {
-                    let band = zt.narrow(0, *a * d, *rl * d)?; // [run d, rows]
-                    *acc = (&*acc + band.matmul(&xl)?)?;
-                    flops += 2.0 * (*rl * d * d * len) as f64;
-                }
-            }
-        }
-        sync(&device)?;
-        Ok((block_rows, flops, t.elapsed().as_secs_f64()))
-    };
-    let accumulated = accumulate();
-    let (block_rows, cross_flops, seconds_cross) = accumulated?;
-    gram_flops += cross_flops;
     let t_factor = t0.elapsed().as_secs_f64();
+    let seconds_factor = t_factor - t_gram;
 
     // A = C P for all targets of a source in one GEMM; maps as float32 views.
     let mut maps_pairs = Vec::with_capacity(pairs.len());
@@ -271,7 +256,7 @@ pub fn fit_all_pairs_on_device(
             chunk_rows: rows,
             gram_blocks: pairs.len() + plan.sources.len(),
             seconds_stats: t_stats,
-            seconds_gram: t_diag - t_stats + seconds_cross,
+            seconds_gram: t_gram - t_stats,
             seconds_factor,
             seconds_products: t_end - t_factor,
             seconds_total: t_end,
