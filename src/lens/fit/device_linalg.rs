@@ -52,9 +52,11 @@ pub fn sym_inverse_cholesky(m: &Tensor) -> anyhow::Result<Option<Tensor>> {
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cusolver::{sys, DnHandle};
-    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-    use candle_core::{bail, CpuStorage, CudaStorage, Layout, Result, Shape};
+    use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, Layout, Result, Shape};
 
     /// The packed result `[n + 1, n]`: rows `0..n` the eigenvectors (cuSOLVER writes them as the
     /// columns of a column-major matrix, which read row-major are its rows), row `n` the
@@ -63,6 +65,46 @@ mod cuda {
 
     fn solver_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
         candle_core::Error::Msg(format!("cuSOLVER {what}: {e:?}"))
+    }
+
+    /// A packed `[n + 1, n]` f64 output buffer whose rows `0..n` hold a copy of the op's input
+    /// (row `n` zeroed), with the device, its stream and a cuSOLVER handle on that stream: what
+    /// both ops start from (cuSOLVER factorises in place).
+    struct Packed {
+        out: CudaSlice<f64>,
+        n: usize,
+        ni: i32,
+        dev: CudaDevice,
+        stream: Arc<CudaStream>,
+        handle: DnHandle,
+    }
+
+    /// [`Packed`] for the contiguous f64 `[n, n]` input `s` / `l` of the op `what`.
+    fn packed_input(s: &CudaStorage, l: &Layout, what: &str) -> Result<Packed> {
+        let (n, _) = l.shape().dims2()?;
+        let src = match &s.slice {
+            CudaStorageSlice::F64(v) => v,
+            _ => bail!("{what}: needs f64, got {:?}", s.dtype()),
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            bail!("{what}: needs a contiguous matrix")
+        };
+        let ni = i32::try_from(n).map_err(|_| candle_core::Error::Msg(format!("{what}: n = {n} too large")))?;
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let mut out = dev.alloc_zeros::<f64>(n * n + n)?;
+        stream
+            .memcpy_dtod(&src.slice(start..end), &mut out.slice_mut(0..n * n))
+            .w()?;
+        let handle = DnHandle::new(stream.clone()).map_err(|e| solver_err("handle", e))?;
+        Ok(Packed {
+            out,
+            n,
+            ni,
+            dev,
+            stream,
+            handle,
+        })
     }
 
     impl candle_core::CustomOp1 for SymEigen {
@@ -75,24 +117,14 @@ mod cuda {
         }
 
         fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            let (n, _) = l.shape().dims2()?;
-            let src = match &s.slice {
-                CudaStorageSlice::F64(v) => v,
-                _ => bail!("eigendecomposition: needs f64, got {:?}", s.dtype()),
-            };
-            let Some((start, end)) = l.contiguous_offsets() else {
-                bail!("eigendecomposition: needs a contiguous matrix")
-            };
-            let ni = i32::try_from(n)
-                .map_err(|_| candle_core::Error::Msg(format!("eigendecomposition: n = {n} too large")))?;
-            let dev = s.device().clone();
-            let stream = dev.cuda_stream();
-            // SAFETY: every element is written (the copy fills the matrix, syevd the eigenvalues).
-            let mut out = unsafe { dev.alloc::<f64>(n * n + n)? };
-            stream
-                .memcpy_dtod(&src.slice(start..end), &mut out.slice_mut(0..n * n))
-                .w()?;
-            let handle = DnHandle::new(stream.clone()).map_err(|e| solver_err("handle", e))?;
+            let Packed {
+                mut out,
+                n,
+                ni,
+                dev,
+                stream,
+                handle,
+            } = packed_input(s, l, "eigendecomposition")?;
             let jobz = sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
             let uplo = sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
             let mut lwork: i32 = 0;
@@ -167,24 +199,15 @@ mod cuda {
         }
 
         fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-            let (n, _) = l.shape().dims2()?;
-            let src = match &s.slice {
-                CudaStorageSlice::F64(v) => v,
-                _ => bail!("Cholesky inverse: needs f64, got {:?}", s.dtype()),
-            };
-            let Some((start, end)) = l.contiguous_offsets() else {
-                bail!("Cholesky inverse: needs a contiguous matrix")
-            };
-            let ni = i32::try_from(n)
-                .map_err(|_| candle_core::Error::Msg(format!("Cholesky inverse: n = {n} too large")))?;
-            let dev = s.device().clone();
-            let stream = dev.cuda_stream();
-            // Zeroed: row n carries `info` in its first entry and zeros elsewhere.
-            let mut out = dev.alloc_zeros::<f64>(n * n + n)?;
-            stream
-                .memcpy_dtod(&src.slice(start..end), &mut out.slice_mut(0..n * n))
-                .w()?;
-            let handle = DnHandle::new(stream.clone()).map_err(|e| solver_err("handle", e))?;
+            // Row n of the packed buffer carries `info` in its first entry and zeros elsewhere.
+            let Packed {
+                mut out,
+                n,
+                ni,
+                dev,
+                stream,
+                handle,
+            } = packed_input(s, l, "Cholesky inverse")?;
             let uplo = sys::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
             let (mut lwork_f, mut lwork_i): (i32, i32) = (0, 0);
             {
