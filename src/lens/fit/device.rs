@@ -36,7 +36,7 @@ use std::time::Instant;
 use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::lens::fit::solve::{diagonal, layer_outcome, solve_block_tensor};
+use crate::lens::fit::solve::solve_source_tensor;
 use crate::lens::fit::{checked_inputs, model_flops, FitOptions, FitReport, FitStats, GramPrecision, LayerDiag, Plan};
 use crate::lens::maps::{Maps, PairMap};
 
@@ -189,14 +189,9 @@ pub fn fit_all_pairs_on_device(
     for (acc, (l, _)) in diag_acc.iter().zip(sources) {
         let l = *l;
         let g = ((acc + acc.t()?)? * 0.5)?;
-        let diag = diagonal(&g)?;
-        ensure!(
-            diag.iter().all(|x| x.is_finite()),
-            "fit: state {l} contains non-finite values"
-        );
-        let (sol, p) = solve_block_tensor(&g, &diag, n, opts.ridge)?;
-        let (diag, warning) = layer_outcome(l, d, &sol, None);
-        solved.push((p, diag, warning));
+        solved.push(solve_source_tensor(l, &g, n, opts.ridge, || {
+            format!("fit: state {l} contains non-finite values")
+        })?);
     }
     drop(diag_acc);
     sync(&device)?;

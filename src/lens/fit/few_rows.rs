@@ -22,8 +22,6 @@ use faer::Mat;
 use rayon::prelude::*;
 
 use crate::lens::fit::solve::solve_block;
-#[cfg(feature = "cuda")]
-use crate::lens::fit::SKLEARN_RCOND;
 
 /// For each `(X [n, d_in], Y [n, d_out])` (any float dtype, on one device each), the map
 /// `A` [d_out, d_in] (f32, on that device) of least norm minimising `||X A^T - Y||`, the
@@ -92,20 +90,20 @@ fn min_norm_map_cuda(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let k = x.matmul(&x.t()?)?;
     let (lam, u) = crate::lens::fit::device_linalg::sym_eigen(&k).map_err(|e| anyhow::anyhow!("fit: {e}"))?;
     let lam: Vec<f64> = lam.to_vec1()?;
-    let lmax = lam.iter().copied().fold(0f64, f64::max);
     // scikit-learn keeps singular values above rcond * the largest: eigenvalues of K above
-    // rcond^2 * the largest (the same cutoff as `solve::pinv_scaled` on the host).
-    let cut = SKLEARN_RCOND * SKLEARN_RCOND * lmax;
-    // Ascending: the kept eigenvalues are a tail.
-    let first = lam.iter().position(|&v| v > cut).unwrap_or(n);
-    let r = n - first;
+    // rcond^2 * the largest (the cutoff of the host's pseudo-inverse).
+    let (keep, _) = crate::lens::fit::solve::sklearn_kept(&lam);
+    let r = keep.len();
     if r == 0 {
         return Ok(Tensor::zeros((d_out, d_in), DType::F32, x.device())?);
     }
-    let inv_sqrt: Vec<f64> = lam[first..].iter().map(|v| 1.0 / v.sqrt()).collect();
+    let inv_sqrt: Vec<f64> = keep.iter().map(|&i| 1.0 / lam[i].sqrt()).collect();
     let inv_sqrt = Tensor::from_vec(inv_sqrt, (r, 1), x.device())?;
+    let ids: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
     // W^T [r, n]: the kept eigenvectors, each over the square root of its eigenvalue.
-    let wt = u.narrow(0, first, r)?.broadcast_mul(&inv_sqrt)?;
+    let wt = u
+        .index_select(&Tensor::from_vec(ids, r, x.device())?, 0)?
+        .broadcast_mul(&inv_sqrt)?;
     let b = wt.matmul(&x)?; // [r, d_in]
     let c = y.t()?.matmul(&wt.t()?)?; // [d_out, r]
     Ok(c.matmul(&b)?.to_dtype(DType::F32)?)

@@ -61,7 +61,7 @@ pub(crate) fn sym_f64<T: Elem>(lower: MatRef<'_, T>) -> Mat<f64> {
 /// thresholds have margins of 10 and more.
 fn lambda_max(m: MatRef<'_, f64>) -> f64 {
     let d = m.nrows();
-    let mut v = Mat::<f64>::from_fn(d, 1, |i, _| 1.0 + 0.5 * ((i as f64) * 0.618_033_988_7).fract());
+    let mut v = Mat::<f64>::from_fn(d, 1, |i, _| power_start(i));
     let nv = v.norm_l2();
     v.col_mut(0).iter_mut().for_each(|x| *x /= nv);
     let mut w = Mat::<f64>::zeros(d, 1);
@@ -84,6 +84,36 @@ fn lambda_max(m: MatRef<'_, f64>) -> f64 {
     }
     let maxdiag = (0..d).map(|i| m[(i, i)]).fold(0f64, f64::max);
     lam.max(maxdiag)
+}
+
+/// Entry `i` of the power iterations' start vector (before normalisation): deterministic, and
+/// with no zero component.
+fn power_start(i: usize) -> f64 {
+    1.0 + 0.5 * ((i as f64) * 0.618_033_988_7).fract()
+}
+
+/// The bound `kappa(S G S) <= kappa(G) (max s / min s)^2` on the unscaled condition from the
+/// scaled one, `cond`, and the column scales.
+fn unscaled_cond_bound(cond: f64, scale: &[f64]) -> f64 {
+    let smax = scale.iter().fold(0f64, |a, &b| a.max(b));
+    let smin = scale.iter().fold(f64::INFINITY, |a, &b| a.min(b));
+    cond * (smax / smin).powi(2)
+}
+
+/// scikit-learn's cutoff on a Gram's eigenvalues `lam` (any order): the indices of those kept
+/// (above `SKLEARN_RCOND^2` times the largest) and the exact condition number (infinite when
+/// any is dropped).
+pub(crate) fn sklearn_kept(lam: &[f64]) -> (Vec<usize>, f64) {
+    let lmax = lam.iter().fold(0f64, |a, &b| a.max(b));
+    let cut = SKLEARN_RCOND * SKLEARN_RCOND * lmax;
+    let keep: Vec<usize> = (0..lam.len()).filter(|&i| lam[i] > cut).collect();
+    let lmin = keep.iter().map(|&i| lam[i]).fold(f64::INFINITY, f64::min);
+    let cond = if keep.len() == lam.len() {
+        lmax / lmin
+    } else {
+        f64::INFINITY
+    };
+    (keep, cond)
 }
 
 /// Inverse of a symmetric positive definite matrix via Cholesky (None if not PD).
@@ -127,14 +157,10 @@ fn pinv_scaled(gu: MatRef<'_, f64>, scale: &[f64]) -> Result<(Mat<f64>, usize, f
     let evd = gu
         .self_adjoint_eigen(Side::Lower)
         .map_err(|e| anyhow::anyhow!("eigendecomposition failed: {e:?}"))?;
-    let lam = evd.S().column_vector();
+    let lam: Vec<f64> = evd.S().column_vector().iter().copied().collect();
     let u = evd.U();
-    let lmax = (0..d).map(|i| lam[i]).fold(0f64, f64::max);
-    let cut = SKLEARN_RCOND * SKLEARN_RCOND * lmax;
-    let keep: Vec<usize> = (0..d).filter(|&i| lam[i] > cut).collect();
+    let (keep, cond) = sklearn_kept(&lam);
     let r = keep.len();
-    let lmin = keep.iter().map(|&i| lam[i]).fold(f64::INFINITY, f64::min);
-    let cond = if r == d { lmax / lmin } else { f64::INFINITY };
     // W = S U_k diag(1/sqrt(lambda)): P_scaled = S U_k L^-1 U_k^T S = W W^T.
     let mut w = Mat::<f64>::zeros(d, r);
     for (c, &i) in keep.iter().enumerate() {
@@ -177,10 +203,8 @@ fn analyse(gs: &Mat<f64>, scale: &[f64], inv: &[f64], ridge: f64, trust: Option<
                     )));
                 }
             }
-            // kappa(S G S) <= kappa(G) (max s / min s)^2: skip the estimate when that is small.
-            let smax = scale.iter().fold(0f64, |a, &b| a.max(b));
-            let smin = scale.iter().fold(f64::INFINITY, |a, &b| a.min(b));
-            let bound = cond * (smax / smin).powi(2);
+            // Skip the estimate of the unscaled condition when its bound is small.
+            let bound = unscaled_cond_bound(cond, scale);
             let cond_u = if ridge > 0.0 || bound <= NEAR_CUTOFF_COND {
                 bound
             } else {
@@ -299,7 +323,7 @@ pub(crate) fn solve_block(
 }
 
 /// The diagonal of a square matrix tensor, on the host.
-pub(crate) fn diagonal(m: &Tensor) -> Result<Vec<f64>> {
+fn diagonal(m: &Tensor) -> Result<Vec<f64>> {
     let d = m.dim(0)?;
     let at = Tensor::arange_step(0u32, (d * d) as u32, (d + 1) as u32, m.device())?;
     Ok(m.flatten_all()?
@@ -312,9 +336,7 @@ pub(crate) fn diagonal(m: &Tensor) -> Result<Vec<f64>> {
 /// rule; `diag` is the matrix's diagonal.
 fn lambda_max_tensor(m: &Tensor, diag: &[f64]) -> Result<f64> {
     let d = m.dim(0)?;
-    let v: Vec<f64> = (0..d)
-        .map(|i| 1.0 + 0.5 * ((i as f64) * 0.618_033_988_7).fract())
-        .collect();
+    let v: Vec<f64> = (0..d).map(power_start).collect();
     let nv = v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let mut v = Tensor::from_vec(v.iter().map(|x| x / nv).collect::<Vec<_>>(), (d, 1), m.device())?;
     let mut lam = 0f64;
@@ -359,19 +381,16 @@ fn pinv_scaled_tensor(gu: &Tensor, scale: &[f64]) -> Result<(Tensor, usize, f64)
     // Eigenvalues [d] and eigenvectors as rows [d, d], in any order.
     let (lam, u) = sym_eigen_tensor(gu)?;
     let lam = lam.to_vec1::<f64>()?;
-    let lmax = lam.iter().fold(0f64, |a, &b| a.max(b));
-    let cut = SKLEARN_RCOND * SKLEARN_RCOND * lmax;
-    let keep: Vec<u32> = (0..d).filter(|&i| lam[i] > cut).map(|i| i as u32).collect();
+    let (keep, cond) = sklearn_kept(&lam);
     let r = keep.len();
-    let lmin = keep.iter().map(|&i| lam[i as usize]).fold(f64::INFINITY, f64::min);
-    let cond = if r == d { lmax / lmin } else { f64::INFINITY };
     if r == 0 {
         return Ok((Tensor::zeros((d, d), DType::F64, dev)?, 0, cond));
     }
     // W^T = diag(1/sqrt(lambda_k)) U_k^T S: P_scaled = W W^T, as on the host.
-    let f: Vec<f64> = keep.iter().map(|&i| 1.0 / lam[i as usize].sqrt()).collect();
+    let f: Vec<f64> = keep.iter().map(|&i| 1.0 / lam[i].sqrt()).collect();
+    let ids: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
     let wt = u
-        .index_select(&Tensor::from_vec(keep, r, dev)?, 0)?
+        .index_select(&Tensor::from_vec(ids, r, dev)?, 0)?
         .broadcast_mul(&Tensor::from_vec(f, (r, 1), dev)?)?
         .broadcast_mul(&Tensor::from_slice(scale, (1, d), dev)?)?;
     Ok((wt.t()?.matmul(&wt)?, r, cond))
@@ -398,7 +417,7 @@ fn sym_eigen_tensor(m: &Tensor) -> Result<(Tensor, Tensor)> {
 /// thresholds and minimum-norm cutoff, with the Cholesky inverse and the eigendecomposition on
 /// the block's device (cuSOLVER on a GPU). Returns the layer's outcome and its unscaled
 /// (pseudo-)inverse there.
-pub(crate) fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64) -> Result<(Solved<()>, Tensor)> {
+fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64) -> Result<(Solved<()>, Tensor)> {
     let d = diag.len();
     let dev = g.device();
     let (scale, inv) = scales_from_diagonal(diag, n);
@@ -436,10 +455,8 @@ pub(crate) fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64)
     let (outcome, p_scaled) = match chol {
         Some((p, p_diag)) => {
             let cond = lam_g * lambda_max_tensor(&p, &p_diag)?;
-            // kappa(S G S) <= kappa(G) (max s / min s)^2: skip the estimate when that is small.
-            let smax = scale.iter().fold(0f64, |a, &b| a.max(b));
-            let smin = scale.iter().fold(f64::INFINITY, |a, &b| a.min(b));
-            let bound = cond * (smax / smin).powi(2);
+            // Skip the estimate of the unscaled condition when its bound is small.
+            let bound = unscaled_cond_bound(cond, &scale);
             let cond_u = if ridge > 0.0 || bound <= NEAR_CUTOFF_COND {
                 bound
             } else {
@@ -468,6 +485,22 @@ pub(crate) fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64)
         }
     };
     Ok((outcome, sym_scaled(&p_scaled, &inv)?))
+}
+
+/// Source layer `l`'s float64 Gram block `g` solved where it is ([`solve_block_tensor`]), with
+/// its diagnostics and warning; `non_finite` is the error when its diagonal is not finite.
+pub(crate) fn solve_source_tensor(
+    l: usize,
+    g: &Tensor,
+    n: usize,
+    ridge: f64,
+    non_finite: impl FnOnce() -> String,
+) -> Result<(Tensor, LayerDiag, Option<String>)> {
+    let diag = diagonal(g)?;
+    anyhow::ensure!(diag.iter().all(|x| x.is_finite()), non_finite());
+    let (solved, p) = solve_block_tensor(g, &diag, n, ridge)?;
+    let (layer, warning) = layer_outcome(l, diag.len(), &solved, None);
+    Ok((p, layer, warning))
 }
 
 /// Diagnostics and warning of one solved source layer (`reason`: why float32 was not trusted).

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::data::stats::GramStats;
 use crate::lens::fit::cpu::{pair_map, product};
-use crate::lens::fit::solve::{diagonal, layer_outcome, solve_block, solve_block_tensor};
+use crate::lens::fit::solve::{layer_outcome, solve_block, solve_source_tensor};
 use crate::lens::fit::{model_flops, FitOptions, FitReport, FitStats, GramPrecision, Plan};
 use crate::lens::maps::{Maps, PairMap};
 
@@ -95,21 +95,17 @@ fn fit_from_stats_with(
         for (l, _) in &plan.sources {
             let l = *l;
             let g = centred_block_tensor(stats, l, l, &means)?;
-            let diag = diagonal(&g)?;
-            ensure!(
-                diag.iter().all(|x| x.is_finite()),
-                "fit: the statistics of state {l} contain non-finite values"
-            );
-            let (solved, p) = solve_block_tensor(&g, &diag, n, opts.ridge)?;
-            let (diag, warning) = layer_outcome(l, d, &solved, None);
-            layers.push(diag);
+            let (p, layer, warning) = solve_source_tensor(l, &g, n, opts.ridge, || {
+                format!("fit: the statistics of state {l} contain non-finite values")
+            })?;
+            layers.push(layer);
             warnings.extend(warning);
-            inverses.push((l, p));
+            inverses.push(p);
         }
         let t_factor = t0.elapsed().as_secs_f64();
         let mut maps = Vec::with_capacity(pairs.len());
-        for (l, p) in &inverses {
-            for &t in &plan.sources.iter().find(|(s, _)| s == l).expect("planned source").1 {
+        for ((l, targets), p) in plan.sources.iter().zip(&inverses) {
+            for &t in targets {
                 // A = C P, C = X_t^T X_l [target coordinates, source coordinates].
                 let a = centred_block_tensor(stats, t, *l, &means)?
                     .matmul(p)?
