@@ -1111,10 +1111,7 @@ fn run(cli: Cli) -> Result<()> {
             chunk_rows,
         } => {
             if what == BenchWhat::Fit {
-                let pairs = match Pairs::from(pairs).resolve(states, d).0 {
-                    Pairs::ToFinal => crate::lens::fit::pairs_to_final(states),
-                    _ => crate::lens::fit::pairs_all(states),
-                };
+                let pairs = Pairs::from(pairs).resolve(states, d).0.list(states);
                 let t = crate::bench::fit_synthetic(&device, states, n, d, &pairs, chunk_rows)?;
                 println!("{}", serde_json::to_string(&t)?);
                 return Ok(());

@@ -31,6 +31,14 @@ pub enum Pairs {
 pub const ALL_PAIRS_MAX_BYTES: u64 = 4 << 30;
 
 impl Pairs {
+    /// The pairs of `n_states` states (`Auto` as `All`: resolve it first).
+    pub fn list(self, n_states: usize) -> Vec<(usize, usize)> {
+        match self {
+            Pairs::All | Pairs::Auto => fit::pairs_all(n_states),
+            Pairs::ToFinal => fit::pairs_to_final(n_states),
+        }
+    }
+
     /// What `Auto` means for `n_states` states of width `d` (f32 maps of d x d per pair), and
     /// the line saying so when it is not `All`.
     pub fn resolve(self, n_states: usize, d: usize) -> (Pairs, Option<String>) {
@@ -165,11 +173,7 @@ fn resolve_pairs(pairs: Pairs, s: usize, d: usize, stats: Option<StatsPairs>) ->
     if let Some(note) = note {
         eprintln!("{note}");
     }
-    let list = match resolved {
-        Pairs::All | Pairs::Auto => fit::pairs_all(s),
-        Pairs::ToFinal => fit::pairs_to_final(s),
-    };
-    Ok((resolved, list))
+    Ok((resolved, resolved.list(s)))
 }
 
 /// `pairs` with Auto resolved: a statistics-only run's pair set, else the size rule of
