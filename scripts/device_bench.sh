@@ -241,7 +241,8 @@ for section in $SECTIONS; do
     timed "second CUDA use" "$BIN" --device cuda bench fit --states 3 --n 4096 --d 64 >"$R_OUT/jit2.json"
     ;;
   agree)
-    for name in smollm2-4blk bert_mlm; do
+    # AGREE_MODELS picks the models (default both).
+    for name in ${AGREE_MODELS:-smollm2-4blk bert_mlm}; do
       case $name in
       smollm2-4blk) M=$DATA/smollm2-4blk.gguf mask="" ;;
       bert_mlm) M=$DATA/bert_mlm mask="--mask-position 4" ;;

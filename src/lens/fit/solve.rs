@@ -436,7 +436,10 @@ fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64) -> Result<
     }
     let gu_diag: Vec<f64> = gs_diag.iter().zip(&scale).map(|(x, s)| x * s * s).collect();
     let unscaled = || sym_scaled(&gs, &scale);
+    let mut trace = SolveTrace::new(dev);
+    trace.mark("scale")?;
     let lam_g = lambda_max_tensor(&gs, &gs_diag)?;
+    trace.mark("lambda_max(G)")?;
     let solved = |p, rank, cond, cond_unscaled, method, note| Solved {
         p,
         rank,
@@ -452,9 +455,11 @@ fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64) -> Result<
         }
         None => None,
     };
+    trace.mark("cholesky inverse")?;
     let (outcome, p_scaled) = match chol {
         Some((p, p_diag)) => {
             let cond = lam_g * lambda_max_tensor(&p, &p_diag)?;
+            trace.mark("lambda_max(P)")?;
             // Skip the estimate of the unscaled condition when its bound is small.
             let bound = unscaled_cond_bound(cond, &scale);
             let cond_u = if ridge > 0.0 || bound <= NEAR_CUTOFF_COND {
@@ -484,7 +489,43 @@ fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64) -> Result<
             )
         }
     };
-    Ok((outcome, sym_scaled(&p_scaled, &inv)?))
+    let p = sym_scaled(&p_scaled, &inv)?;
+    trace.mark("rest")?;
+    trace.finish(d);
+    Ok((outcome, p))
+}
+
+/// Wall time of each step of [`solve_block_tensor`] (the device synchronised at each mark),
+/// printed to stderr when `JUMPLENS_SOLVE_TRACE` is set: where a GPU fit's factor phase goes.
+struct SolveTrace<'a> {
+    dev: Option<&'a candle_core::Device>,
+    last: std::time::Instant,
+    steps: Vec<(&'static str, f64)>,
+}
+
+impl<'a> SolveTrace<'a> {
+    fn new(dev: &'a candle_core::Device) -> Self {
+        let on = std::env::var_os("JUMPLENS_SOLVE_TRACE").is_some();
+        SolveTrace {
+            dev: on.then_some(dev),
+            last: std::time::Instant::now(),
+            steps: Vec::new(),
+        }
+    }
+    fn mark(&mut self, step: &'static str) -> Result<()> {
+        if let Some(dev) = self.dev {
+            dev.synchronize()?;
+            self.steps.push((step, self.last.elapsed().as_secs_f64() * 1e3));
+            self.last = std::time::Instant::now();
+        }
+        Ok(())
+    }
+    fn finish(&self, d: usize) {
+        if self.dev.is_some() {
+            let steps: Vec<String> = self.steps.iter().map(|(s, ms)| format!("{s} {ms:.1} ms")).collect();
+            eprintln!("solve d={d}: {}", steps.join(", "));
+        }
+    }
 }
 
 /// Source layer `l`'s float64 Gram block `g` solved where it is ([`solve_block_tensor`]), with
