@@ -299,26 +299,41 @@ pub(super) fn score_casts(u: &[f32], casts: usize, w: &[f32], d: usize, r: &CpuR
     let rows = r.gold.len();
     assert_eq!(u.len(), casts * rows * d, "casts x rows x d states");
     assert_eq!(w.len(), v * d, "a [V, d] unembedding");
+    // Several casts share one GEMM per vocabulary chunk ([sets rows, CHUNK] logits): the chunk
+    // of the unembedding is packed once for all of them rather than once per cast, and the
+    // GEMM's row blocks are large enough to run near the kernel's peak. Up to ~4 MiB of logits
+    // per block (a core's L2 here).
+    let sets_per_gemm = ((1usize << 20) / (rows * CHUNK).max(1)).clamp(1, casts.max(1));
     let chunks: Vec<Vec<Partial>> = (0..v.div_ceil(CHUNK))
         .into_par_iter()
         .map_init(
-            || vec![0f32; rows * CHUNK],
+            || vec![0f32; sets_per_gemm * rows * CHUNK],
             |block, c| {
                 let v0 = c * CHUNK;
                 let width = CHUNK.min(v - v0);
-                let block = &mut block[..rows * width];
                 let rhs = MatRef::from_row_major_slice(&w[v0 * d..(v0 + width) * d], width, d).transpose();
                 let mut out = Vec::with_capacity(casts * rows);
-                for set in 0..casts {
+                for first in (0..casts).step_by(sets_per_gemm) {
+                    let sets = sets_per_gemm.min(casts - first);
+                    let block = &mut block[..sets * rows * width];
                     faer::linalg::matmul::matmul(
-                        MatMut::from_row_major_slice_mut(block, rows, width),
+                        MatMut::from_row_major_slice_mut(block, sets * rows, width),
                         Accum::Replace,
-                        MatRef::from_row_major_slice(&u[set * rows * d..(set + 1) * rows * d], rows, d),
+                        MatRef::from_row_major_slice(&u[first * rows * d..(first + sets) * rows * d], sets * rows, d),
                         rhs,
                         1.0f32,
                         Par::Seq,
                     );
-                    reduce_block(block, width, width, v0, r, &mut out);
+                    for set in 0..sets {
+                        reduce_block(
+                            &block[set * rows * width..(set + 1) * rows * width],
+                            width,
+                            width,
+                            v0,
+                            r,
+                            &mut out,
+                        );
+                    }
                 }
                 out
             },

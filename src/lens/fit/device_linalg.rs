@@ -24,7 +24,9 @@ pub fn sym_eigen(m: &Tensor) -> anyhow::Result<(Tensor, Tensor)> {
     let (n, n2) = m.dims2()?;
     anyhow::ensure!(n == n2, "eigendecomposition of a non-square [{n}, {n2}] matrix");
     let packed = m.contiguous()?.apply_op1_no_bwd(&cuda::SymEigen)?;
-    Ok((packed.get(n)?, packed.narrow(0, 0, n)?))
+    // The eigenvalues copied out of the packed buffer: a host read of the row as a view would
+    // bring the whole [n + 1, n] storage across (see `sym_inverse_cholesky`).
+    Ok((packed.get(n)?.force_contiguous()?, packed.narrow(0, 0, n)?))
 }
 
 /// The inverse of a symmetric positive definite f64 matrix `[n, n]` on a CUDA device through its
@@ -37,14 +39,18 @@ pub fn sym_inverse_cholesky(m: &Tensor) -> anyhow::Result<Option<Tensor>> {
     anyhow::ensure!(n == n2, "inverse of a non-square [{n}, {n2}] matrix");
     let eye = Tensor::eye(n, candle_core::DType::F64, m.device())?;
     let packed = m.contiguous()?.apply_op2_no_bwd(&eye, &cuda::CholInverse)?;
-    let info = packed.get(n)?.get(0)?.to_scalar::<f64>()?;
+    // `info` copied out first (force_contiguous: `contiguous` keeps a contiguous view as it is):
+    // candle's host read of a view copies the whole storage under it, here all [n + 1, n] values
+    // (~95 ms of an 8B-shaped source's ~105 ms inverse on the H200).
+    let info = packed.get(n)?.narrow(0, 0, 1)?.force_contiguous()?.to_vec1::<f64>()?[0];
     if info != 0.0 {
         return Ok(None);
     }
     // potrs wrote G^-1 column-major, which read row-major is its transpose: the same matrix up
     // to rounding. The average makes it exactly symmetric, as the host path's mirrored triangle.
     let p = packed.narrow(0, 0, n)?;
-    Ok(Some(((&p + p.t()?)? * 0.5)?.contiguous()?))
+    let p = ((&p + p.t()?)? * 0.5)?.contiguous()?;
+    Ok(Some(p))
 }
 
 #[cfg(feature = "cuda")]
@@ -56,6 +62,27 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, Layout, Result, Shape};
+
+    thread_local! {
+        /// One cuSOLVER handle per stream, kept rather than made (cusolverDnCreate) and
+        /// destroyed by every call.
+        static SOLVER_HANDLES: std::cell::RefCell<Vec<(usize, std::rc::Rc<DnHandle>)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// The kept cuSOLVER handle of `stream` (made on first use).
+    fn solver_handle(stream: &Arc<CudaStream>) -> Result<std::rc::Rc<DnHandle>> {
+        let key = Arc::as_ptr(stream) as usize;
+        SOLVER_HANDLES.with(|handles| {
+            let mut handles = handles.borrow_mut();
+            if let Some((_, h)) = handles.iter().find(|(k, _)| *k == key) {
+                return Ok(h.clone());
+            }
+            let h = std::rc::Rc::new(DnHandle::new(stream.clone()).map_err(|e| solver_err("handle", e))?);
+            handles.push((key, h.clone()));
+            Ok(h)
+        })
+    }
 
     /// Wall time of each step of an op (the stream synchronised at each mark), printed to
     /// stderr when `JUMPLENS_SOLVE_TRACE` is set.
@@ -75,6 +102,9 @@ mod cuda {
                 last: std::time::Instant::now(),
                 steps: Vec::new(),
             }
+        }
+        fn since(&mut self, start: std::time::Instant) {
+            self.last = start;
         }
         fn mark(&mut self, step: &'static str) {
             if let Some(stream) = self.stream {
@@ -109,7 +139,7 @@ mod cuda {
         ni: i32,
         dev: CudaDevice,
         stream: Arc<CudaStream>,
-        handle: DnHandle,
+        handle: std::rc::Rc<DnHandle>,
     }
 
     /// [`Packed`] for the contiguous f64 `[n, n]` input `s` / `l` of the op `what`.
@@ -129,7 +159,7 @@ mod cuda {
         stream
             .memcpy_dtod(&src.slice(start..end), &mut out.slice_mut(0..n * n))
             .w()?;
-        let handle = DnHandle::new(stream.clone()).map_err(|e| solver_err("handle", e))?;
+        let handle = solver_handle(&stream)?;
         Ok(Packed {
             out,
             n,
@@ -239,6 +269,7 @@ mod cuda {
             eye: &CudaStorage,
             eye_l: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
+            let started = std::time::Instant::now();
             // `factor` starts as a copy of the matrix (potrf factorises in place); `rhs` (the
             // output) as a copy of the identity, with row n for `info`.
             let Packed {
@@ -250,6 +281,8 @@ mod cuda {
                 handle,
             } = packed_input(s, l, "Cholesky inverse")?;
             let mut trace = OpTrace::new(&stream, "cholesky inverse");
+            trace.since(started);
+            trace.mark("handle and copy");
             let mut rhs = dev.alloc_zeros::<f64>(n * n + n)?;
             match (&eye.slice, eye_l.contiguous_offsets()) {
                 (CudaStorageSlice::F64(v), Some((a, b))) if b - a == n * n => {

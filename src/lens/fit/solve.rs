@@ -450,6 +450,7 @@ fn solve_block_tensor(g: &Tensor, diag: &[f64], n: usize, ridge: f64) -> Result<
     };
     let chol = match chol_inverse_tensor(&gs)? {
         Some(p) => {
+            trace.mark("cholesky op")?;
             let p_diag = diagonal(&p)?;
             p_diag.iter().all(|x| x.is_finite()).then_some((p, p_diag))
         }
